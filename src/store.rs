@@ -1,0 +1,1517 @@
+//! The embedded store: configuration, outcomes, and every operation.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
+
+use hashbrown::hash_table::Entry;
+
+use crate::clock::{Clock, SystemClock, Timestamp, duration_to_millis_ceil};
+use crate::error::{Error, RecordKind};
+use crate::key::{Fingerprint, Key, MAX_ID_LEN, MAX_SCOPE_LEN, OwnedKey};
+use crate::record::{Kind, NewRecord, Record};
+use crate::shard::{Counters, Shard, eq_key, is_dead, reclaim_at};
+use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering};
+use crate::wait::Signal;
+
+/// A registered waiter: the key's hash and the signal its holder will fire.
+pub(crate) type Waiter = (u64, Arc<Signal>);
+
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A held lease on a key: proof that the caller, and nobody else, may complete it.
+///
+/// Its `token` is a fencing token: unique in the store and larger than every token handed out
+/// before it. `complete`, `release` and `renew` check it, so a holder whose lease expired and
+/// was taken over gets [`Error::StaleLease`] and can never overwrite the new holder's work.
+#[derive(Debug)]
+pub struct Lease {
+    key: OwnedKey,
+    token: u64,
+    deadline: Timestamp,
+    fingerprint: Fingerprint,
+    takeover: bool,
+}
+
+impl Lease {
+    /// Builds a lease as a backend hands it out. Backends other than the embedded store use this.
+    pub fn new(
+        key: OwnedKey,
+        token: u64,
+        deadline: Timestamp,
+        fingerprint: Fingerprint,
+        takeover: bool,
+    ) -> Self {
+        Lease {
+            key,
+            token,
+            deadline,
+            fingerprint,
+            takeover,
+        }
+    }
+
+    /// The key the lease holds.
+    pub fn key(&self) -> Key<'_> {
+        self.key.as_key()
+    }
+
+    /// The fencing token.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// When the lease expires unless renewed; after it, another caller may take the key over.
+    pub fn deadline(&self) -> Timestamp {
+        self.deadline
+    }
+
+    /// The fingerprint the key was begun with.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// True when this lease took over an expired one: an earlier attempt may have partly run.
+    pub fn is_takeover(&self) -> bool {
+        self.takeover
+    }
+
+    /// Records a new deadline after a successful renew (for backends).
+    pub fn set_deadline(&mut self, deadline: Timestamp) {
+        self.deadline = deadline;
+    }
+}
+
+/// A completed record: the response to replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completed {
+    /// The stored response, exactly as given to `complete`.
+    pub response: Vec<u8>,
+    /// The fingerprint of the request that produced it.
+    pub fingerprint: Fingerprint,
+    /// When it was completed.
+    pub completed_at: Timestamp,
+    /// When it expires.
+    pub expires_at: Timestamp,
+}
+
+/// What [`Store::begin`] found.
+#[derive(Debug)]
+#[must_use]
+pub enum Begin {
+    /// The caller holds the key: run the work, then `complete` or `release`.
+    /// [`Lease::is_takeover`] says whether an expired earlier attempt was taken over.
+    Acquired(Lease),
+    /// Someone else holds a live lease until `deadline` (a caller can say `Retry-After`).
+    InProgress {
+        /// The holder's lease deadline.
+        deadline: Timestamp,
+    },
+    /// Done before: replay this.
+    Completed(Completed),
+    /// The key was used with another fingerprint.
+    Mismatch,
+}
+
+/// What [`Store::take_pending`] found.
+#[derive(Debug)]
+#[must_use]
+pub enum Take {
+    /// The caller holds the stored request: process `payload`, then `complete` or `release`.
+    Acquired {
+        /// The lease to complete with.
+        lease: Lease,
+        /// The stored request.
+        payload: Vec<u8>,
+    },
+    /// Someone else is processing it until `deadline`.
+    InProgress {
+        /// The holder's lease deadline.
+        deadline: Timestamp,
+    },
+    /// Processed before: this is the stored response.
+    Completed(Completed),
+    /// No request is stored under this key (never stored, deleted, or expired).
+    NotFound,
+}
+
+/// What [`Store::put_pending`] did.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub enum PutPending {
+    /// The payload is stored (replacing an earlier, not yet processed one).
+    Stored,
+    /// The request is being processed; the payload was not changed.
+    InProgress {
+        /// The holder's lease deadline.
+        deadline: Timestamp,
+    },
+    /// The request was processed already; the payload was not changed.
+    Completed,
+}
+
+/// A versioned value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    /// Its version: unique in the store, larger after every write.
+    pub version: u64,
+    /// The bytes.
+    pub value: Vec<u8>,
+    /// When it expires, if ever.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A copy of what a key holds, from [`Store::get`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Snapshot {
+    /// Held by a lease (possibly expired and not yet taken over).
+    InFlight {
+        /// The lease's fencing token.
+        token: u64,
+        /// The lease deadline.
+        deadline: Timestamp,
+        /// The fingerprint it was begun with.
+        fingerprint: Fingerprint,
+        /// Whether it is a stored request being processed (`take_pending`).
+        pending: bool,
+    },
+    /// Completed.
+    Completed(Completed),
+    /// A stored request not processed yet.
+    Pending {
+        /// The stored request.
+        payload: Vec<u8>,
+        /// When it expires.
+        expires_at: Timestamp,
+    },
+    /// A versioned value.
+    Value(Versioned),
+}
+
+/// A compare-and-set on a versioned value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CasOp {
+    /// Write only if the key is absent.
+    PutIfAbsent(Vec<u8>),
+    /// Write only if the current version is `version`.
+    SetIfVersion {
+        /// The expected current version.
+        version: u64,
+        /// The new bytes.
+        value: Vec<u8>,
+    },
+    /// Delete only if the current version is `version`.
+    DeleteIfVersion {
+        /// The expected current version.
+        version: u64,
+    },
+}
+
+/// One versioned write: on its own with [`Store::cas`], or in a completion batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// The key written.
+    pub key: OwnedKey,
+    /// The condition and the change.
+    pub op: CasOp,
+    /// Expiry of the written value; `None` keeps it until deleted.
+    pub ttl: Option<Duration>,
+}
+
+impl Write {
+    /// Write `value` if `key` is absent.
+    pub fn put_if_absent(key: OwnedKey, value: impl Into<Vec<u8>>) -> Self {
+        Write {
+            key,
+            op: CasOp::PutIfAbsent(value.into()),
+            ttl: None,
+        }
+    }
+
+    /// Write `value` if `key`'s version is `version`.
+    pub fn set_if_version(key: OwnedKey, version: u64, value: impl Into<Vec<u8>>) -> Self {
+        Write {
+            key,
+            op: CasOp::SetIfVersion {
+                version,
+                value: value.into(),
+            },
+            ttl: None,
+        }
+    }
+
+    /// Delete `key` if its version is `version`.
+    pub fn delete_if_version(key: OwnedKey, version: u64) -> Self {
+        Write {
+            key,
+            op: CasOp::DeleteIfVersion { version },
+            ttl: None,
+        }
+    }
+
+    /// Sets an expiry on the written value.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// What a compare-and-set did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum CasOutcome {
+    /// Written; `version` is the new version (`None` after a delete).
+    Applied {
+        /// The key's version now.
+        version: Option<u64>,
+    },
+    /// The condition did not hold; nothing was written.
+    Conflict {
+        /// The key's current version, `None` if absent.
+        current: Option<u64>,
+    },
+}
+
+/// Counters and sizes of a store, from [`Store::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Leases granted (including takeovers).
+    pub acquired: u64,
+    /// Begins answered with a stored response.
+    pub replayed: u64,
+    /// Begins answered "in progress".
+    pub in_progress: u64,
+    /// Begins answered "mismatch".
+    pub mismatches: u64,
+    /// Leases granted over an expired lease.
+    pub takeovers: u64,
+    /// Records dropped because they expired.
+    pub expirations: u64,
+    /// Records stored now.
+    pub records: u64,
+    /// Bytes accounted now (each record's header, key and value).
+    pub bytes: u64,
+}
+
+/// Configures and builds a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreBuilder {
+    shards: usize,
+    max_key_len: usize,
+    max_value_len: usize,
+    max_records: u64,
+    max_bytes: u64,
+    max_batch: usize,
+    default_ttl: Duration,
+    pending_ttl: Duration,
+    lease_retention: Duration,
+    sweep_interval: Option<Duration>,
+    clock: Option<std::sync::Arc<dyn Clock>>,
+}
+
+impl Default for StoreBuilder {
+    fn default() -> Self {
+        StoreBuilder {
+            shards: 64,
+            max_key_len: 255,
+            max_value_len: 1 << 20,
+            max_records: u64::MAX,
+            max_bytes: 1 << 30,
+            max_batch: 64,
+            default_ttl: DAY,
+            pending_ttl: DAY,
+            lease_retention: DAY,
+            sweep_interval: Some(Duration::from_secs(1)),
+            clock: None,
+        }
+    }
+}
+
+impl StoreBuilder {
+    /// Number of shards, a power of two (default 64).
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+    /// Longest key id accepted, in bytes (default 255, as Stripe; at most 65,535).
+    pub fn max_key_len(mut self, n: usize) -> Self {
+        self.max_key_len = n;
+        self
+    }
+    /// Largest response, payload or value accepted, in bytes (default 1 MiB).
+    pub fn max_value_len(mut self, n: usize) -> Self {
+        self.max_value_len = n;
+        self
+    }
+    /// Most records held at once (default unlimited: the byte limit bounds them).
+    pub fn max_records(mut self, n: u64) -> Self {
+        self.max_records = n;
+        self
+    }
+    /// Most bytes held at once, counting each record's 40-byte header, key and value
+    /// (default 1 GiB).
+    pub fn max_bytes(mut self, n: u64) -> Self {
+        self.max_bytes = n;
+        self
+    }
+    /// Most versioned writes in one completion batch (default 64).
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n;
+        self
+    }
+    /// How long completed records live unless `complete` says otherwise (default 24 h).
+    pub fn default_ttl(mut self, d: Duration) -> Self {
+        self.default_ttl = d;
+        self
+    }
+    /// How long stored requests wait to be processed unless `put_pending` says otherwise
+    /// (default 24 h).
+    pub fn pending_ttl(mut self, d: Duration) -> Self {
+        self.pending_ttl = d;
+        self
+    }
+    /// How long an expired, never-completed lease is kept so that a retry learns it takes
+    /// over an abandoned attempt (default 24 h). After that the sweeper drops it.
+    pub fn lease_retention(mut self, d: Duration) -> Self {
+        self.lease_retention = d;
+        self
+    }
+    /// How often the background sweeper reclaims expired records (default every second);
+    /// `None` runs no sweeper (call [`Store::sweep_expired`] yourself).
+    pub fn sweep_interval(mut self, d: Option<Duration>) -> Self {
+        self.sweep_interval = d;
+        self
+    }
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(std::sync::Arc::new(clock));
+        self
+    }
+
+    /// Builds an in-memory store.
+    pub fn build(self) -> Result<Store, Error> {
+        let bad = |reason: String| Err(Error::InvalidConfig { reason });
+        if !self.shards.is_power_of_two() || self.shards > 1 << 16 {
+            return bad(format!(
+                "shards must be a power of two up to 65536, not {}",
+                self.shards
+            ));
+        }
+        if self.max_key_len == 0 || self.max_key_len > MAX_ID_LEN {
+            return bad(format!(
+                "max_key_len must be 1..={MAX_ID_LEN}, not {}",
+                self.max_key_len
+            ));
+        }
+        if u32::try_from(self.max_value_len).is_err() {
+            return bad(format!(
+                "max_value_len must fit in 32 bits, not {}",
+                self.max_value_len
+            ));
+        }
+        for (what, d) in [
+            ("default_ttl", self.default_ttl),
+            ("pending_ttl", self.pending_ttl),
+            ("lease_retention", self.lease_retention),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{what} must be longer than zero"));
+            }
+        }
+        let shards = (0..self.shards)
+            .map(|_| Padded(Mutex::new(Shard::new())))
+            .collect();
+        let inner = Arc::new(Inner {
+            shards,
+            shard_mask: (self.shards - 1) as u64,
+            hasher: foldhash::fast::RandomState::default(),
+            clock: self
+                .clock
+                .unwrap_or_else(|| std::sync::Arc::new(SystemClock)),
+            max_key_len: self.max_key_len,
+            max_value_len: self.max_value_len,
+            max_records: self.max_records,
+            max_bytes: self.max_bytes,
+            max_batch: self.max_batch,
+            default_ttl_ms: duration_to_millis_ceil(self.default_ttl),
+            pending_ttl_ms: duration_to_millis_ceil(self.pending_ttl),
+            lease_retention_ms: duration_to_millis_ceil(self.lease_retention),
+            seq: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        });
+        let sweeper = match self.sweep_interval {
+            Some(every) if !every.is_zero() => crate::sweeper::start(&inner, every),
+            _ => None,
+        };
+        Ok(Store {
+            inner,
+            _sweeper: sweeper.map(std::sync::Arc::new),
+        })
+    }
+}
+
+/// Keeps each shard lock on its own cache lines, so two cores locking neighbouring shards do
+/// not fight over one line.
+#[repr(align(128))]
+#[derive(Debug)]
+struct Padded<T>(T);
+
+/// The embedded idempotency store. Cheap to clone (clones share the same store).
+///
+/// All operations are atomic per key, and a completion with a batch of writes is atomic across
+/// all the keys it touches. Every operation is *linearizable*: it takes effect at one instant
+/// between its call and its return.
+///
+/// ```
+/// use idemkv::{Begin, Fingerprint, Key, Store};
+/// use std::time::Duration;
+///
+/// let store = Store::builder().build()?;
+/// let key = Key::new("tenant-1", "order-42");
+/// let fp = Fingerprint::of(b"POST /orders {\"sku\":1}");
+///
+/// // First request: we hold the lease, do the work, store the response.
+/// let Begin::Acquired(lease) = store.begin(key, fp, Duration::from_secs(30))? else { panic!() };
+/// store.complete(&lease, b"201 order o-1", None)?;
+///
+/// // A retry replays it.
+/// match store.begin(key, fp, Duration::from_secs(30))? {
+///     Begin::Completed(done) => assert_eq!(done.response, b"201 order o-1"),
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok::<(), idemkv::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+    /// Stops and joins the sweeper when the last clone is dropped.
+    _sweeper: Option<std::sync::Arc<crate::sweeper::Handle>>,
+}
+
+pub(crate) struct Inner {
+    shards: Box<[Padded<Mutex<Shard>>]>,
+    shard_mask: u64,
+    hasher: foldhash::fast::RandomState,
+    clock: std::sync::Arc<dyn Clock>,
+    max_key_len: usize,
+    max_value_len: usize,
+    max_records: u64,
+    max_bytes: u64,
+    max_batch: usize,
+    default_ttl_ms: u64,
+    pending_ttl_ms: u64,
+    lease_retention_ms: u64,
+    /// Source of fencing tokens and versions: one counter, so both are unique store-wide and
+    /// a version can never come back after a delete (no ABA).
+    seq: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("shards", &self.shards.len())
+            .field("records", &self.records.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    duration_to_millis_ceil(d)
+}
+
+fn nonzero(d: Duration, what: &'static str) -> Result<u64, Error> {
+    if d.is_zero() {
+        Err(Error::ZeroDuration { what })
+    } else {
+        Ok(ms(d))
+    }
+}
+
+fn completed_of(rec: &Record) -> Completed {
+    Completed {
+        response: rec.value().to_vec(),
+        fingerprint: rec.header().fingerprint,
+        completed_at: Timestamp::from_millis(rec.header().a),
+        expires_at: Timestamp::from_millis(rec.header().b),
+    }
+}
+
+fn kind_of(kind: Kind) -> RecordKind {
+    match kind {
+        Kind::InFlight | Kind::Completed => RecordKind::Idempotency,
+        Kind::InFlightPending | Kind::Pending => RecordKind::Pending,
+        Kind::Value => RecordKind::Value,
+    }
+}
+
+/// The version a live record has for `cas`, or an error if it is not a value.
+fn cas_version(rec: Option<&Record>) -> Result<Option<u64>, Error> {
+    match rec {
+        None => Ok(None),
+        Some(r) if r.kind() == Kind::Value => Ok(Some(r.header().a)),
+        Some(r) => Err(Error::WrongKind {
+            expected: RecordKind::Value,
+            found: kind_of(r.kind()),
+        }),
+    }
+}
+
+/// Whether `op` may be applied over a record at `current` version.
+fn cas_holds(op: &CasOp, current: Option<u64>) -> bool {
+    match op {
+        CasOp::PutIfAbsent(_) => current.is_none(),
+        CasOp::SetIfVersion { version, .. } | CasOp::DeleteIfVersion { version } => {
+            current == Some(*version)
+        }
+    }
+}
+
+fn cas_value(op: &CasOp) -> Option<&[u8]> {
+    match op {
+        CasOp::PutIfAbsent(v) | CasOp::SetIfVersion { value: v, .. } => Some(v),
+        CasOp::DeleteIfVersion { .. } => None,
+    }
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        self.clock.now().as_millis()
+    }
+
+    /// Hashes scope and id with a length prefix, so `("ab","c")` and `("a","bc")` differ.
+    pub(crate) fn hash(&self, key: Key<'_>) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write_u8(key.scope().len() as u8);
+        h.write(key.scope());
+        h.write(key.id());
+        h.finish()
+    }
+
+    /// The shard for a hash. The table inside a shard indexes buckets with the hash's *low*
+    /// bits and keeps its top 7 bits as a tag in each control byte; the shard is picked from
+    /// bits 40..56, which neither use (shards ≤ 2^16, shard tables < 2^40 buckets). Taking
+    /// the top bits instead would leave every key in a shard with nearly the same tag, and
+    /// the low bits would leave every shard's table a quarter full of collisions.
+    fn shard_index(&self, hash: u64) -> usize {
+        ((hash >> 40) & self.shard_mask) as usize
+    }
+
+    fn lock(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        self.shards[self.shard_index(hash)].0.lock()
+    }
+
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn check_key(&self, key: Key<'_>) -> Result<(), Error> {
+        if key.scope().len() > MAX_SCOPE_LEN {
+            return Err(Error::ScopeTooLong {
+                len: key.scope().len(),
+                max: MAX_SCOPE_LEN,
+            });
+        }
+        if key.id().is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if key.id().len() > self.max_key_len {
+            return Err(Error::KeyTooLong {
+                len: key.id().len(),
+                max: self.max_key_len,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), Error> {
+        if value.len() > self.max_value_len {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max: self.max_value_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reserves room for `records` more records and `bytes` more bytes, or fails leaving the
+    /// counters as they were.
+    fn reserve(&self, records: u64, bytes: u64) -> Result<(), Error> {
+        if records > 0 {
+            let before = self.records.fetch_add(records, Ordering::Relaxed);
+            if before.saturating_add(records) > self.max_records {
+                self.records.fetch_sub(records, Ordering::Relaxed);
+                return Err(Error::RecordLimit {
+                    max: self.max_records,
+                });
+            }
+        }
+        if bytes > 0 {
+            let before = self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            if before.saturating_add(bytes) > self.max_bytes {
+                self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.records.fetch_sub(records, Ordering::Relaxed);
+                return Err(Error::ByteLimit {
+                    needed: bytes,
+                    max: self.max_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn unreserve(&self, records: u64, bytes: u64) {
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Accounts for a record changing size from `old` to `new` bytes.
+    fn resize(&self, old: usize, new: usize) -> Result<(), Error> {
+        if new > old {
+            self.reserve(0, (new - old) as u64)
+        } else {
+            self.unreserve(0, (old - new) as u64);
+            Ok(())
+        }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Turns `rec` (same key) into a fresh record, reusing its allocation.
+    fn overwrite(
+        &self,
+        rec: &mut Record,
+        kind: Kind,
+        a: u64,
+        b: u64,
+        fingerprint: Fingerprint,
+        value: &[u8],
+    ) -> Result<(), Error> {
+        self.resize(rec.size(), rec.size() - rec.value().len() + value.len())?;
+        rec.set_value(value);
+        rec.set_kind(kind);
+        let h = rec.header_mut();
+        h.a = a;
+        h.b = b;
+        h.fingerprint = fingerprint;
+        Ok(())
+    }
+
+    /// Inserts a new record into a vacant slot, within the limits.
+    fn insert(
+        &self,
+        slot: hashbrown::hash_table::VacantEntry<'_, Record>,
+        parts: NewRecord<'_>,
+    ) -> Result<(), Error> {
+        self.reserve(1, Record::size_for(parts.key, parts.value.len()) as u64)?;
+        slot.insert(Record::new(parts));
+        Ok(())
+    }
+
+    /// Drops an expired record found at a key.
+    fn expire(
+        &self,
+        counters: &mut Counters,
+        entry: hashbrown::hash_table::OccupiedEntry<'_, Record>,
+    ) {
+        let (rec, _) = entry.remove();
+        counters.expirations += 1;
+        self.unreserve(1, rec.size() as u64);
+    }
+
+    pub(crate) fn begin(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        wait: bool,
+    ) -> Result<(Begin, Option<Waiter>), Error> {
+        self.check_key(key)?;
+        let lease_ms = nonzero(lease, "the lease duration")?;
+        let hash = self.hash(key);
+        let now = self.now();
+        let deadline = now.saturating_add(lease_ms);
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
+        let hasher = |r: &Record| self.hash(r.key());
+        let acquired = |token, takeover| {
+            Begin::Acquired(Lease {
+                key: key.to_owned(),
+                token,
+                deadline: Timestamp::from_millis(deadline),
+                fingerprint,
+                takeover,
+            })
+        };
+        let fresh = |token| NewRecord {
+            kind: Kind::InFlight,
+            a: token,
+            b: deadline,
+            fingerprint,
+            key,
+            value: &[],
+        };
+        let outcome = match shard.table.entry(hash, eq_key(key), hasher) {
+            Entry::Vacant(slot) => {
+                let token = self.next_seq();
+                self.insert(slot, fresh(token))?;
+                shard.counters.acquired += 1;
+                acquired(token, false)
+            }
+            Entry::Occupied(mut slot) => {
+                let rec = slot.get_mut();
+                if is_dead(rec, now) {
+                    let token = self.next_seq();
+                    self.overwrite(rec, Kind::InFlight, token, deadline, fingerprint, &[])?;
+                    shard.counters.expirations += 1;
+                    shard.counters.acquired += 1;
+                    acquired(token, false)
+                } else {
+                    match rec.kind() {
+                        Kind::Completed if rec.header().fingerprint != fingerprint => {
+                            shard.counters.mismatches += 1;
+                            Begin::Mismatch
+                        }
+                        Kind::Completed => {
+                            shard.counters.replayed += 1;
+                            Begin::Completed(completed_of(rec))
+                        }
+                        Kind::InFlight if rec.header().fingerprint != fingerprint => {
+                            shard.counters.mismatches += 1;
+                            Begin::Mismatch
+                        }
+                        Kind::InFlight if rec.header().b > now => {
+                            shard.counters.in_progress += 1;
+                            let deadline = rec.header().b;
+                            if wait {
+                                let signal = shard.add_waiter(hash);
+                                return Ok((
+                                    Begin::InProgress {
+                                        deadline: Timestamp::from_millis(deadline),
+                                    },
+                                    Some((hash, signal)),
+                                ));
+                            }
+                            Begin::InProgress {
+                                deadline: Timestamp::from_millis(deadline),
+                            }
+                        }
+                        Kind::InFlight => {
+                            let token = self.next_seq();
+                            let h = rec.header_mut();
+                            h.a = token;
+                            h.b = deadline;
+                            shard.counters.acquired += 1;
+                            shard.counters.takeovers += 1;
+                            acquired(token, true)
+                        }
+                        other => {
+                            return Err(Error::WrongKind {
+                                expected: RecordKind::Idempotency,
+                                found: kind_of(other),
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        if let Begin::Acquired(_) = outcome {
+            shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
+        }
+        Ok((outcome, None))
+    }
+
+    /// How long a waiter sleeps before looking again: what is left of its own budget, but no
+    /// later than the holder's lease deadline, when the key can be taken over.
+    pub(crate) fn wait_slice(&self, left: Duration, deadline: Timestamp) -> Duration {
+        let lease_left = deadline.as_millis().saturating_sub(self.now()).max(1);
+        left.min(Duration::from_millis(lease_left))
+    }
+
+    /// Removes a waiter that timed out (a fired one was removed by whoever fired it).
+    pub(crate) fn forget_waiter(&self, hash: u64, signal: &Arc<Signal>) {
+        self.lock(hash).remove_waiter(signal);
+    }
+
+    pub(crate) fn complete(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+        writes: &[Write],
+    ) -> Result<Timestamp, Error> {
+        self.check_value(response)?;
+        let ttl_ms = match ttl {
+            Some(d) => nonzero(d, "the ttl")?,
+            None => self.default_ttl_ms,
+        };
+        if !writes.is_empty() {
+            return self.complete_batch(lease, response, ttl_ms, writes);
+        }
+        let key = lease.key();
+        let hash = self.hash(key);
+        let now = self.now();
+        let expires = now.saturating_add(ttl_ms);
+        let mut shard = self.lock(hash);
+        let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
+            return Err(Error::StaleLease { token: lease.token });
+        };
+        Self::check_holder(rec, lease)?;
+        let fp = rec.header().fingerprint;
+        self.overwrite(rec, Kind::Completed, now, expires, fp, response)?;
+        shard.note_reclaim_at(expires);
+        shard.wake(hash);
+        Ok(Timestamp::from_millis(expires))
+    }
+
+    fn check_holder(rec: &Record, lease: &Lease) -> Result<(), Error> {
+        match rec.kind() {
+            Kind::InFlight | Kind::InFlightPending if rec.header().a == lease.token => Ok(()),
+            _ => Err(Error::StaleLease { token: lease.token }),
+        }
+    }
+
+    fn check_batch(&self, lease: &Lease, writes: &[Write]) -> Result<(), Error> {
+        if writes.len() > self.max_batch {
+            return Err(Error::InvalidBatch {
+                reason: "more writes than max_batch",
+            });
+        }
+        for (i, w) in writes.iter().enumerate() {
+            self.check_key(w.key.as_key())?;
+            if let Some(v) = cas_value(&w.op) {
+                self.check_value(v)?;
+            }
+            if let Some(d) = w.ttl {
+                nonzero(d, "a write's ttl")?;
+            }
+            if w.key.as_key() == lease.key() {
+                return Err(Error::InvalidBatch {
+                    reason: "a write targets the lease's own key",
+                });
+            }
+            if writes[..i].iter().any(|o| o.key == w.key) {
+                return Err(Error::InvalidBatch {
+                    reason: "two writes target the same key",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Completion plus versioned writes on other keys, all or nothing: every shard involved is
+    /// locked (in index order, so two batches cannot deadlock), every condition and limit is
+    /// checked, and only then is anything changed.
+    fn complete_batch(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl_ms: u64,
+        writes: &[Write],
+    ) -> Result<Timestamp, Error> {
+        self.check_batch(lease, writes)?;
+        let now = self.now();
+        let expires = now.saturating_add(ttl_ms);
+        let lease_hash = self.hash(lease.key());
+        let hashes: Vec<u64> = writes.iter().map(|w| self.hash(w.key.as_key())).collect();
+        let mut order: Vec<usize> = std::iter::once(lease_hash)
+            .chain(hashes.iter().copied())
+            .map(|h| self.shard_index(h))
+            .collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<MutexGuard<'_, Shard>> =
+            order.iter().map(|&i| self.shards[i].0.lock()).collect();
+        let pos = |hash: u64| -> usize {
+            let idx = self.shard_index(hash);
+            order.partition_point(|&i| i < idx)
+        };
+
+        // 1. Check: the lease, every condition, the limits. Nothing changes yet.
+        let lease_shard = &guards[pos(lease_hash)];
+        let Some(rec) = lease_shard.table.find(lease_hash, eq_key(lease.key())) else {
+            return Err(Error::StaleLease { token: lease.token });
+        };
+        Self::check_holder(rec, lease)?;
+        let mut records_delta: i64 = 0;
+        let mut bytes_delta: i64 = (response.len() as i64) - (rec.value().len() as i64);
+        let mut dead = 0u64;
+        for (i, (w, &h)) in writes.iter().zip(&hashes).enumerate() {
+            let found = guards[pos(h)].table.find(h, eq_key(w.key.as_key()));
+            let live = found.filter(|r| !is_dead(r, now));
+            let current = cas_version(live)?;
+            if !cas_holds(&w.op, current) {
+                return Err(Error::BatchConflict { index: i, current });
+            }
+            let old = found.map_or(0, |r| r.size() as i64);
+            dead += u64::from(found.is_some() && live.is_none());
+            let new =
+                cas_value(&w.op).map_or(0, |v| Record::size_for(w.key.as_key(), v.len()) as i64);
+            records_delta += i64::from(new > 0) - i64::from(old > 0);
+            bytes_delta += new - old;
+        }
+        self.reserve(records_delta.max(0) as u64, bytes_delta.max(0) as u64)?;
+        self.unreserve((-records_delta).max(0) as u64, (-bytes_delta).max(0) as u64);
+
+        // 2. Apply. Limits are reserved, so nothing below can fail.
+        let counters_pos = pos(lease_hash);
+        guards[counters_pos].counters.expirations += dead;
+        for (w, &h) in writes.iter().zip(&hashes) {
+            let shard = &mut *guards[pos(h)];
+            let key = w.key.as_key();
+            match (cas_value(&w.op), shard.table.find_entry(h, eq_key(key))) {
+                (None, Ok(entry)) => {
+                    entry.remove();
+                }
+                (None, Err(_)) => {}
+                (Some(v), Ok(mut entry)) => {
+                    let r = entry.get_mut();
+                    let version = self.next_seq();
+                    let b = w.ttl.map_or(u64::MAX, |d| now.saturating_add(ms(d)));
+                    r.set_value(v);
+                    r.set_kind(Kind::Value);
+                    let hd = r.header_mut();
+                    hd.a = version;
+                    hd.b = b;
+                    hd.fingerprint = Fingerprint::NONE;
+                    shard.note_reclaim_at(b);
+                }
+                (Some(v), Err(_)) => {
+                    let version = self.next_seq();
+                    let b = w.ttl.map_or(u64::MAX, |d| now.saturating_add(ms(d)));
+                    shard.table.insert_unique(
+                        h,
+                        Record::new(NewRecord {
+                            kind: Kind::Value,
+                            a: version,
+                            b,
+                            fingerprint: Fingerprint::NONE,
+                            key,
+                            value: v,
+                        }),
+                        |r| self.hash(r.key()),
+                    );
+                    shard.note_reclaim_at(b);
+                }
+            }
+        }
+        let shard = &mut *guards[counters_pos];
+        if let Some(rec) = shard.table.find_mut(lease_hash, eq_key(lease.key())) {
+            rec.set_value(response);
+            rec.set_kind(Kind::Completed);
+            let h = rec.header_mut();
+            h.a = now;
+            h.b = expires;
+        }
+        shard.note_reclaim_at(expires);
+        shard.wake(lease_hash);
+        Ok(Timestamp::from_millis(expires))
+    }
+
+    pub(crate) fn release(&self, lease: &Lease) -> Result<(), Error> {
+        let key = lease.key();
+        let hash = self.hash(key);
+        let now = self.now();
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
+        let Ok(mut entry) = shard.table.find_entry(hash, eq_key(key)) else {
+            return Err(Error::StaleLease { token: lease.token });
+        };
+        Self::check_holder(entry.get(), lease)?;
+        if entry.get().kind() == Kind::InFlightPending {
+            // The stored request goes back to waiting, with a fresh expiry.
+            let b = now.saturating_add(self.pending_ttl_ms);
+            let rec = entry.get_mut();
+            rec.set_kind(Kind::Pending);
+            let h = rec.header_mut();
+            h.a = now;
+            h.b = b;
+            shard.note_reclaim_at(b);
+        } else {
+            let (rec, _) = entry.remove();
+            self.unreserve(1, rec.size() as u64);
+        }
+        shard.wake(hash);
+        Ok(())
+    }
+
+    pub(crate) fn renew(&self, lease: &Lease, extend: Duration) -> Result<Timestamp, Error> {
+        let extend_ms = nonzero(extend, "the lease extension")?;
+        let key = lease.key();
+        let hash = self.hash(key);
+        let deadline = self.now().saturating_add(extend_ms);
+        let mut shard = self.lock(hash);
+        let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
+            return Err(Error::StaleLease { token: lease.token });
+        };
+        Self::check_holder(rec, lease)?;
+        rec.header_mut().b = deadline;
+        shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
+        Ok(Timestamp::from_millis(deadline))
+    }
+
+    pub(crate) fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
+        self.check_key(key)?;
+        let hash = self.hash(key);
+        let now = self.now();
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
+        let Ok(entry) = shard.table.find_entry(hash, eq_key(key)) else {
+            return Ok(None);
+        };
+        let rec = entry.get();
+        if is_dead(rec, now) {
+            self.expire(&mut shard.counters, entry);
+            return Ok(None);
+        }
+        let h = rec.header();
+        Ok(Some(match rec.kind() {
+            Kind::InFlight | Kind::InFlightPending => Snapshot::InFlight {
+                token: h.a,
+                deadline: Timestamp::from_millis(h.b),
+                fingerprint: h.fingerprint,
+                pending: rec.kind() == Kind::InFlightPending,
+            },
+            Kind::Completed => Snapshot::Completed(completed_of(rec)),
+            Kind::Pending => Snapshot::Pending {
+                payload: rec.value().to_vec(),
+                expires_at: Timestamp::from_millis(h.b),
+            },
+            Kind::Value => Snapshot::Value(Versioned {
+                version: h.a,
+                value: rec.value().to_vec(),
+                expires_at: (h.b != u64::MAX).then_some(Timestamp::from_millis(h.b)),
+            }),
+        }))
+    }
+
+    pub(crate) fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
+        self.check_key(key)?;
+        let hash = self.hash(key);
+        let now = self.now();
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
+        let Ok(entry) = shard.table.find_entry(hash, eq_key(key)) else {
+            return Ok(false);
+        };
+        if is_dead(entry.get(), now) {
+            self.expire(&mut shard.counters, entry);
+            return Ok(false);
+        }
+        let (rec, _) = entry.remove();
+        self.unreserve(1, rec.size() as u64);
+        shard.wake(hash);
+        Ok(true)
+    }
+
+    pub(crate) fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
+        let key = write.key.as_key();
+        self.check_key(key)?;
+        if let Some(v) = cas_value(&write.op) {
+            self.check_value(v)?;
+        }
+        let b = match write.ttl {
+            Some(d) => self.now().saturating_add(nonzero(d, "the ttl")?),
+            None => u64::MAX,
+        };
+        let hash = self.hash(key);
+        let now = self.now();
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
+        let entry = shard.table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        let live = match &entry {
+            Entry::Occupied(e) if !is_dead(e.get(), now) => Some(e.get()),
+            _ => None,
+        };
+        let current = cas_version(live)?;
+        if !cas_holds(&write.op, current) {
+            return Ok(CasOutcome::Conflict { current });
+        }
+        let was_dead = matches!(&entry, Entry::Occupied(_)) && current.is_none();
+        let outcome = match (cas_value(&write.op), entry) {
+            (None, Entry::Occupied(e)) => {
+                let (rec, _) = e.remove();
+                self.unreserve(1, rec.size() as u64);
+                CasOutcome::Applied { version: None }
+            }
+            (None, Entry::Vacant(_)) => CasOutcome::Applied { version: None },
+            (Some(v), Entry::Occupied(mut e)) => {
+                let version = self.next_seq();
+                self.overwrite(e.get_mut(), Kind::Value, version, b, Fingerprint::NONE, v)?;
+                CasOutcome::Applied {
+                    version: Some(version),
+                }
+            }
+            (Some(v), Entry::Vacant(slot)) => {
+                let version = self.next_seq();
+                self.insert(
+                    slot,
+                    NewRecord {
+                        kind: Kind::Value,
+                        a: version,
+                        b,
+                        fingerprint: Fingerprint::NONE,
+                        key,
+                        value: v,
+                    },
+                )?;
+                CasOutcome::Applied {
+                    version: Some(version),
+                }
+            }
+        };
+        if was_dead {
+            shard.counters.expirations += 1;
+        }
+        shard.note_reclaim_at(b);
+        Ok(outcome)
+    }
+
+    pub(crate) fn put_pending(
+        &self,
+        key: Key<'_>,
+        payload: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<PutPending, Error> {
+        self.check_key(key)?;
+        self.check_value(payload)?;
+        let ttl_ms = match ttl {
+            Some(d) => nonzero(d, "the ttl")?,
+            None => self.pending_ttl_ms,
+        };
+        let hash = self.hash(key);
+        let now = self.now();
+        let b = now.saturating_add(ttl_ms);
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
+        let parts = NewRecord {
+            kind: Kind::Pending,
+            a: now,
+            b,
+            fingerprint: Fingerprint::NONE,
+            key,
+            value: payload,
+        };
+        let outcome = match shard.table.entry(hash, eq_key(key), |r| self.hash(r.key())) {
+            Entry::Vacant(slot) => {
+                self.insert(slot, parts)?;
+                PutPending::Stored
+            }
+            Entry::Occupied(mut e) => {
+                let rec = e.get_mut();
+                let dead = is_dead(rec, now);
+                match rec.kind() {
+                    Kind::Pending | Kind::Completed | Kind::Value if dead => {
+                        self.overwrite(rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
+                        shard.counters.expirations += 1;
+                        PutPending::Stored
+                    }
+                    Kind::Pending => {
+                        self.overwrite(rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
+                        PutPending::Stored
+                    }
+                    Kind::InFlightPending => PutPending::InProgress {
+                        deadline: Timestamp::from_millis(rec.header().b),
+                    },
+                    Kind::Completed => PutPending::Completed,
+                    other => {
+                        return Err(Error::WrongKind {
+                            expected: RecordKind::Pending,
+                            found: kind_of(other),
+                        });
+                    }
+                }
+            }
+        };
+        shard.note_reclaim_at(b);
+        Ok(outcome)
+    }
+
+    pub(crate) fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
+        self.check_key(key)?;
+        let lease_ms = nonzero(lease, "the lease duration")?;
+        let hash = self.hash(key);
+        let now = self.now();
+        let deadline = now.saturating_add(lease_ms);
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
+        let Ok(mut entry) = shard.table.find_entry(hash, eq_key(key)) else {
+            return Ok(Take::NotFound);
+        };
+        if is_dead(entry.get(), now) {
+            self.expire(&mut shard.counters, entry);
+            return Ok(Take::NotFound);
+        }
+        let rec = entry.get_mut();
+        let acquire = |rec: &mut Record, takeover: bool| {
+            let token = self.next_seq();
+            rec.set_kind(Kind::InFlightPending);
+            let h = rec.header_mut();
+            h.a = token;
+            h.b = deadline;
+            Take::Acquired {
+                lease: Lease {
+                    key: key.to_owned(),
+                    token,
+                    deadline: Timestamp::from_millis(deadline),
+                    fingerprint: Fingerprint::NONE,
+                    takeover,
+                },
+                payload: rec.value().to_vec(),
+            }
+        };
+        let outcome = match rec.kind() {
+            Kind::Pending => {
+                shard.counters.acquired += 1;
+                acquire(rec, false)
+            }
+            Kind::InFlightPending if rec.header().b > now => {
+                shard.counters.in_progress += 1;
+                Take::InProgress {
+                    deadline: Timestamp::from_millis(rec.header().b),
+                }
+            }
+            Kind::InFlightPending => {
+                shard.counters.acquired += 1;
+                shard.counters.takeovers += 1;
+                acquire(rec, true)
+            }
+            Kind::Completed => {
+                shard.counters.replayed += 1;
+                Take::Completed(completed_of(rec))
+            }
+            other => {
+                return Err(Error::WrongKind {
+                    expected: RecordKind::Pending,
+                    found: kind_of(other),
+                });
+            }
+        };
+        if let Take::Acquired { .. } = outcome {
+            shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
+        }
+        Ok(outcome)
+    }
+
+    /// Drops expired records from shard `i`. Holds only that shard's lock, and skips the shard
+    /// without scanning when nothing in it can have expired yet.
+    pub(crate) fn sweep_shard(&self, i: usize) -> usize {
+        let now = self.now();
+        let mut shard = self.shards[i].0.lock();
+        if shard.next_reclaim > now {
+            return 0;
+        }
+        let (mut n, mut bytes, mut next) = (0u64, 0u64, u64::MAX);
+        let retention = self.lease_retention_ms;
+        shard.table.retain(|r| {
+            let at = reclaim_at(r, retention);
+            if at <= now {
+                n += 1;
+                bytes += r.size() as u64;
+                false
+            } else {
+                next = next.min(at);
+                true
+            }
+        });
+        shard.next_reclaim = next;
+        shard.counters.expirations += n;
+        drop(shard);
+        self.unreserve(n, bytes);
+        n as usize
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for shard in self.shards.iter() {
+            let c = shard.0.lock().counters;
+            s.acquired += c.acquired;
+            s.replayed += c.replayed;
+            s.in_progress += c.in_progress;
+            s.mismatches += c.mismatches;
+            s.takeovers += c.takeovers;
+            s.expirations += c.expirations;
+        }
+        s.records = self.records.load(Ordering::Relaxed);
+        s.bytes = self.bytes.load(Ordering::Relaxed);
+        s
+    }
+}
+
+impl Store {
+    /// A builder with the defaults: 64 shards, 255-byte keys, 1 MiB values, 1 GiB in all,
+    /// 24 h TTL, a sweeper every second, the system clock.
+    pub fn builder() -> StoreBuilder {
+        StoreBuilder::default()
+    }
+
+    /// An in-memory store with the default configuration.
+    pub fn in_memory() -> Self {
+        match StoreBuilder::default().build() {
+            Ok(s) => s,
+            Err(e) => unreachable!("the default configuration is valid: {e}"),
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// Starts work on `key`, or reports who has it. See [`Begin`] for the outcomes.
+    ///
+    /// An expired lease is taken over (the new lease says so); a different `fingerprint` on a
+    /// key in use is a [`Begin::Mismatch`].
+    pub fn begin(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, Error> {
+        self.inner
+            .begin(key, fingerprint, lease, false)
+            .map(|(b, _)| b)
+    }
+
+    /// Like [`begin`](Self::begin), but if someone else holds the key, blocks until they
+    /// complete or release it (or their lease expires) for at most `max_wait`, then answers as
+    /// `begin` would. No polling: the holder's completion wakes the waiter.
+    pub fn begin_wait(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        max_wait: Duration,
+    ) -> Result<Begin, Error> {
+        let until = Instant::now() + max_wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let (outcome, waiter) = self.inner.begin(key, fingerprint, lease, !left.is_zero())?;
+            let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
+                return Ok(outcome);
+            };
+            if !signal.wait_blocking(self.inner.wait_slice(left, *deadline)) {
+                self.inner.forget_waiter(hash, &signal);
+            }
+        }
+    }
+
+    /// Stores `response` for the lease's key and ends the lease. Only the current holder can
+    /// complete; anyone else gets [`Error::StaleLease`] and nothing is written. Returns when the
+    /// record expires (`ttl`, or the store's default).
+    pub fn complete(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Timestamp, Error> {
+        self.inner.complete(lease, response, ttl, &[])
+    }
+
+    /// [`complete`](Self::complete) together with versioned writes on other keys, all or none:
+    /// if any write's condition fails, nothing is written ([`Error::BatchConflict`]) and the
+    /// lease is still held.
+    ///
+    /// ```
+    /// use idemkv::{Begin, CasOutcome, Fingerprint, Key, OwnedKey, Snapshot, Store, Write};
+    /// use std::time::Duration;
+    ///
+    /// let store = Store::in_memory();
+    /// let balance = OwnedKey::new("accounts", "c1");
+    /// let CasOutcome::Applied { version: Some(v) } =
+    ///     store.cas(&Write::put_if_absent(balance.clone(), "100.00"))? else { panic!() };
+    ///
+    /// let Begin::Acquired(lease) =
+    ///     store.begin(Key::new("payments", "p-1"), Fingerprint::of(b"12.50"), Duration::from_secs(10))?
+    /// else { panic!() };
+    /// // The debit and "payment p-1 processed" commit together.
+    /// store.complete_with(&lease, b"ok", None, &[Write::set_if_version(balance.clone(), v, "87.50")])?;
+    /// let Some(Snapshot::Value(now)) = store.get(balance.as_key())? else { panic!() };
+    /// assert_eq!(now.value, b"87.50");
+    /// # Ok::<(), idemkv::Error>(())
+    /// ```
+    pub fn complete_with(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+        writes: &[Write],
+    ) -> Result<Timestamp, Error> {
+        self.inner.complete(lease, response, ttl, writes)
+    }
+
+    /// Abandons the lease: the next `begin` runs the work again. For a stored request
+    /// (`take_pending`), the request goes back to waiting.
+    pub fn release(&self, lease: Lease) -> Result<(), Error> {
+        self.inner.release(&lease)
+    }
+
+    /// Extends the lease to `extend` from now (a heartbeat for long handlers) and returns the
+    /// new deadline. A lease that expired but was not taken over yet can still be renewed.
+    pub fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
+        let d = self.inner.renew(lease, extend)?;
+        lease.deadline = d;
+        Ok(d)
+    }
+
+    /// What `key` holds now, if anything (expired records are absent).
+    pub fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
+        self.inner.get(key)
+    }
+
+    /// Removes whatever `key` holds; returns whether there was something. A lease on it
+    /// becomes stale, and waiters on it wake.
+    pub fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
+        self.inner.remove(key)
+    }
+
+    /// A compare-and-set on a versioned value.
+    ///
+    /// ```
+    /// use idemkv::{CasOutcome, OwnedKey, Store, Write};
+    /// let store = Store::in_memory();
+    /// let k = OwnedKey::new("consumer-offsets", "orders/0");
+    /// let CasOutcome::Applied { version: Some(v1) } = store.cas(&Write::put_if_absent(k.clone(), "17"))? else { panic!() };
+    /// assert!(matches!(store.cas(&Write::put_if_absent(k.clone(), "18"))?, CasOutcome::Conflict { current: Some(v) } if v == v1));
+    /// assert!(matches!(store.cas(&Write::set_if_version(k.clone(), v1, "18"))?, CasOutcome::Applied { .. }));
+    /// # Ok::<(), idemkv::Error>(())
+    /// ```
+    pub fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
+        self.inner.cas(write)
+    }
+
+    /// Stores a request `payload` under `key` to be processed once later (the PUT of the
+    /// exactly-once protocol). Repeatable until the request is taken.
+    pub fn put_pending(
+        &self,
+        key: Key<'_>,
+        payload: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<PutPending, Error> {
+        self.inner.put_pending(key, payload, ttl)
+    }
+
+    /// Takes the stored request under `key` for processing, exactly once: the first caller gets
+    /// a lease and the payload; `complete` turns it into a stored response.
+    pub fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
+        self.inner.take_pending(key, lease)
+    }
+
+    /// Drops every expired record now, one shard at a time; returns how many.
+    pub fn sweep_expired(&self) -> usize {
+        (0..self.inner.shard_count())
+            .map(|i| self.inner.sweep_shard(i))
+            .sum()
+    }
+
+    /// Counters and sizes. Takes each shard lock briefly, one at a time.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+}
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,107 @@
+//! The one place the crate takes its synchronisation primitives from.
+//!
+//! Under `cfg(loom)` every lock, condition variable, atomic and `Arc` the lease protocol touches
+//! comes from loom, so the loom tests explore all interleavings of the real code; otherwise they
+//! are `parking_lot`'s and `std`'s. The wrappers give both the same small API.
+
+#[cfg(not(loom))]
+mod imp {
+    pub(crate) use std::sync::Arc;
+    pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// A mutex without poisoning.
+    #[derive(Debug, Default)]
+    pub(crate) struct Mutex<T>(parking_lot::Mutex<T>);
+    pub(crate) type MutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Mutex(parking_lot::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock()
+        }
+    }
+
+    /// A condition variable paired with [`Mutex`].
+    #[derive(Debug, Default)]
+    pub(crate) struct Condvar(parking_lot::Condvar);
+
+    impl Condvar {
+        pub(crate) fn new() -> Self {
+            Condvar(parking_lot::Condvar::new())
+        }
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
+        }
+        /// Waits until notified or `timeout` passes; spurious wake-ups are possible.
+        pub(crate) fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, timeout: Duration) {
+            let _ = self.0.wait_for(guard, timeout);
+        }
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    pub(crate) use loom::sync::Arc;
+    pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+    use std::ops::{Deref, DerefMut};
+    use std::time::Duration;
+
+    #[derive(Debug)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    /// Holds loom's guard in an `Option` so that [`Condvar::wait_for`] can hand it to loom and
+    /// take it back, matching parking_lot's `&mut guard` signature.
+    pub(crate) struct MutexGuard<'a, T>(Option<loom::sync::MutexGuard<'a, T>>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            MutexGuard(Some(self.0.lock().unwrap_or_else(|e| e.into_inner())))
+        }
+    }
+
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            match &self.0 {
+                Some(g) => g,
+                None => unreachable!("guard is only absent inside Condvar::wait_for"),
+            }
+        }
+    }
+
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            match &mut self.0 {
+                Some(g) => g,
+                None => unreachable!("guard is only absent inside Condvar::wait_for"),
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    pub(crate) struct Condvar(loom::sync::Condvar);
+
+    impl Condvar {
+        pub(crate) fn new() -> Self {
+            Condvar(loom::sync::Condvar::new())
+        }
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
+        }
+        /// loom has no time: the wait lasts until a notification, so a lost wake-up shows up
+        /// as a deadlock that loom reports.
+        pub(crate) fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, _timeout: Duration) {
+            if let Some(g) = guard.0.take() {
+                guard.0 = Some(self.0.wait(g).unwrap_or_else(|e| e.into_inner()));
+            }
+        }
+    }
+}
+
+pub(crate) use imp::*;
