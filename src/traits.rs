@@ -7,6 +7,7 @@ use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::store::{Begin, CasOutcome, Lease, PutPending, Snapshot, Store, Take, Write};
+use crate::wait::Signal;
 
 /// The operations the HTTP and Kafka adapters use, as futures.
 ///
@@ -105,7 +106,10 @@ impl IdempotencyStore for Store {
                 return Ok(outcome);
             };
             let slice = inner.wait_slice(left, *deadline);
-            if tokio::time::timeout(slice, signal.fired()).await.is_err() {
+            if tokio::time::timeout(slice, Signal::fired(&signal))
+                .await
+                .is_err()
+            {
                 inner.forget_waiter(hash, &signal);
             }
         }

@@ -61,8 +61,8 @@ impl Signal {
     }
 
     /// A future that is ready once the signal fires.
-    pub(crate) fn fired(self: &Arc<Self>) -> Fired {
-        Fired(Arc::clone(self))
+    pub(crate) fn fired(this: &Arc<Self>) -> Fired {
+        Fired(Arc::clone(this))
     }
 }
 
@@ -103,7 +103,7 @@ mod tests {
     async fn async_wait_wakes() {
         let s = Signal::new();
         let s2 = Arc::clone(&s);
-        let h = tokio::spawn(async move { s2.fired().await });
+        let h = tokio::spawn(async move { Signal::fired(&s2).await });
         tokio::time::sleep(Duration::from_millis(5)).await;
         s.fire();
         tokio::time::timeout(Duration::from_secs(5), h)
