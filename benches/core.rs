@@ -1,1 +1,97 @@
-fn main() {}
+//! Criterion micro-benchmarks of the core operations:
+//! `begin` on a miss, on a replay, on a conflict, and a whole begin + complete cycle.
+//!
+//! `cargo bench --bench core`
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use idemkv::{Begin, Fingerprint, Key, Store};
+
+const LEASE: Duration = Duration::from_secs(30);
+const RESPONSE: &[u8] = b"201 {\"id\":\"3f1c7a52\"}";
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("order-{i:08}")).collect()
+}
+
+fn store() -> Store {
+    Store::builder()
+        .sweep_interval(None)
+        .build()
+        .expect("store")
+}
+
+fn bench(c: &mut Criterion) {
+    let fp = Fingerprint::of(b"POST /orders {}");
+    let ids = keys(1 << 16);
+    let mut g = c.benchmark_group("core");
+
+    g.throughput(Throughput::Elements(1024));
+    g.bench_function("begin_miss", |b| {
+        b.iter_batched_ref(
+            store,
+            |s| {
+                for id in &ids[..1024] {
+                    black_box(s.begin(Key::new("bench", id), fp, LEASE).ok());
+                }
+            },
+            BatchSize::LargeInput,
+        );
+    });
+
+    let replay = store();
+    for id in &ids {
+        if let Ok(Begin::Acquired(l)) = replay.begin(Key::new("bench", id), fp, LEASE) {
+            let _ = replay.complete(&l, RESPONSE, None);
+        }
+    }
+    let mut i = 0usize;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("begin_replay", |b| {
+        b.iter(|| {
+            i = (i + 1) & (ids.len() - 1);
+            black_box(replay.begin(Key::new("bench", &ids[i]), fp, LEASE).ok())
+        });
+    });
+
+    let conflict = store();
+    let _held: Vec<_> = ids
+        .iter()
+        .map(|id| conflict.begin(Key::new("bench", id), fp, LEASE))
+        .collect();
+    g.bench_function("begin_conflict", |b| {
+        b.iter(|| {
+            i = (i + 1) & (ids.len() - 1);
+            black_box(conflict.begin(Key::new("bench", &ids[i]), fp, LEASE).ok())
+        });
+    });
+
+    g.throughput(Throughput::Elements(1024));
+    g.bench_function("begin_complete", |b| {
+        b.iter_batched_ref(
+            store,
+            |s| {
+                for id in &ids[..1024] {
+                    if let Ok(Begin::Acquired(l)) = s.begin(Key::new("bench", id), fp, LEASE) {
+                        black_box(s.complete(&l, RESPONSE, None).ok());
+                    }
+                }
+            },
+            BatchSize::LargeInput,
+        );
+    });
+    g.finish();
+}
+
+/// criterion's generated entry points.
+mod group {
+    use super::*;
+    criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = bench
+    }
+}
+criterion_main!(group::benches);

@@ -2,7 +2,7 @@
 //! [`ManualClock`] instead of sleeping.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::sync::{Arc, AtomicU64, Ordering};
 
@@ -67,13 +67,26 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
 }
 
 /// The system's wall clock.
+///
+/// On Linux it reads `CLOCK_REALTIME_COARSE`: the time of the last timer tick, about 5 ns a
+/// read instead of about 35 ns, at a resolution of one tick (1–4 ms). Deadlines are whole
+/// milliseconds and leases last seconds, so the coarseness is invisible to callers; it is
+/// visible in the hot path, which reads the clock once per operation.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[cfg(target_os = "linux")]
     fn now(&self) -> Timestamp {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+        let ms = (t.tv_sec as u64).saturating_mul(1000) + (t.tv_nsec as u64) / 1_000_000;
+        Timestamp(ms)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn now(&self) -> Timestamp {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
         Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
@@ -144,7 +157,16 @@ mod tests {
     }
 
     #[test]
-    fn system_clock_is_after_2020() {
-        assert!(SystemClock.now().as_millis() > 1_577_836_800_000);
+    fn system_clock_agrees_with_std_within_a_tick() {
+        let std_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let ours = SystemClock.now().as_millis();
+        assert!(ours > 1_577_836_800_000);
+        assert!(
+            ours.abs_diff(std_ms) < 50,
+            "coarse clock {ours} vs std {std_ms}"
+        );
     }
 }

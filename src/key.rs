@@ -49,14 +49,36 @@ impl<'a> Key<'a> {
 
     /// An owned copy.
     pub fn to_owned(&self) -> OwnedKey {
-        let mut bytes = Vec::with_capacity(self.scope.len() + self.id.len());
-        bytes.extend_from_slice(self.scope);
-        bytes.extend_from_slice(self.id);
+        let len = self.scope.len() + self.id.len();
+        let repr = if len <= INLINE {
+            let mut buf = [0u8; INLINE];
+            buf[..self.scope.len()].copy_from_slice(self.scope);
+            buf[self.scope.len()..len].copy_from_slice(self.id);
+            Repr::Inline {
+                len: len as u8,
+                buf,
+            }
+        } else {
+            let mut bytes = Vec::with_capacity(len);
+            bytes.extend_from_slice(self.scope);
+            bytes.extend_from_slice(self.id);
+            Repr::Heap(bytes.into_boxed_slice())
+        };
         OwnedKey {
-            bytes: bytes.into_boxed_slice(),
+            repr,
             scope_len: self.scope.len(),
         }
     }
+}
+
+/// Keys up to this many bytes (scope + id) are kept inline in an [`OwnedKey`]: a lease on a
+/// typical key (a UUID under a short scope) costs no allocation.
+const INLINE: usize = 62;
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, buf: [u8; INLINE] },
+    Heap(Box<[u8]>),
 }
 
 impl fmt::Debug for Key<'_> {
@@ -71,10 +93,37 @@ impl fmt::Debug for Key<'_> {
 }
 
 /// An owned [`Key`], as carried by a [`Lease`](crate::Lease) or a batched write.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone)]
 pub struct OwnedKey {
-    bytes: Box<[u8]>,
+    repr: Repr,
     scope_len: usize,
+}
+
+impl PartialEq for OwnedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_key() == other.as_key()
+    }
+}
+
+impl Eq for OwnedKey {}
+
+impl std::hash::Hash for OwnedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_key().hash(state);
+    }
+}
+
+impl PartialOrd for OwnedKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OwnedKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let (a, b) = (self.as_key(), other.as_key());
+        (a.scope, a.id).cmp(&(b.scope, b.id))
+    }
 }
 
 impl OwnedKey {
@@ -85,7 +134,11 @@ impl OwnedKey {
 
     /// Borrows it as a [`Key`].
     pub fn as_key(&self) -> Key<'_> {
-        let (scope, id) = self.bytes.split_at(self.scope_len);
+        let bytes: &[u8] = match &self.repr {
+            Repr::Inline { len, buf } => &buf[..*len as usize],
+            Repr::Heap(b) => b,
+        };
+        let (scope, id) = bytes.split_at(self.scope_len);
         Key { scope, id }
     }
 }
@@ -160,6 +213,22 @@ mod tests {
         assert_eq!(a.as_key().scope(), b"ab");
         assert_eq!(b.as_key().id(), b"bc");
         assert_eq!(OwnedKey::new("ab", "c"), a);
+        assert!(b < a);
+    }
+
+    #[test]
+    fn long_keys_live_on_the_heap_and_compare_the_same() {
+        let long = "x".repeat(100);
+        let k = OwnedKey::new("scope", &long);
+        assert!(matches!(k.repr, Repr::Heap(_)));
+        assert_eq!(k.as_key().id(), long.as_bytes());
+        assert_eq!(k.as_key().scope(), b"scope");
+        let short = OwnedKey::new("scope", "x");
+        assert!(matches!(short.repr, Repr::Inline { .. }));
+        assert!(short < k);
+        let edge = OwnedKey::new("s", "y".repeat(INLINE - 1));
+        assert!(matches!(edge.repr, Repr::Inline { .. }));
+        assert_eq!(edge.as_key().id().len(), INLINE - 1);
     }
 
     #[test]

@@ -197,37 +197,33 @@ impl Record {
         HEADER_SIZE + key.scope().len() + key.id().len() + value_len
     }
 
-    /// Replaces the value bytes, growing or shrinking the allocation in place when it can.
+    /// Replaces the value bytes. A new block is allocated and the old one freed (rather than
+    /// `realloc`): the freed block is exactly the size the next in-flight record of a similar
+    /// key needs, so allocators hand it straight back from their per-thread cache.
     pub(crate) fn set_value(&mut self, value: &[u8]) {
-        debug_assert!(u32::try_from(value.len()).is_ok());
-        let key_len = self.key_len();
-        let old_layout = layout_for(self.data_len());
-        let new_layout = layout_for(key_len + value.len());
-        if old_layout.size() != new_layout.size() {
-            // SAFETY: `ptr` was allocated with `old_layout` (layouts are a pure function of
-            // the data length, which the header records), the new size is non-zero and valid
-            // for the same alignment.
-            let raw = unsafe {
-                alloc::realloc(
-                    self.ptr.as_ptr().cast::<u8>(),
-                    old_layout,
-                    new_layout.size(),
-                )
-            };
-            match NonNull::new(raw.cast::<Header>()) {
-                Some(p) => self.ptr = p,
-                // On failure the old block is untouched and still ours: `self` stays valid.
-                None => alloc::handle_alloc_error(new_layout),
+        if value.len() == self.value().len() {
+            // SAFETY: the value bytes lie inside our allocation (see `data`), `value` has the
+            // same length and cannot alias them because we hold `&mut self`.
+            unsafe {
+                let dst = self
+                    .ptr
+                    .as_ptr()
+                    .cast::<u8>()
+                    .add(HEADER_SIZE + self.key_len());
+                std::ptr::copy_nonoverlapping(value.as_ptr(), dst, value.len());
             }
+            return;
         }
-        // SAFETY: the allocation now has room for header + key + `value.len()` bytes; the
-        // header and key bytes were preserved by `realloc`; `value` does not alias it because
-        // we hold `&mut self`.
-        unsafe {
-            let dst = self.ptr.as_ptr().cast::<u8>().add(HEADER_SIZE + key_len);
-            std::ptr::copy_nonoverlapping(value.as_ptr(), dst, value.len());
-            (*self.ptr.as_ptr()).value_len = value.len() as u32;
-        }
+        let h = self.header();
+        let new = Record::new(NewRecord {
+            kind: h.kind,
+            a: h.a,
+            b: h.b,
+            fingerprint: h.fingerprint,
+            key: self.key(),
+            value,
+        });
+        *self = new;
     }
 }
 

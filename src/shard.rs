@@ -11,12 +11,26 @@ use crate::wait::Signal;
 /// Counters kept per shard, under its lock, so counting costs no atomic operation.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Counters {
+    /// Records in the shard.
+    pub(crate) records: u64,
+    /// Bytes accounted in the shard.
+    pub(crate) bytes: u64,
+    /// The shard's token/version counter (see `Inner::next_seq`).
+    pub(crate) seq: u64,
     pub(crate) acquired: u64,
     pub(crate) replayed: u64,
     pub(crate) in_progress: u64,
     pub(crate) mismatches: u64,
     pub(crate) takeovers: u64,
     pub(crate) expirations: u64,
+}
+
+impl Counters {
+    /// Applies a change in records and bytes (which the caller has admitted to the limits).
+    pub(crate) fn add(&mut self, records: i64, bytes: i64) {
+        self.records = self.records.wrapping_add_signed(records);
+        self.bytes = self.bytes.wrapping_add_signed(bytes);
+    }
 }
 
 #[derive(Debug, Default)]

@@ -20,12 +20,15 @@ const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A held lease on a key: proof that the caller, and nobody else, may complete it.
 ///
-/// Its `token` is a fencing token: unique in the store and larger than every token handed out
-/// before it. `complete`, `release` and `renew` check it, so a holder whose lease expired and
-/// was taken over gets [`Error::StaleLease`] and can never overwrite the new holder's work.
+/// Its `token` is a fencing token: unique in the store, and larger than every token (and
+/// version) handed out before for the same key. `complete`, `release` and `renew` check it, so a
+/// holder whose lease expired and was taken over gets [`Error::StaleLease`] and can never
+/// overwrite the new holder's work.
 #[derive(Debug)]
 pub struct Lease {
     key: OwnedKey,
+    /// The key's hash in the store that granted the lease (saves rehashing on complete).
+    hash: Option<u64>,
     token: u64,
     deadline: Timestamp,
     fingerprint: Fingerprint,
@@ -43,6 +46,7 @@ impl Lease {
     ) -> Self {
         Lease {
             key,
+            hash: None,
             token,
             deadline,
             fingerprint,
@@ -152,7 +156,8 @@ pub enum PutPending {
 /// A versioned value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
-    /// Its version: unique in the store, larger after every write.
+    /// Its version: unique in the store, larger after every write of the key (also across a
+    /// delete and re-create, so a stale version never matches again).
     pub version: u64,
     /// The bytes.
     pub value: Vec<u8>,
@@ -316,7 +321,7 @@ impl Default for StoreBuilder {
             max_key_len: 255,
             max_value_len: 1 << 20,
             max_records: u64::MAX,
-            max_bytes: 1 << 30,
+            max_bytes: u64::MAX,
             max_batch: 64,
             default_ttl: DAY,
             pending_ttl: DAY,
@@ -349,7 +354,8 @@ impl StoreBuilder {
         self
     }
     /// Most bytes held at once, counting each record's 40-byte header, key and value
-    /// (default 1 GiB).
+    /// (default unlimited, like Redis' `maxmemory 0`). Setting either limit adds two atomic
+    /// operations to each write that grows or shrinks the store.
     pub fn max_bytes(mut self, n: u64) -> Self {
         self.max_bytes = n;
         self
@@ -436,9 +442,9 @@ impl StoreBuilder {
             default_ttl_ms: duration_to_millis_ceil(self.default_ttl),
             pending_ttl_ms: duration_to_millis_ceil(self.pending_ttl),
             lease_retention_ms: duration_to_millis_ceil(self.lease_retention),
-            seq: AtomicU64::new(0),
-            records: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
+            limited: self.max_records != u64::MAX || self.max_bytes != u64::MAX,
+            used_records: AtomicU64::new(0),
+            used_bytes: AtomicU64::new(0),
         });
         let sweeper = match self.sweep_interval {
             Some(every) if !every.is_zero() => crate::sweeper::start(&inner, every),
@@ -502,18 +508,17 @@ pub(crate) struct Inner {
     default_ttl_ms: u64,
     pending_ttl_ms: u64,
     lease_retention_ms: u64,
-    /// Source of fencing tokens and versions: one counter, so both are unique store-wide and
-    /// a version can never come back after a delete (no ABA).
-    seq: AtomicU64,
-    records: AtomicU64,
-    bytes: AtomicU64,
+    /// Whether a record or byte limit is set, and so `used_*` are kept.
+    limited: bool,
+    used_records: AtomicU64,
+    used_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("shards", &self.shards.len())
-            .field("records", &self.records.load(Ordering::Relaxed))
+            .field("max_bytes", &self.max_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -590,6 +595,11 @@ impl Inner {
         h.finish()
     }
 
+    /// The hash of a lease's key: cached by the store that granted it.
+    fn lease_hash(&self, lease: &Lease) -> u64 {
+        lease.hash.unwrap_or_else(|| self.hash(lease.key()))
+    }
+
     /// The shard for a hash. The table inside a shard indexes buckets with the hash's *low*
     /// bits and keeps its top 7 bits as a tag in each control byte; the shard is picked from
     /// bits 40..56, which neither use (shards ≤ 2^16, shard tables < 2^40 buckets). Taking
@@ -636,23 +646,27 @@ impl Inner {
         Ok(())
     }
 
-    /// Reserves room for `records` more records and `bytes` more bytes, or fails leaving the
-    /// counters as they were.
-    fn reserve(&self, records: u64, bytes: u64) -> Result<(), Error> {
+    /// Admits `records` more records and `bytes` more bytes to the store-wide totals, or
+    /// fails leaving them as they were. The totals are kept (in atomics) only when a limit is
+    /// configured: without one, accounting costs no atomic operation.
+    fn admit(&self, records: u64, bytes: u64) -> Result<(), Error> {
+        if !self.limited {
+            return Ok(());
+        }
         if records > 0 {
-            let before = self.records.fetch_add(records, Ordering::Relaxed);
+            let before = self.used_records.fetch_add(records, Ordering::Relaxed);
             if before.saturating_add(records) > self.max_records {
-                self.records.fetch_sub(records, Ordering::Relaxed);
+                self.used_records.fetch_sub(records, Ordering::Relaxed);
                 return Err(Error::RecordLimit {
                     max: self.max_records,
                 });
             }
         }
         if bytes > 0 {
-            let before = self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            let before = self.used_bytes.fetch_add(bytes, Ordering::Relaxed);
             if before.saturating_add(bytes) > self.max_bytes {
-                self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-                self.records.fetch_sub(records, Ordering::Relaxed);
+                self.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.used_records.fetch_sub(records, Ordering::Relaxed);
                 return Err(Error::ByteLimit {
                     needed: bytes,
                     max: self.max_bytes,
@@ -662,28 +676,52 @@ impl Inner {
         Ok(())
     }
 
-    fn unreserve(&self, records: u64, bytes: u64) {
-        self.records.fetch_sub(records, Ordering::Relaxed);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    /// Returns records and bytes to the store-wide totals.
+    fn give_back(&self, records: u64, bytes: u64) {
+        if self.limited {
+            self.used_records.fetch_sub(records, Ordering::Relaxed);
+            self.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Accounts a growth to a shard (and the store), or fails changing nothing.
+    fn reserve(&self, c: &mut Counters, records: u64, bytes: u64) -> Result<(), Error> {
+        self.admit(records, bytes)?;
+        c.records += records;
+        c.bytes += bytes;
+        Ok(())
+    }
+
+    /// Accounts a shrink to a shard (and the store).
+    fn unreserve(&self, c: &mut Counters, records: u64, bytes: u64) {
+        self.give_back(records, bytes);
+        c.records -= records;
+        c.bytes -= bytes;
     }
 
     /// Accounts for a record changing size from `old` to `new` bytes.
-    fn resize(&self, old: usize, new: usize) -> Result<(), Error> {
+    fn resize(&self, c: &mut Counters, old: usize, new: usize) -> Result<(), Error> {
         if new > old {
-            self.reserve(0, (new - old) as u64)
+            self.reserve(c, 0, (new - old) as u64)
         } else {
-            self.unreserve(0, (old - new) as u64);
+            self.unreserve(c, 0, (old - new) as u64);
             Ok(())
         }
     }
 
-    fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    /// A new fencing token or version for a key whose hash is `hash`: the shard's counter in
+    /// the high 48 bits, the shard's index in the low 16. So tokens are unique store-wide and
+    /// increase for every key (a key never changes shard), with no shared atomic counter.
+    fn next_seq(&self, c: &mut Counters, hash: u64) -> u64 {
+        c.seq += 1;
+        (c.seq << 16) | self.shard_index(hash) as u64
     }
 
-    /// Turns `rec` (same key) into a fresh record, reusing its allocation.
+    /// Turns `rec` (same key) into a fresh record, reusing its slot.
+    #[expect(clippy::too_many_arguments, reason = "the header fields, spelled out at each call")]
     fn overwrite(
         &self,
+        c: &mut Counters,
         rec: &mut Record,
         kind: Kind,
         a: u64,
@@ -691,7 +729,7 @@ impl Inner {
         fingerprint: Fingerprint,
         value: &[u8],
     ) -> Result<(), Error> {
-        self.resize(rec.size(), rec.size() - rec.value().len() + value.len())?;
+        self.resize(c, rec.size(), rec.size() - rec.value().len() + value.len())?;
         rec.set_value(value);
         rec.set_kind(kind);
         let h = rec.header_mut();
@@ -704,10 +742,11 @@ impl Inner {
     /// Inserts a new record into a vacant slot, within the limits.
     fn insert(
         &self,
+        c: &mut Counters,
         slot: hashbrown::hash_table::VacantEntry<'_, Record>,
         parts: NewRecord<'_>,
     ) -> Result<(), Error> {
-        self.reserve(1, Record::size_for(parts.key, parts.value.len()) as u64)?;
+        self.reserve(c, 1, Record::size_for(parts.key, parts.value.len()) as u64)?;
         slot.insert(Record::new(parts));
         Ok(())
     }
@@ -720,7 +759,7 @@ impl Inner {
     ) {
         let (rec, _) = entry.remove();
         counters.expirations += 1;
-        self.unreserve(1, rec.size() as u64);
+        self.unreserve(counters, 1, rec.size() as u64);
     }
 
     pub(crate) fn begin(
@@ -741,6 +780,7 @@ impl Inner {
         let acquired = |token, takeover| {
             Begin::Acquired(Lease {
                 key: key.to_owned(),
+                hash: Some(hash),
                 token,
                 deadline: Timestamp::from_millis(deadline),
                 fingerprint,
@@ -757,16 +797,18 @@ impl Inner {
         };
         let outcome = match shard.table.entry(hash, eq_key(key), hasher) {
             Entry::Vacant(slot) => {
-                let token = self.next_seq();
-                self.insert(slot, fresh(token))?;
-                shard.counters.acquired += 1;
+                let c = &mut shard.counters;
+                let token = self.next_seq(c, hash);
+                self.insert(c, slot, fresh(token))?;
+                c.acquired += 1;
                 acquired(token, false)
             }
             Entry::Occupied(mut slot) => {
                 let rec = slot.get_mut();
                 if is_dead(rec, now) {
-                    let token = self.next_seq();
-                    self.overwrite(rec, Kind::InFlight, token, deadline, fingerprint, &[])?;
+                    let c = &mut shard.counters;
+                    let token = self.next_seq(c, hash);
+                    self.overwrite(c, rec, Kind::InFlight, token, deadline, fingerprint, &[])?;
                     shard.counters.expirations += 1;
                     shard.counters.acquired += 1;
                     acquired(token, false)
@@ -801,7 +843,7 @@ impl Inner {
                             }
                         }
                         Kind::InFlight => {
-                            let token = self.next_seq();
+                            let token = self.next_seq(&mut shard.counters, hash);
                             let h = rec.header_mut();
                             h.a = token;
                             h.b = deadline;
@@ -853,16 +895,25 @@ impl Inner {
             return self.complete_batch(lease, response, ttl_ms, writes);
         }
         let key = lease.key();
-        let hash = self.hash(key);
+        let hash = self.lease_hash(lease);
         let now = self.now();
         let expires = now.saturating_add(ttl_ms);
-        let mut shard = self.lock(hash);
+        let mut guard = self.lock(hash);
+        let shard = &mut *guard;
         let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
             return Err(Error::StaleLease { token: lease.token });
         };
         Self::check_holder(rec, lease)?;
         let fp = rec.header().fingerprint;
-        self.overwrite(rec, Kind::Completed, now, expires, fp, response)?;
+        self.overwrite(
+            &mut shard.counters,
+            rec,
+            Kind::Completed,
+            now,
+            expires,
+            fp,
+            response,
+        )?;
         shard.note_reclaim_at(expires);
         shard.wake(hash);
         Ok(Timestamp::from_millis(expires))
@@ -916,7 +967,7 @@ impl Inner {
         self.check_batch(lease, writes)?;
         let now = self.now();
         let expires = now.saturating_add(ttl_ms);
-        let lease_hash = self.hash(lease.key());
+        let lease_hash = self.lease_hash(lease);
         let hashes: Vec<u64> = writes.iter().map(|w| self.hash(w.key.as_key())).collect();
         let mut order: Vec<usize> = std::iter::once(lease_hash)
             .chain(hashes.iter().copied())
@@ -954,23 +1005,27 @@ impl Inner {
             records_delta += i64::from(new > 0) - i64::from(old > 0);
             bytes_delta += new - old;
         }
-        self.reserve(records_delta.max(0) as u64, bytes_delta.max(0) as u64)?;
-        self.unreserve((-records_delta).max(0) as u64, (-bytes_delta).max(0) as u64);
+        self.admit(records_delta.max(0) as u64, bytes_delta.max(0) as u64)?;
+        self.give_back((-records_delta).max(0) as u64, (-bytes_delta).max(0) as u64);
 
-        // 2. Apply. Limits are reserved, so nothing below can fail.
+        // 2. Apply. The totals are admitted, so nothing below can fail; each shard's own
+        // counters follow its own changes.
         let counters_pos = pos(lease_hash);
         guards[counters_pos].counters.expirations += dead;
         for (w, &h) in writes.iter().zip(&hashes) {
             let shard = &mut *guards[pos(h)];
             let key = w.key.as_key();
+            let c = &mut shard.counters;
             match (cas_value(&w.op), shard.table.find_entry(h, eq_key(key))) {
                 (None, Ok(entry)) => {
-                    entry.remove();
+                    let (rec, _) = entry.remove();
+                    c.add(-1, -(rec.size() as i64));
                 }
                 (None, Err(_)) => {}
                 (Some(v), Ok(mut entry)) => {
                     let r = entry.get_mut();
-                    let version = self.next_seq();
+                    c.add(0, v.len() as i64 - r.value().len() as i64);
+                    let version = self.next_seq(c, h);
                     let b = w.ttl.map_or(u64::MAX, |d| now.saturating_add(ms(d)));
                     r.set_value(v);
                     r.set_kind(Kind::Value);
@@ -981,7 +1036,8 @@ impl Inner {
                     shard.note_reclaim_at(b);
                 }
                 (Some(v), Err(_)) => {
-                    let version = self.next_seq();
+                    c.add(1, Record::size_for(key, v.len()) as i64);
+                    let version = self.next_seq(c, h);
                     let b = w.ttl.map_or(u64::MAX, |d| now.saturating_add(ms(d)));
                     shard.table.insert_unique(
                         h,
@@ -1001,6 +1057,9 @@ impl Inner {
         }
         let shard = &mut *guards[counters_pos];
         if let Some(rec) = shard.table.find_mut(lease_hash, eq_key(lease.key())) {
+            shard
+                .counters
+                .add(0, response.len() as i64 - rec.value().len() as i64);
             rec.set_value(response);
             rec.set_kind(Kind::Completed);
             let h = rec.header_mut();
@@ -1014,7 +1073,7 @@ impl Inner {
 
     pub(crate) fn release(&self, lease: &Lease) -> Result<(), Error> {
         let key = lease.key();
-        let hash = self.hash(key);
+        let hash = self.lease_hash(lease);
         let now = self.now();
         let mut guard = self.lock(hash);
         let shard = &mut *guard;
@@ -1033,7 +1092,7 @@ impl Inner {
             shard.note_reclaim_at(b);
         } else {
             let (rec, _) = entry.remove();
-            self.unreserve(1, rec.size() as u64);
+            self.unreserve(&mut shard.counters, 1, rec.size() as u64);
         }
         shard.wake(hash);
         Ok(())
@@ -1042,7 +1101,7 @@ impl Inner {
     pub(crate) fn renew(&self, lease: &Lease, extend: Duration) -> Result<Timestamp, Error> {
         let extend_ms = nonzero(extend, "the lease extension")?;
         let key = lease.key();
-        let hash = self.hash(key);
+        let hash = self.lease_hash(lease);
         let deadline = self.now().saturating_add(extend_ms);
         let mut shard = self.lock(hash);
         let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
@@ -1103,7 +1162,7 @@ impl Inner {
             return Ok(false);
         }
         let (rec, _) = entry.remove();
-        self.unreserve(1, rec.size() as u64);
+        self.unreserve(&mut shard.counters, 1, rec.size() as u64);
         shard.wake(hash);
         Ok(true)
     }
@@ -1132,23 +1191,33 @@ impl Inner {
             return Ok(CasOutcome::Conflict { current });
         }
         let was_dead = matches!(&entry, Entry::Occupied(_)) && current.is_none();
+        let c = &mut shard.counters;
         let outcome = match (cas_value(&write.op), entry) {
             (None, Entry::Occupied(e)) => {
                 let (rec, _) = e.remove();
-                self.unreserve(1, rec.size() as u64);
+                self.unreserve(c, 1, rec.size() as u64);
                 CasOutcome::Applied { version: None }
             }
             (None, Entry::Vacant(_)) => CasOutcome::Applied { version: None },
             (Some(v), Entry::Occupied(mut e)) => {
-                let version = self.next_seq();
-                self.overwrite(e.get_mut(), Kind::Value, version, b, Fingerprint::NONE, v)?;
+                let version = self.next_seq(c, hash);
+                self.overwrite(
+                    c,
+                    e.get_mut(),
+                    Kind::Value,
+                    version,
+                    b,
+                    Fingerprint::NONE,
+                    v,
+                )?;
                 CasOutcome::Applied {
                     version: Some(version),
                 }
             }
             (Some(v), Entry::Vacant(slot)) => {
-                let version = self.next_seq();
+                let version = self.next_seq(c, hash);
                 self.insert(
+                    c,
                     slot,
                     NewRecord {
                         kind: Kind::Value,
@@ -1198,7 +1267,7 @@ impl Inner {
         };
         let outcome = match shard.table.entry(hash, eq_key(key), |r| self.hash(r.key())) {
             Entry::Vacant(slot) => {
-                self.insert(slot, parts)?;
+                self.insert(&mut shard.counters, slot, parts)?;
                 PutPending::Stored
             }
             Entry::Occupied(mut e) => {
@@ -1206,12 +1275,14 @@ impl Inner {
                 let dead = is_dead(rec, now);
                 match rec.kind() {
                     Kind::Pending | Kind::Completed | Kind::Value if dead => {
-                        self.overwrite(rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
-                        shard.counters.expirations += 1;
+                        let c = &mut shard.counters;
+                        self.overwrite(c, rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
+                        c.expirations += 1;
                         PutPending::Stored
                     }
                     Kind::Pending => {
-                        self.overwrite(rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
+                        let c = &mut shard.counters;
+                        self.overwrite(c, rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
                         PutPending::Stored
                     }
                     Kind::InFlightPending => PutPending::InProgress {
@@ -1247,8 +1318,8 @@ impl Inner {
             return Ok(Take::NotFound);
         }
         let rec = entry.get_mut();
-        let acquire = |rec: &mut Record, takeover: bool| {
-            let token = self.next_seq();
+        let acquire = |c: &mut Counters, rec: &mut Record, takeover: bool| {
+            let token = self.next_seq(c, hash);
             rec.set_kind(Kind::InFlightPending);
             let h = rec.header_mut();
             h.a = token;
@@ -1256,6 +1327,7 @@ impl Inner {
             Take::Acquired {
                 lease: Lease {
                     key: key.to_owned(),
+                    hash: Some(hash),
                     token,
                     deadline: Timestamp::from_millis(deadline),
                     fingerprint: Fingerprint::NONE,
@@ -1267,7 +1339,7 @@ impl Inner {
         let outcome = match rec.kind() {
             Kind::Pending => {
                 shard.counters.acquired += 1;
-                acquire(rec, false)
+                acquire(&mut shard.counters, rec, false)
             }
             Kind::InFlightPending if rec.header().b > now => {
                 shard.counters.in_progress += 1;
@@ -1278,7 +1350,7 @@ impl Inner {
             Kind::InFlightPending => {
                 shard.counters.acquired += 1;
                 shard.counters.takeovers += 1;
-                acquire(rec, true)
+                acquire(&mut shard.counters, rec, true)
             }
             Kind::Completed => {
                 shard.counters.replayed += 1;
@@ -1320,8 +1392,7 @@ impl Inner {
         });
         shard.next_reclaim = next;
         shard.counters.expirations += n;
-        drop(shard);
-        self.unreserve(n, bytes);
+        self.unreserve(&mut shard.counters, n, bytes);
         n as usize
     }
 
@@ -1335,16 +1406,16 @@ impl Inner {
             s.mismatches += c.mismatches;
             s.takeovers += c.takeovers;
             s.expirations += c.expirations;
+            s.records += c.records;
+            s.bytes += c.bytes;
         }
-        s.records = self.records.load(Ordering::Relaxed);
-        s.bytes = self.bytes.load(Ordering::Relaxed);
         s
     }
 }
 
 impl Store {
-    /// A builder with the defaults: 64 shards, 255-byte keys, 1 MiB values, 1 GiB in all,
-    /// 24 h TTL, a sweeper every second, the system clock.
+    /// A builder with the defaults: 64 shards, 255-byte keys, 1 MiB values, no record or byte
+    /// limit, 24 h TTL, a sweeper every second, the system clock.
     pub fn builder() -> StoreBuilder {
         StoreBuilder::default()
     }

@@ -170,7 +170,9 @@ impl M {
 struct Model {
     now: u64,
     map: BTreeMap<OwnedKey, M>,
-    last_seq: u64,
+    /// Every token and version handed out, and the last one per key.
+    seen: std::collections::HashSet<u64>,
+    last_seq: BTreeMap<OwnedKey, u64>,
 }
 
 impl Model {
@@ -178,14 +180,19 @@ impl Model {
         self.map.get(k).filter(|m| m.alive(self.now))
     }
 
-    /// A token or version handed out by the store must be new and larger than all before.
-    fn fresh(&mut self, seq: u64) {
+    /// A token or version handed out by the store must be unique in the store and larger than
+    /// every one handed out before for the same key.
+    fn fresh(&mut self, k: &OwnedKey, seq: u64) {
         assert!(
-            seq > self.last_seq,
-            "token/version {seq} not above {}",
-            self.last_seq
+            self.seen.insert(seq),
+            "token/version {seq} handed out twice"
         );
-        self.last_seq = seq;
+        let last = self.last_seq.entry(k.clone()).or_insert(0);
+        assert!(
+            seq > *last,
+            "token/version {seq} for {k:?} not above {last}"
+        );
+        *last = seq;
     }
 
     fn snapshot(&self, k: &OwnedKey) -> Option<Snapshot> {
@@ -279,7 +286,7 @@ fn new_value(model: &mut Model, outcome: CasOutcome, op: &CasOp, k: &OwnedKey, e
             CasOp::PutIfAbsent(v) | CasOp::SetIfVersion { value: v, .. },
             CasOutcome::Applied { version: Some(ver) },
         ) => {
-            model.fresh(ver);
+            model.fresh(k, ver);
             model.map.insert(
                 k.clone(),
                 M::Value {
@@ -307,7 +314,8 @@ fn run(ops: Vec<Op>) {
     let mut model = Model {
         now: T0,
         map: BTreeMap::new(),
-        last_seq: 0,
+        seen: Default::default(),
+        last_seq: BTreeMap::new(),
     };
     let mut leases: Vec<Lease> = Vec::new();
     let now = |m: &Model| m.now;
@@ -322,7 +330,7 @@ fn run(ops: Vec<Op>) {
                 match (model.live(&k).cloned(), got) {
                     (None, Ok(Begin::Acquired(l))) => {
                         assert!(!l.is_takeover());
-                        model.fresh(l.token());
+                        model.fresh(&k, l.token());
                         model.map.insert(
                             k,
                             M::InFlight {
@@ -375,7 +383,7 @@ fn run(ops: Vec<Op>) {
                         Ok(Begin::Acquired(l)),
                     ) if f == fp && d <= model.now => {
                         assert!(l.is_takeover());
-                        model.fresh(l.token());
+                        model.fresh(&k, l.token());
                         model.map.insert(
                             k,
                             M::InFlight {
@@ -447,7 +455,7 @@ fn run(ops: Vec<Op>) {
                     .iter()
                     .enumerate()
                     .any(|(i, w)| batch[..i].iter().any(|o| o.key == w.key));
-                if batch.len() > 0 && dup {
+                if !batch.is_empty() && dup {
                     assert!(matches!(got, Err(Error::InvalidBatch { .. })), "{got:?}");
                     continue;
                 }
@@ -475,7 +483,7 @@ fn run(ops: Vec<Op>) {
                     // Versions from a batch are read back from the store (they are fresh).
                     match store.get(w.key.as_key()).expect("get") {
                         Some(Snapshot::Value(v)) => {
-                            model.fresh(v.version);
+                            model.fresh(&w.key, v.version);
                             model.map.insert(
                                 w.key.clone(),
                                 M::Value {
@@ -561,7 +569,7 @@ fn run(ops: Vec<Op>) {
             } => {
                 let k = key_of(key);
                 let current = model.cas_current(&k);
-                let op = make_op(kind, use_current, current.clone().ok().flatten(), value);
+                let op = make_op(kind, use_current, current.ok().flatten(), value);
                 let got = store.cas(&Write {
                     key: k.clone(),
                     op: op.clone(),
@@ -620,7 +628,7 @@ fn run(ops: Vec<Op>) {
                     ) => {
                         assert_eq!(p, payload);
                         assert!(!lease.is_takeover());
-                        model.fresh(lease.token());
+                        model.fresh(&k, lease.token());
                         model.map.insert(
                             k,
                             M::InFlight {
@@ -652,7 +660,7 @@ fn run(ops: Vec<Op>) {
                     ) if d <= model.now => {
                         assert_eq!(p, payload);
                         assert!(lease.is_takeover());
-                        model.fresh(lease.token());
+                        model.fresh(&k, lease.token());
                         model.map.insert(
                             k,
                             M::InFlight {
