@@ -88,7 +88,8 @@ impl Contender for Idem {
 /// One shard of the bare map: key and response inline in the table, the hash computed once,
 /// each lock on its own cache lines (as idemkv's and dashmap's are).
 #[repr(align(128))]
-struct BareShard(parking_lot::Mutex<HashTable<(Box<[u8]>, Box<[u8]>)>>);
+struct BareShard(parking_lot::Mutex<HashTable<KeyValue>>);
+type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 struct Bare {
     shards: Vec<BareShard>,
