@@ -73,3 +73,8 @@ pub use store::{
     Take, Versioned, Write,
 };
 pub use traits::IdempotencyStore;
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
