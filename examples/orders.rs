@@ -57,7 +57,9 @@ impl Service {
                 self.store.complete(&lease, id.as_bytes(), None)?;
                 Ok(Reply::Created(id))
             }
-            Begin::Completed(done) => Ok(Reply::Replayed(String::from_utf8_lossy(&done.response).into_owned())),
+            Begin::Completed(done) => Ok(Reply::Replayed(
+                String::from_utf8_lossy(&done.response).into_owned(),
+            )),
             Begin::Mismatch => Ok(Reply::Mismatch),
             Begin::InProgress { .. } => Ok(Reply::Busy),
         }
@@ -89,7 +91,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let counts: Arc<Mutex<HashMap<&'static str, u64>>> = Arc::default();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
-            let (service, seen, counts) = (Arc::clone(&service), Arc::clone(&seen), Arc::clone(&counts));
+            let (service, seen, counts) =
+                (Arc::clone(&service), Arc::clone(&seen), Arc::clone(&counts));
             std::thread::spawn(move || -> Result<(), Error> {
                 // Two threads per client share keys, so retries race with the original.
                 let client = format!("client-{}", c / 2);
@@ -125,7 +128,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let orders = service.orders.lock().map_err(|_| "poisoned")?.len();
     let keys = seen.lock().map_err(|_| "poisoned")?.len();
     println!("done in {elapsed:.2?}");
-    let mut counts: Vec<_> = counts.lock().map_err(|_| "poisoned")?.clone().into_iter().collect();
+    let mut counts: Vec<_> = counts
+        .lock()
+        .map_err(|_| "poisoned")?
+        .clone()
+        .into_iter()
+        .collect();
     counts.sort();
     for (kind, n) in counts {
         println!("  {kind:<15} {n}");

@@ -409,9 +409,14 @@ impl StoreBuilder {
                 self.max_key_len
             ));
         }
-        if u32::try_from(self.max_value_len).is_err() {
+        // A record is header + scope + id + value in one allocation; it must fit the value
+        // length field and a `Layout` (below `isize::MAX`, which matters on 32-bit targets).
+        let largest = crate::record::HEADER_SIZE + MAX_SCOPE_LEN + MAX_ID_LEN;
+        if u32::try_from(self.max_value_len).is_err()
+            || self.max_value_len > isize::MAX as usize - largest
+        {
             return bad(format!(
-                "max_value_len must fit in 32 bits, not {}",
+                "max_value_len must fit in 32 bits and the address space, not {}",
                 self.max_value_len
             ));
         }
@@ -718,7 +723,10 @@ impl Inner {
     }
 
     /// Turns `rec` (same key) into a fresh record, reusing its slot.
-    #[expect(clippy::too_many_arguments, reason = "the header fields, spelled out at each call")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the header fields, spelled out at each call"
+    )]
     fn overwrite(
         &self,
         c: &mut Counters,
