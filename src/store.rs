@@ -16,6 +16,18 @@ use crate::wait::Signal;
 /// A registered waiter: the key's hash and the signal its holder will fire.
 pub(crate) type Waiter = (u64, Arc<Signal>);
 
+/// What one round of `begin_wait` found.
+pub(crate) enum Round {
+    /// The answer.
+    Done(Begin),
+    /// Wait on `signal` for at most `slice`, then look again; on a timeout, forget the waiter.
+    Wait {
+        hash: u64,
+        signal: Arc<Signal>,
+        slice: Duration,
+    },
+}
+
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A held lease on a key: proof that the caller, and nobody else, may complete it.
@@ -875,11 +887,30 @@ impl Inner {
         Ok((outcome, None))
     }
 
-    /// How long a waiter sleeps before looking again: what is left of its own budget, but no
-    /// later than the holder's lease deadline, when the key can be taken over.
-    pub(crate) fn wait_slice(&self, left: Duration, deadline: Timestamp) -> Duration {
+    /// One round of `begin_wait`: answers as `begin` would, unless the key is in flight and
+    /// time is left before `until`; then a waiter is registered (under the shard lock that saw
+    /// the key in flight) and the caller waits on it for at most the returned slice: what is
+    /// left of its budget, and no later than the holder's lease deadline, when the key can be
+    /// taken over. Then the caller looks again.
+    pub(crate) fn begin_round(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        until: Instant,
+    ) -> Result<Round, Error> {
+        let left = until.saturating_duration_since(Instant::now());
+        let (outcome, waiter) = self.begin(key, fingerprint, lease, !left.is_zero())?;
+        let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
+            return Ok(Round::Done(outcome));
+        };
         let lease_left = deadline.as_millis().saturating_sub(self.now()).max(1);
-        left.min(Duration::from_millis(lease_left))
+        let slice = left.min(Duration::from_millis(lease_left));
+        Ok(Round::Wait {
+            hash,
+            signal,
+            slice,
+        })
     }
 
     /// Removes a waiter that timed out (a fired one was removed by whoever fired it).
@@ -1467,13 +1498,17 @@ impl Store {
     ) -> Result<Begin, Error> {
         let until = Instant::now() + max_wait;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
-            let (outcome, waiter) = self.inner.begin(key, fingerprint, lease, !left.is_zero())?;
-            let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
-                return Ok(outcome);
-            };
-            if !signal.wait_blocking(self.inner.wait_slice(left, *deadline)) {
-                self.inner.forget_waiter(hash, &signal);
+            match self.inner.begin_round(key, fingerprint, lease, until)? {
+                Round::Done(outcome) => return Ok(outcome),
+                Round::Wait {
+                    hash,
+                    signal,
+                    slice,
+                } => {
+                    if !signal.wait_blocking(slice) {
+                        self.inner.forget_waiter(hash, &signal);
+                    }
+                }
             }
         }
     }

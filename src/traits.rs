@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
-use crate::store::{Begin, CasOutcome, Lease, PutPending, Snapshot, Store, Take, Write};
+use crate::store::{Begin, CasOutcome, Lease, PutPending, Round, Snapshot, Store, Take, Write};
 use crate::wait::Signal;
 
 /// The operations the HTTP and Kafka adapters use, as futures.
@@ -100,17 +100,18 @@ impl IdempotencyStore for Store {
         let inner = self.inner();
         let until = Instant::now() + max_wait;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
-            let (outcome, waiter) = inner.begin(key, fingerprint, lease, !left.is_zero())?;
-            let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
-                return Ok(outcome);
-            };
-            let slice = inner.wait_slice(left, *deadline);
-            if tokio::time::timeout(slice, Signal::fired(&signal))
-                .await
-                .is_err()
-            {
-                inner.forget_waiter(hash, &signal);
+            match inner.begin_round(key, fingerprint, lease, until)? {
+                Round::Done(outcome) => return Ok(outcome),
+                Round::Wait {
+                    hash,
+                    signal,
+                    slice,
+                } => {
+                    let fired = tokio::time::timeout(slice, Signal::fired(&signal)).await;
+                    if fired.is_err() {
+                        inner.forget_waiter(hash, &signal);
+                    }
+                }
             }
         }
     }
