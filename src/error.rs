@@ -99,6 +99,14 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Writing or syncing the log failed once; the store refuses every further change (an
+    /// fsync error is not retryable: the kernel may have dropped the unwritten pages). Close
+    /// the store and open it again: recovery reads back exactly what was made durable.
+    #[error("the store's log is poisoned ({reason}); close and re-open the store")]
+    Poisoned {
+        /// What failed.
+        reason: String,
+    },
     /// An async method was called outside a Tokio runtime with its time driver.
     #[error("idemkv's async API needs a Tokio runtime with time enabled")]
     NoRuntime,

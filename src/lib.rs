@@ -64,15 +64,18 @@ mod sweeper;
 mod sync;
 mod traits;
 mod wait;
+mod wal;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, RecordKind};
 pub use key::{Fingerprint, Key, MAX_ID_LEN, MAX_SCOPE_LEN, OwnedKey};
 pub use store::{
-    Begin, CasOp, CasOutcome, Completed, Lease, PutPending, Snapshot, Stats, Store, StoreBuilder,
-    Take, Versioned, Write,
+    Begin, CasOp, CasOutcome, Completed, Lease, OpenError, PutPending, Snapshot, Stats, Store,
+    StoreBuilder, Take, Versioned, Write,
 };
 pub use traits::IdempotencyStore;
+pub use wal::Durability;
+pub use wal::recovery::{LogError, OnCorruption, RecoveryReport};
 
 /// The README's examples, compiled and run as doctests so they cannot rot.
 #[cfg(doctest)]

@@ -17,6 +17,9 @@ pub(crate) struct Counters {
     pub(crate) bytes: u64,
     /// The shard's token/version counter (see `Inner::next_seq`).
     pub(crate) seq: u64,
+    /// Sequence number of the last log record of a change in this shard (0: none). Anything
+    /// read from the shard is durable once this is.
+    pub(crate) last_seq: u64,
     pub(crate) acquired: u64,
     pub(crate) replayed: u64,
     pub(crate) in_progress: u64,

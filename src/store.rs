@@ -12,6 +12,38 @@ use crate::record::{Kind, NewRecord, Record};
 use crate::shard::{Counters, Shard, eq_key, is_dead, reclaim_at};
 use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering};
 use crate::wait::Signal;
+use crate::wal::format::Item;
+use crate::wal::format::{Op, RecordWriter};
+use crate::wal::recovery::{LogError, OnCorruption, RecoveryReport};
+use crate::wal::{Durability, Wal};
+
+/// Why a store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// Another store (in this or another process) has the directory open.
+    #[error(
+        "{path} is in use by another idemkv store (its LOCK file is held); close that one first"
+    )]
+    Locked {
+        /// The directory.
+        path: std::path::PathBuf,
+    },
+    /// A file or directory could not be created, read or synced.
+    #[error("I/O on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The log could not be read back.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] Error),
+}
 
 /// A registered waiter: the key's hash and the signal its holder will fire.
 pub(crate) type Waiter = (u64, Arc<Signal>);
@@ -324,6 +356,8 @@ pub struct StoreBuilder {
     lease_retention: Duration,
     sweep_interval: Option<Duration>,
     clock: Option<std::sync::Arc<dyn Clock>>,
+    durability: Durability,
+    on_corruption: OnCorruption,
 }
 
 impl Default for StoreBuilder {
@@ -340,6 +374,8 @@ impl Default for StoreBuilder {
             lease_retention: DAY,
             sweep_interval: Some(Duration::from_secs(1)),
             clock: None,
+            durability: Durability::Immediate,
+            on_corruption: OnCorruption::Fail,
         }
     }
 }
@@ -406,8 +442,92 @@ impl StoreBuilder {
         self
     }
 
+    /// How changes reach the disk for a store [`open`](Self::open)ed on a directory
+    /// (default `Immediate`). `Durability::None` opens nothing: memory only.
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// What recovery does with damage in the middle of the log (default: refuse to open).
+    pub fn on_corruption(mut self, o: OnCorruption) -> Self {
+        self.on_corruption = o;
+        self
+    }
+
     /// Builds an in-memory store.
     pub fn build(self) -> Result<Store, Error> {
+        let inner = self.make_inner()?;
+        Ok(self.finish(inner))
+    }
+
+    /// Opens (or creates) a durable store in `dir`: takes the directory's lock, replays the
+    /// log, and logs every change from then on with the configured [`Durability`].
+    ///
+    /// ```
+    /// use idemkv::{Begin, Fingerprint, Key, Store};
+    /// use std::time::Duration;
+    ///
+    /// let dir = std::env::temp_dir().join(format!("idemkv-doc-{}", std::process::id()));
+    /// let key = Key::new("t", "order-1");
+    /// let fp = Fingerprint::of(b"body");
+    /// {
+    ///     let store = Store::builder().open(&dir)?;
+    ///     let Begin::Acquired(lease) = store.begin(key, fp, Duration::from_secs(30))? else { panic!() };
+    ///     store.complete(&lease, b"created", None)?; // durable when this returns
+    /// }
+    /// let store = Store::builder().open(&dir)?; // after a restart (or a crash)
+    /// assert!(matches!(store.begin(key, fp, Duration::from_secs(30))?, Begin::Completed(c) if c.response == b"created"));
+    /// # drop(store); std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open(self, dir: impl AsRef<std::path::Path>) -> Result<Store, OpenError> {
+        let dir = dir.as_ref();
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { path, source }
+        };
+        let mut inner = self.make_inner()?;
+        if self.durability == Durability::None {
+            return Ok(self.finish(inner));
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
+        let wal_dir = dir.join("wal");
+        std::fs::create_dir_all(&wal_dir).map_err(io(&wal_dir))?;
+        let mut max_token = 0u64;
+        let report = crate::wal::recovery::replay(&wal_dir, 0, self.on_corruption, |rec| {
+            for item in &rec.items {
+                max_token = max_token.max(inner.apply(item));
+            }
+        })?;
+        for shard in inner.shards.iter() {
+            let mut s = shard.0.lock();
+            s.counters.seq = s.counters.seq.max(max_token);
+        }
+        inner.wal =
+            Some(Wal::start(&wal_dir, report.last_seq + 1, self.durability).map_err(io(&wal_dir))?);
+        inner.lock = Some(lock);
+        inner.recovery = Some(report);
+        Ok(self.finish(inner))
+    }
+
+    fn make_inner(&self) -> Result<Inner, Error> {
         let bad = |reason: String| Err(Error::InvalidConfig { reason });
         if !self.shards.is_power_of_two() || self.shards > 1 << 16 {
             return bad(format!(
@@ -444,12 +564,13 @@ impl StoreBuilder {
         let shards = (0..self.shards)
             .map(|_| Padded(Mutex::new(Shard::new())))
             .collect();
-        let inner = Arc::new(Inner {
+        Ok(Inner {
             shards,
             shard_mask: (self.shards - 1) as u64,
             hasher: foldhash::fast::RandomState::default(),
             clock: self
                 .clock
+                .clone()
                 .unwrap_or_else(|| std::sync::Arc::new(SystemClock)),
             max_key_len: self.max_key_len,
             max_value_len: self.max_value_len,
@@ -462,15 +583,51 @@ impl StoreBuilder {
             limited: self.max_records != u64::MAX || self.max_bytes != u64::MAX,
             used_records: AtomicU64::new(0),
             used_bytes: AtomicU64::new(0),
-        });
+            wal: None,
+            lock: None,
+            recovery: None,
+        })
+    }
+
+    fn finish(&self, inner: Inner) -> Store {
+        let inner = Arc::new(inner);
         let sweeper = match self.sweep_interval {
             Some(every) if !every.is_zero() => crate::sweeper::start(&inner, every),
             _ => None,
         };
-        Ok(Store {
+        Store {
             inner,
             _sweeper: sweeper.map(std::sync::Arc::new),
-        })
+        }
+    }
+}
+
+/// The log sequence number a caller waits for before answering; 0 for none.
+pub(crate) type Settle = std::cell::Cell<u64>;
+
+/// A locked shard that, when unlocked, notes its last log sequence number in `settle`.
+pub(crate) struct ShardGuard<'a> {
+    guard: MutexGuard<'a, Shard>,
+    settle: &'a Settle,
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shard {
+        &mut self.guard
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    fn drop(&mut self) {
+        self.settle
+            .set(self.settle.get().max(self.guard.counters.last_seq));
     }
 }
 
@@ -529,6 +686,12 @@ pub(crate) struct Inner {
     limited: bool,
     used_records: AtomicU64,
     used_bytes: AtomicU64,
+    /// The write-ahead log, for a store opened on a directory with durability.
+    wal: Option<Wal>,
+    /// The directory's lock, held while the store is open.
+    lock: Option<std::fs::File>,
+    /// What recovery found, for a store opened on a directory.
+    recovery: Option<RecoveryReport>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -626,8 +789,52 @@ impl Inner {
         ((hash >> 40) & self.shard_mask) as usize
     }
 
-    fn lock(&self, hash: u64) -> MutexGuard<'_, Shard> {
-        self.shards[self.shard_index(hash)].0.lock()
+    /// Locks the shard of `hash`. On unlock, the shard's last log sequence number is noted in
+    /// `settle`: what the caller must wait for before answering (see `Inner::settle`).
+    fn lock<'a>(&'a self, hash: u64, settle: &'a Settle) -> ShardGuard<'a> {
+        self.lock_index(self.shard_index(hash), settle)
+    }
+
+    fn lock_index<'a>(&'a self, i: usize, settle: &'a Settle) -> ShardGuard<'a> {
+        ShardGuard {
+            guard: self.shards[i].0.lock(),
+            settle,
+        }
+    }
+
+    /// Appends a record of a change to the log (if the store has one), under the shard lock(s)
+    /// of the keys it changes; `last` is the shard's `last_seq`. Refused, changing nothing,
+    /// if the log is poisoned.
+    fn log(
+        &self,
+        last: &mut u64,
+        op: Op,
+        items: impl FnOnce(&mut RecordWriter<'_>),
+    ) -> Result<(), Error> {
+        if let Some(wal) = &self.wal {
+            *last = wal.append(op, items)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks until everything a caller saw or did is durable (`Durability::Immediate`).
+    pub(crate) fn settle(&self, settle: &Settle) -> Result<(), Error> {
+        match &self.wal {
+            Some(wal) if settle.get() > 0 && wal.mode() == Durability::Immediate => {
+                wal.wait(settle.get())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`settle`](Self::settle) for async callers.
+    pub(crate) async fn settle_async(&self, seq: u64) -> Result<(), Error> {
+        match &self.wal {
+            Some(wal) if seq > 0 && wal.mode() == Durability::Immediate => {
+                wal.wait_async(seq).await
+            }
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn shard_count(&self) -> usize {
@@ -734,7 +941,7 @@ impl Inner {
         (c.seq << 16) | self.shard_index(hash) as u64
     }
 
-    /// Turns `rec` (same key) into a fresh record, reusing its slot.
+    /// Turns `rec` (same key) into a fresh record, reusing its slot: reserves, logs, applies.
     #[expect(
         clippy::too_many_arguments,
         reason = "the header fields, spelled out at each call"
@@ -742,6 +949,7 @@ impl Inner {
     fn overwrite(
         &self,
         c: &mut Counters,
+        op: Op,
         rec: &mut Record,
         kind: Kind,
         a: u64,
@@ -749,7 +957,15 @@ impl Inner {
         fingerprint: Fingerprint,
         value: &[u8],
     ) -> Result<(), Error> {
-        self.resize(c, rec.size(), rec.size() - rec.value().len() + value.len())?;
+        let (old, new) = (rec.size(), rec.size() - rec.value().len() + value.len());
+        self.resize(c, old, new)?;
+        let logged = self.log(&mut c.last_seq, op, |w| {
+            w.put_parts(rec.key(), kind, a, b, fingerprint, value)
+        });
+        if let Err(e) = logged {
+            let _ = self.resize(c, new, old);
+            return Err(e);
+        }
         rec.set_value(value);
         rec.set_kind(kind);
         let h = rec.header_mut();
@@ -759,27 +975,74 @@ impl Inner {
         Ok(())
     }
 
-    /// Inserts a new record into a vacant slot, within the limits.
+    /// Changes a record's kind and `a`/`b` fields (a takeover, a renew, a release): logs, applies.
+    fn restamp(
+        &self,
+        c: &mut Counters,
+        op: Op,
+        rec: &mut Record,
+        kind: Kind,
+        a: u64,
+        b: u64,
+    ) -> Result<(), Error> {
+        let fp = rec.header().fingerprint;
+        self.log(&mut c.last_seq, op, |w| {
+            w.put_parts(rec.key(), kind, a, b, fp, rec.value())
+        })?;
+        rec.set_kind(kind);
+        let h = rec.header_mut();
+        h.a = a;
+        h.b = b;
+        Ok(())
+    }
+
+    /// Inserts a new record into a vacant slot: reserves, logs, applies.
     fn insert(
         &self,
         c: &mut Counters,
+        op: Op,
         slot: hashbrown::hash_table::VacantEntry<'_, Record>,
         parts: NewRecord<'_>,
     ) -> Result<(), Error> {
-        self.reserve(c, 1, Record::size_for(parts.key, parts.value.len()) as u64)?;
+        let size = Record::size_for(parts.key, parts.value.len()) as u64;
+        self.reserve(c, 1, size)?;
+        let logged = self.log(&mut c.last_seq, op, |w| {
+            w.put_parts(
+                parts.key,
+                parts.kind,
+                parts.a,
+                parts.b,
+                parts.fingerprint,
+                parts.value,
+            )
+        });
+        if let Err(e) = logged {
+            self.unreserve(c, 1, size);
+            return Err(e);
+        }
         slot.insert(Record::new(parts));
         Ok(())
     }
 
-    /// Drops an expired record found at a key.
-    fn expire(
+    /// Removes the record at `entry`: logs, applies.
+    fn delete(
         &self,
-        counters: &mut Counters,
+        c: &mut Counters,
+        op: Op,
         entry: hashbrown::hash_table::OccupiedEntry<'_, Record>,
-    ) {
+    ) -> Result<(), Error> {
+        self.log(&mut c.last_seq, op, |w| w.delete(entry.get().key()))?;
         let (rec, _) = entry.remove();
-        counters.expirations += 1;
-        self.unreserve(counters, 1, rec.size() as u64);
+        self.unreserve(c, 1, rec.size() as u64);
+        Ok(())
+    }
+
+    /// Drops an expired record found at a key. If the log refuses, the record stays (it is
+    /// invisible anyway) and the caller's own change will be refused with the same error.
+    fn expire(&self, c: &mut Counters, entry: hashbrown::hash_table::OccupiedEntry<'_, Record>) {
+        if self.delete(c, Op::Expire, entry).is_ok() {
+            c.expirations += 1;
+        }
     }
 
     pub(crate) fn begin(
@@ -788,13 +1051,14 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
         wait: bool,
+        settle: &Settle,
     ) -> Result<(Begin, Option<Waiter>), Error> {
         self.check_key(key)?;
         let lease_ms = nonzero(lease, "the lease duration")?;
         let hash = self.hash(key);
         let now = self.now();
         let deadline = now.saturating_add(lease_ms);
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let hasher = |r: &Record| self.hash(r.key());
         let acquired = |token, takeover| {
@@ -819,7 +1083,7 @@ impl Inner {
             Entry::Vacant(slot) => {
                 let c = &mut shard.counters;
                 let token = self.next_seq(c, hash);
-                self.insert(c, slot, fresh(token))?;
+                self.insert(c, Op::Begin, slot, fresh(token))?;
                 c.acquired += 1;
                 acquired(token, false)
             }
@@ -828,7 +1092,16 @@ impl Inner {
                 if is_dead(rec, now) {
                     let c = &mut shard.counters;
                     let token = self.next_seq(c, hash);
-                    self.overwrite(c, rec, Kind::InFlight, token, deadline, fingerprint, &[])?;
+                    self.overwrite(
+                        c,
+                        Op::Begin,
+                        rec,
+                        Kind::InFlight,
+                        token,
+                        deadline,
+                        fingerprint,
+                        &[],
+                    )?;
                     shard.counters.expirations += 1;
                     shard.counters.acquired += 1;
                     acquired(token, false)
@@ -863,10 +1136,9 @@ impl Inner {
                             }
                         }
                         Kind::InFlight => {
-                            let token = self.next_seq(&mut shard.counters, hash);
-                            let h = rec.header_mut();
-                            h.a = token;
-                            h.b = deadline;
+                            let c = &mut shard.counters;
+                            let token = self.next_seq(c, hash);
+                            self.restamp(c, Op::Begin, rec, Kind::InFlight, token, deadline)?;
                             shard.counters.acquired += 1;
                             shard.counters.takeovers += 1;
                             acquired(token, true)
@@ -898,9 +1170,10 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
         until: Instant,
+        settle: &Settle,
     ) -> Result<Round, Error> {
         let left = until.saturating_duration_since(Instant::now());
-        let (outcome, waiter) = self.begin(key, fingerprint, lease, !left.is_zero())?;
+        let (outcome, waiter) = self.begin(key, fingerprint, lease, !left.is_zero(), settle)?;
         let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
             return Ok(Round::Done(outcome));
         };
@@ -915,7 +1188,7 @@ impl Inner {
 
     /// Removes a waiter that timed out (a fired one was removed by whoever fired it).
     pub(crate) fn forget_waiter(&self, hash: u64, signal: &Arc<Signal>) {
-        self.lock(hash).remove_waiter(signal);
+        self.lock(hash, &Settle::default()).remove_waiter(signal);
     }
 
     pub(crate) fn complete(
@@ -924,6 +1197,7 @@ impl Inner {
         response: &[u8],
         ttl: Option<Duration>,
         writes: &[Write],
+        settle: &Settle,
     ) -> Result<Timestamp, Error> {
         self.check_value(response)?;
         let ttl_ms = match ttl {
@@ -931,13 +1205,13 @@ impl Inner {
             None => self.default_ttl_ms,
         };
         if !writes.is_empty() {
-            return self.complete_batch(lease, response, ttl_ms, writes);
+            return self.complete_batch(lease, response, ttl_ms, writes, settle);
         }
         let key = lease.key();
         let hash = self.lease_hash(lease);
         let now = self.now();
         let expires = now.saturating_add(ttl_ms);
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
             return Err(Error::StaleLease { token: lease.token });
@@ -946,6 +1220,7 @@ impl Inner {
         let fp = rec.header().fingerprint;
         self.overwrite(
             &mut shard.counters,
+            Op::Complete,
             rec,
             Kind::Completed,
             now,
@@ -1002,6 +1277,7 @@ impl Inner {
         response: &[u8],
         ttl_ms: u64,
         writes: &[Write],
+        settle: &Settle,
     ) -> Result<Timestamp, Error> {
         self.check_batch(lease, writes)?;
         let now = self.now();
@@ -1014,8 +1290,8 @@ impl Inner {
             .collect();
         order.sort_unstable();
         order.dedup();
-        let mut guards: Vec<MutexGuard<'_, Shard>> =
-            order.iter().map(|&i| self.shards[i].0.lock()).collect();
+        let mut guards: Vec<ShardGuard<'_>> =
+            order.iter().map(|&i| self.lock_index(i, settle)).collect();
         let pos = |hash: u64| -> usize {
             let idx = self.shard_index(hash);
             order.partition_point(|&i| i < idx)
@@ -1044,14 +1320,55 @@ impl Inner {
             records_delta += i64::from(new > 0) - i64::from(old > 0);
             bytes_delta += new - old;
         }
-        self.admit(records_delta.max(0) as u64, bytes_delta.max(0) as u64)?;
-        self.give_back((-records_delta).max(0) as u64, (-bytes_delta).max(0) as u64);
+        let (grow_r, grow_b) = (records_delta.max(0) as u64, bytes_delta.max(0) as u64);
+        let (shrink_r, shrink_b) = ((-records_delta).max(0) as u64, (-bytes_delta).max(0) as u64);
+        self.admit(grow_r, grow_b)?;
+        self.give_back(shrink_r, shrink_b);
 
-        // 2. Apply. The totals are admitted, so nothing below can fail; each shard's own
-        // counters follow its own changes.
+        // 2. Log the whole batch as one record: after a crash, all of it is there or none.
+        let fp = rec.header().fingerprint;
+        let stamped: Vec<(u64, u64)> = writes
+            .iter()
+            .zip(&hashes)
+            .map(|(w, &h)| {
+                let version = self.next_seq(&mut guards[pos(h)].counters, h);
+                (
+                    version,
+                    w.ttl.map_or(u64::MAX, |d| now.saturating_add(ms(d))),
+                )
+            })
+            .collect();
+        let mut seq = 0;
+        let logged = self.log(&mut seq, Op::Complete, |w| {
+            w.put_parts(lease.key(), Kind::Completed, now, expires, fp, response);
+            for (wr, &(version, b)) in writes.iter().zip(&stamped) {
+                match cas_value(&wr.op) {
+                    Some(v) => w.put_parts(
+                        wr.key.as_key(),
+                        Kind::Value,
+                        version,
+                        b,
+                        Fingerprint::NONE,
+                        v,
+                    ),
+                    None => w.delete(wr.key.as_key()),
+                }
+            }
+        });
+        if let Err(e) = logged {
+            self.give_back(grow_r, grow_b);
+            let _ = self.admit(shrink_r, shrink_b);
+            return Err(e);
+        }
+        for g in &mut guards {
+            g.counters.last_seq = g.counters.last_seq.max(seq);
+        }
+
+        // 3. Apply. Admitted and logged, so nothing below can fail; each shard's own counters
+        // follow its own changes.
         let counters_pos = pos(lease_hash);
         guards[counters_pos].counters.expirations += dead;
-        for (w, &h) in writes.iter().zip(&hashes) {
+        for ((w, &h), &(version, b)) in writes.iter().zip(&hashes).zip(&stamped) {
             let shard = &mut *guards[pos(h)];
             let key = w.key.as_key();
             let c = &mut shard.counters;
@@ -1064,8 +1381,6 @@ impl Inner {
                 (Some(v), Ok(mut entry)) => {
                     let r = entry.get_mut();
                     c.add(0, v.len() as i64 - r.value().len() as i64);
-                    let version = self.next_seq(c, h);
-                    let b = w.ttl.map_or(u64::MAX, |d| now.saturating_add(ms(d)));
                     r.set_value(v);
                     r.set_kind(Kind::Value);
                     let hd = r.header_mut();
@@ -1076,8 +1391,6 @@ impl Inner {
                 }
                 (Some(v), Err(_)) => {
                     c.add(1, Record::size_for(key, v.len()) as i64);
-                    let version = self.next_seq(c, h);
-                    let b = w.ttl.map_or(u64::MAX, |d| now.saturating_add(ms(d)));
                     shard.table.insert_unique(
                         h,
                         Record::new(NewRecord {
@@ -1110,11 +1423,11 @@ impl Inner {
         Ok(Timestamp::from_millis(expires))
     }
 
-    pub(crate) fn release(&self, lease: &Lease) -> Result<(), Error> {
+    pub(crate) fn release(&self, lease: &Lease, settle: &Settle) -> Result<(), Error> {
         let key = lease.key();
         let hash = self.lease_hash(lease);
         let now = self.now();
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let Ok(mut entry) = shard.table.find_entry(hash, eq_key(key)) else {
             return Err(Error::StaleLease { token: lease.token });
@@ -1123,40 +1436,43 @@ impl Inner {
         if entry.get().kind() == Kind::InFlightPending {
             // The stored request goes back to waiting, with a fresh expiry.
             let b = now.saturating_add(self.pending_ttl_ms);
-            let rec = entry.get_mut();
-            rec.set_kind(Kind::Pending);
-            let h = rec.header_mut();
-            h.a = now;
-            h.b = b;
+            let c = &mut shard.counters;
+            self.restamp(c, Op::Release, entry.get_mut(), Kind::Pending, now, b)?;
             shard.note_reclaim_at(b);
         } else {
-            let (rec, _) = entry.remove();
-            self.unreserve(&mut shard.counters, 1, rec.size() as u64);
+            self.delete(&mut shard.counters, Op::Release, entry)?;
         }
         shard.wake(hash);
         Ok(())
     }
 
-    pub(crate) fn renew(&self, lease: &Lease, extend: Duration) -> Result<Timestamp, Error> {
+    pub(crate) fn renew(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+        settle: &Settle,
+    ) -> Result<Timestamp, Error> {
         let extend_ms = nonzero(extend, "the lease extension")?;
         let key = lease.key();
         let hash = self.lease_hash(lease);
         let deadline = self.now().saturating_add(extend_ms);
-        let mut shard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
+        let shard = &mut *guard;
         let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
             return Err(Error::StaleLease { token: lease.token });
         };
         Self::check_holder(rec, lease)?;
-        rec.header_mut().b = deadline;
+        let (kind, token) = (rec.kind(), rec.header().a);
+        self.restamp(&mut shard.counters, Op::Renew, rec, kind, token, deadline)?;
         shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
         Ok(Timestamp::from_millis(deadline))
     }
 
-    pub(crate) fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
+    pub(crate) fn get(&self, key: Key<'_>, settle: &Settle) -> Result<Option<Snapshot>, Error> {
         self.check_key(key)?;
         let hash = self.hash(key);
         let now = self.now();
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let Ok(entry) = shard.table.find_entry(hash, eq_key(key)) else {
             return Ok(None);
@@ -1187,11 +1503,11 @@ impl Inner {
         }))
     }
 
-    pub(crate) fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
+    pub(crate) fn remove(&self, key: Key<'_>, settle: &Settle) -> Result<bool, Error> {
         self.check_key(key)?;
         let hash = self.hash(key);
         let now = self.now();
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let Ok(entry) = shard.table.find_entry(hash, eq_key(key)) else {
             return Ok(false);
@@ -1200,25 +1516,24 @@ impl Inner {
             self.expire(&mut shard.counters, entry);
             return Ok(false);
         }
-        let (rec, _) = entry.remove();
-        self.unreserve(&mut shard.counters, 1, rec.size() as u64);
+        self.delete(&mut shard.counters, Op::Remove, entry)?;
         shard.wake(hash);
         Ok(true)
     }
 
-    pub(crate) fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
+    pub(crate) fn cas(&self, write: &Write, settle: &Settle) -> Result<CasOutcome, Error> {
         let key = write.key.as_key();
         self.check_key(key)?;
         if let Some(v) = cas_value(&write.op) {
             self.check_value(v)?;
         }
+        let now = self.now();
         let b = match write.ttl {
-            Some(d) => self.now().saturating_add(nonzero(d, "the ttl")?),
+            Some(d) => now.saturating_add(nonzero(d, "the ttl")?),
             None => u64::MAX,
         };
         let hash = self.hash(key);
-        let now = self.now();
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let entry = shard.table.entry(hash, eq_key(key), |r| self.hash(r.key()));
         let live = match &entry {
@@ -1233,8 +1548,7 @@ impl Inner {
         let c = &mut shard.counters;
         let outcome = match (cas_value(&write.op), entry) {
             (None, Entry::Occupied(e)) => {
-                let (rec, _) = e.remove();
-                self.unreserve(c, 1, rec.size() as u64);
+                self.delete(c, Op::Cas, e)?;
                 CasOutcome::Applied { version: None }
             }
             (None, Entry::Vacant(_)) => CasOutcome::Applied { version: None },
@@ -1242,6 +1556,7 @@ impl Inner {
                 let version = self.next_seq(c, hash);
                 self.overwrite(
                     c,
+                    Op::Cas,
                     e.get_mut(),
                     Kind::Value,
                     version,
@@ -1257,6 +1572,7 @@ impl Inner {
                 let version = self.next_seq(c, hash);
                 self.insert(
                     c,
+                    Op::Cas,
                     slot,
                     NewRecord {
                         kind: Kind::Value,
@@ -1284,6 +1600,7 @@ impl Inner {
         key: Key<'_>,
         payload: &[u8],
         ttl: Option<Duration>,
+        settle: &Settle,
     ) -> Result<PutPending, Error> {
         self.check_key(key)?;
         self.check_value(payload)?;
@@ -1294,7 +1611,7 @@ impl Inner {
         let hash = self.hash(key);
         let now = self.now();
         let b = now.saturating_add(ttl_ms);
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let parts = NewRecord {
             kind: Kind::Pending,
@@ -1306,7 +1623,7 @@ impl Inner {
         };
         let outcome = match shard.table.entry(hash, eq_key(key), |r| self.hash(r.key())) {
             Entry::Vacant(slot) => {
-                self.insert(&mut shard.counters, slot, parts)?;
+                self.insert(&mut shard.counters, Op::PutPending, slot, parts)?;
                 PutPending::Stored
             }
             Entry::Occupied(mut e) => {
@@ -1315,13 +1632,31 @@ impl Inner {
                 match rec.kind() {
                     Kind::Pending | Kind::Completed | Kind::Value if dead => {
                         let c = &mut shard.counters;
-                        self.overwrite(c, rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
+                        self.overwrite(
+                            c,
+                            Op::PutPending,
+                            rec,
+                            Kind::Pending,
+                            now,
+                            b,
+                            Fingerprint::NONE,
+                            payload,
+                        )?;
                         c.expirations += 1;
                         PutPending::Stored
                     }
                     Kind::Pending => {
                         let c = &mut shard.counters;
-                        self.overwrite(c, rec, Kind::Pending, now, b, Fingerprint::NONE, payload)?;
+                        self.overwrite(
+                            c,
+                            Op::PutPending,
+                            rec,
+                            Kind::Pending,
+                            now,
+                            b,
+                            Fingerprint::NONE,
+                            payload,
+                        )?;
                         PutPending::Stored
                     }
                     Kind::InFlightPending => PutPending::InProgress {
@@ -1341,13 +1676,18 @@ impl Inner {
         Ok(outcome)
     }
 
-    pub(crate) fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
+    pub(crate) fn take_pending(
+        &self,
+        key: Key<'_>,
+        lease: Duration,
+        settle: &Settle,
+    ) -> Result<Take, Error> {
         self.check_key(key)?;
         let lease_ms = nonzero(lease, "the lease duration")?;
         let hash = self.hash(key);
         let now = self.now();
         let deadline = now.saturating_add(lease_ms);
-        let mut guard = self.lock(hash);
+        let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let Ok(mut entry) = shard.table.find_entry(hash, eq_key(key)) else {
             return Ok(Take::NotFound);
@@ -1357,13 +1697,17 @@ impl Inner {
             return Ok(Take::NotFound);
         }
         let rec = entry.get_mut();
-        let acquire = |c: &mut Counters, rec: &mut Record, takeover: bool| {
+        let acquire = |c: &mut Counters, rec: &mut Record, takeover: bool| -> Result<Take, Error> {
             let token = self.next_seq(c, hash);
-            rec.set_kind(Kind::InFlightPending);
-            let h = rec.header_mut();
-            h.a = token;
-            h.b = deadline;
-            Take::Acquired {
+            self.restamp(
+                c,
+                Op::TakePending,
+                rec,
+                Kind::InFlightPending,
+                token,
+                deadline,
+            )?;
+            Ok(Take::Acquired {
                 lease: Lease {
                     key: key.to_owned(),
                     hash: Some(hash),
@@ -1373,12 +1717,12 @@ impl Inner {
                     takeover,
                 },
                 payload: rec.value().to_vec(),
-            }
+            })
         };
         let outcome = match rec.kind() {
             Kind::Pending => {
                 shard.counters.acquired += 1;
-                acquire(&mut shard.counters, rec, false)
+                acquire(&mut shard.counters, rec, false)?
             }
             Kind::InFlightPending if rec.header().b > now => {
                 shard.counters.in_progress += 1;
@@ -1389,7 +1733,7 @@ impl Inner {
             Kind::InFlightPending => {
                 shard.counters.acquired += 1;
                 shard.counters.takeovers += 1;
-                acquire(&mut shard.counters, rec, true)
+                acquire(&mut shard.counters, rec, true)?
             }
             Kind::Completed => {
                 shard.counters.replayed += 1;
@@ -1412,12 +1756,27 @@ impl Inner {
     /// without scanning when nothing in it can have expired yet.
     pub(crate) fn sweep_shard(&self, i: usize) -> usize {
         let now = self.now();
-        let mut shard = self.shards[i].0.lock();
+        let settle = Settle::default();
+        let mut guard = self.lock_index(i, &settle);
+        let shard = &mut *guard;
         if shard.next_reclaim > now {
             return 0;
         }
-        let (mut n, mut bytes, mut next) = (0u64, 0u64, u64::MAX);
         let retention = self.lease_retention_ms;
+        // Log the removals first (one record); if the log refuses, remove nothing.
+        let table = &shard.table;
+        let due = |r: &&Record| reclaim_at(r, retention) <= now;
+        if table.iter().any(|r| due(&r)) {
+            let logged = self.log(&mut shard.counters.last_seq, Op::Expire, |w| {
+                for r in table.iter().filter(due) {
+                    w.delete(r.key());
+                }
+            });
+            if logged.is_err() {
+                return 0;
+            }
+        }
+        let (mut n, mut bytes, mut next) = (0u64, 0u64, u64::MAX);
         shard.table.retain(|r| {
             let at = reclaim_at(r, retention);
             if at <= now {
@@ -1433,6 +1792,76 @@ impl Inner {
         shard.counters.expirations += n;
         self.unreserve(&mut shard.counters, n, bytes);
         n as usize
+    }
+
+    /// Replays one logged item (recovery). Limits are not applied: the data was accepted
+    /// before. Returns the high bits of the token or version it carries (0 if none), so that
+    /// new tokens are issued above every logged one.
+    fn apply(&self, item: &Item<'_>) -> u64 {
+        let key = item.key();
+        let hash = self.hash(key);
+        let idx = self.shard_index(hash);
+        let retention = self.lease_retention_ms;
+        let limited = self.limited;
+        let mut guard = self.shards[idx].0.lock();
+        let shard = &mut *guard;
+        let entry = shard.table.find_entry(hash, eq_key(key));
+        let (records, bytes): (i64, i64) = match (item, entry) {
+            (Item::Delete { .. }, Ok(e)) => {
+                let (rec, _) = e.remove();
+                (-1, -(rec.size() as i64))
+            }
+            (Item::Delete { .. }, Err(_)) => (0, 0),
+            (
+                &Item::Put {
+                    kind,
+                    a,
+                    b,
+                    fingerprint,
+                    value,
+                    ..
+                },
+                found,
+            ) => {
+                let parts = NewRecord {
+                    kind,
+                    a,
+                    b,
+                    fingerprint,
+                    key,
+                    value,
+                };
+                let new = Record::new(parts);
+                shard.next_reclaim = shard.next_reclaim.min(reclaim_at(&new, retention));
+                match found {
+                    Ok(mut e) => {
+                        let old = std::mem::replace(e.get_mut(), new);
+                        (0, e.get().size() as i64 - old.size() as i64)
+                    }
+                    Err(_) => {
+                        let size = new.size() as i64;
+                        shard
+                            .table
+                            .insert_unique(hash, new, |r| self.hasher.hash_one(r.key()));
+                        (1, size)
+                    }
+                }
+            }
+        };
+        shard.counters.add(records, bytes);
+        if limited {
+            self.used_records
+                .fetch_add(records as u64, Ordering::Relaxed);
+            self.used_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        match item {
+            Item::Put {
+                kind: Kind::InFlight | Kind::InFlightPending | Kind::Value,
+                a,
+                ..
+            } => a >> 16,
+            _ => 0,
+        }
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -1481,9 +1910,10 @@ impl Store {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Begin, Error> {
-        self.inner
-            .begin(key, fingerprint, lease, false)
-            .map(|(b, _)| b)
+        let settle = Settle::default();
+        let (outcome, _) = self.inner.begin(key, fingerprint, lease, false, &settle)?;
+        self.inner.settle(&settle)?;
+        Ok(outcome)
     }
 
     /// Like [`begin`](Self::begin), but if someone else holds the key, blocks until they
@@ -1498,8 +1928,15 @@ impl Store {
     ) -> Result<Begin, Error> {
         let until = Instant::now() + max_wait;
         loop {
-            match self.inner.begin_round(key, fingerprint, lease, until)? {
-                Round::Done(outcome) => return Ok(outcome),
+            let settle = Settle::default();
+            match self
+                .inner
+                .begin_round(key, fingerprint, lease, until, &settle)?
+            {
+                Round::Done(outcome) => {
+                    self.inner.settle(&settle)?;
+                    return Ok(outcome);
+                }
                 Round::Wait {
                     hash,
                     signal,
@@ -1522,7 +1959,7 @@ impl Store {
         response: &[u8],
         ttl: Option<Duration>,
     ) -> Result<Timestamp, Error> {
-        self.inner.complete(lease, response, ttl, &[])
+        self.complete_with(lease, response, ttl, &[])
     }
 
     /// [`complete`](Self::complete) together with versioned writes on other keys, all or none:
@@ -1554,32 +1991,45 @@ impl Store {
         ttl: Option<Duration>,
         writes: &[Write],
     ) -> Result<Timestamp, Error> {
-        self.inner.complete(lease, response, ttl, writes)
+        let settle = Settle::default();
+        let expires = self.inner.complete(lease, response, ttl, writes, &settle)?;
+        self.inner.settle(&settle)?;
+        Ok(expires)
     }
 
     /// Abandons the lease: the next `begin` runs the work again. For a stored request
     /// (`take_pending`), the request goes back to waiting.
     pub fn release(&self, lease: Lease) -> Result<(), Error> {
-        self.inner.release(&lease)
+        let settle = Settle::default();
+        self.inner.release(&lease, &settle)?;
+        self.inner.settle(&settle)
     }
 
     /// Extends the lease to `extend` from now (a heartbeat for long handlers) and returns the
     /// new deadline. A lease that expired but was not taken over yet can still be renewed.
     pub fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
-        let d = self.inner.renew(lease, extend)?;
+        let settle = Settle::default();
+        let d = self.inner.renew(lease, extend, &settle)?;
+        self.inner.settle(&settle)?;
         lease.deadline = d;
         Ok(d)
     }
 
     /// What `key` holds now, if anything (expired records are absent).
     pub fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
-        self.inner.get(key)
+        let settle = Settle::default();
+        let found = self.inner.get(key, &settle)?;
+        self.inner.settle(&settle)?;
+        Ok(found)
     }
 
     /// Removes whatever `key` holds; returns whether there was something. A lease on it
     /// becomes stale, and waiters on it wake.
     pub fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
-        self.inner.remove(key)
+        let settle = Settle::default();
+        let removed = self.inner.remove(key, &settle)?;
+        self.inner.settle(&settle)?;
+        Ok(removed)
     }
 
     /// A compare-and-set on a versioned value.
@@ -1594,7 +2044,10 @@ impl Store {
     /// # Ok::<(), idemkv::Error>(())
     /// ```
     pub fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
-        self.inner.cas(write)
+        let settle = Settle::default();
+        let outcome = self.inner.cas(write, &settle)?;
+        self.inner.settle(&settle)?;
+        Ok(outcome)
     }
 
     /// Stores a request `payload` under `key` to be processed once later (the PUT of the
@@ -1605,13 +2058,24 @@ impl Store {
         payload: &[u8],
         ttl: Option<Duration>,
     ) -> Result<PutPending, Error> {
-        self.inner.put_pending(key, payload, ttl)
+        let settle = Settle::default();
+        let outcome = self.inner.put_pending(key, payload, ttl, &settle)?;
+        self.inner.settle(&settle)?;
+        Ok(outcome)
     }
 
     /// Takes the stored request under `key` for processing, exactly once: the first caller gets
     /// a lease and the payload; `complete` turns it into a stored response.
     pub fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
-        self.inner.take_pending(key, lease)
+        let settle = Settle::default();
+        let outcome = self.inner.take_pending(key, lease, &settle)?;
+        self.inner.settle(&settle)?;
+        Ok(outcome)
+    }
+
+    /// What recovery found when this store was opened on a directory (`None` in memory).
+    pub fn recovery_report(&self) -> Option<&RecoveryReport> {
+        self.inner.recovery.as_ref()
     }
 
     /// Drops every expired record now, one shard at a time; returns how many.

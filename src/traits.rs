@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
-use crate::store::{Begin, CasOutcome, Lease, PutPending, Round, Snapshot, Store, Take, Write};
+use crate::store::{
+    Begin, CasOutcome, Lease, PutPending, Round, Settle, Snapshot, Store, Take, Write,
+};
 use crate::wait::Signal;
 
 /// The operations the HTTP and Kafka adapters use, as futures.
@@ -77,6 +79,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Take, Error>> + Send;
 }
 
+/// Each method runs the operation (in memory, under its shard lock: no waiting there), then
+/// awaits durability of what it did or saw, without blocking the executor.
 impl IdempotencyStore for Store {
     async fn begin(
         &self,
@@ -84,7 +88,12 @@ impl IdempotencyStore for Store {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Begin, Error> {
-        Store::begin(self, key, fingerprint, lease)
+        let settle = Settle::default();
+        let (outcome, _) = self
+            .inner()
+            .begin(key, fingerprint, lease, false, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        Ok(outcome)
     }
 
     async fn begin_wait(
@@ -100,8 +109,12 @@ impl IdempotencyStore for Store {
         let inner = self.inner();
         let until = Instant::now() + max_wait;
         loop {
-            match inner.begin_round(key, fingerprint, lease, until)? {
-                Round::Done(outcome) => return Ok(outcome),
+            let settle = Settle::default();
+            match inner.begin_round(key, fingerprint, lease, until, &settle)? {
+                Round::Done(outcome) => {
+                    inner.settle_async(settle.get()).await?;
+                    return Ok(outcome);
+                }
                 Round::Wait {
                     hash,
                     signal,
@@ -123,27 +136,47 @@ impl IdempotencyStore for Store {
         ttl: Option<Duration>,
         writes: &[Write],
     ) -> Result<Timestamp, Error> {
-        Store::complete_with(self, lease, response, ttl, writes)
+        let settle = Settle::default();
+        let expires = self
+            .inner()
+            .complete(lease, response, ttl, writes, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        Ok(expires)
     }
 
     async fn release(&self, lease: Lease) -> Result<(), Error> {
-        Store::release(self, lease)
+        let settle = Settle::default();
+        self.inner().release(&lease, &settle)?;
+        self.inner().settle_async(settle.get()).await
     }
 
     async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
-        Store::renew(self, lease, extend)
+        let settle = Settle::default();
+        let deadline = self.inner().renew(lease, extend, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        lease.set_deadline(deadline);
+        Ok(deadline)
     }
 
     async fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
-        Store::get(self, key)
+        let settle = Settle::default();
+        let found = self.inner().get(key, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        Ok(found)
     }
 
     async fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
-        Store::remove(self, key)
+        let settle = Settle::default();
+        let removed = self.inner().remove(key, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        Ok(removed)
     }
 
     async fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
-        Store::cas(self, write)
+        let settle = Settle::default();
+        let outcome = self.inner().cas(write, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        Ok(outcome)
     }
 
     async fn put_pending(
@@ -152,10 +185,16 @@ impl IdempotencyStore for Store {
         payload: &[u8],
         ttl: Option<Duration>,
     ) -> Result<PutPending, Error> {
-        Store::put_pending(self, key, payload, ttl)
+        let settle = Settle::default();
+        let outcome = self.inner().put_pending(key, payload, ttl, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        Ok(outcome)
     }
 
     async fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
-        Store::take_pending(self, key, lease)
+        let settle = Settle::default();
+        let outcome = self.inner().take_pending(key, lease, &settle)?;
+        self.inner().settle_async(settle.get()).await?;
+        Ok(outcome)
     }
 }

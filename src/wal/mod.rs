@@ -1,0 +1,334 @@
+//! The write-ahead log: every state change is appended as a record (see [`format`]) before
+//! it is applied in memory; one writer thread batches the records of all callers into one
+//! write and one `fdatasync` (group commit).
+//!
+//! Write path:
+//! 1. The operation, under its shard lock, decides the change and reserves the limits.
+//! 2. It encodes the change as a record into the shared buffer (taking a sequence number) —
+//!    refused if the log is poisoned — and applies the change in memory; then unlocks.
+//! 3. The writer thread takes the whole buffer, prefixes a batch header, writes it at the end
+//!    of the current segment (`pwrite`), and calls `fdatasync` on the segment (**fsync 1**).
+//!    A new segment is preallocated, its header written and synced (**fsync 2**), and the
+//!    directory synced (**fsync 3**) before any batch goes into it.
+//! 4. It publishes the highest durable sequence number and wakes the callers waiting for it.
+//! 5. With `Durability::Immediate` a caller returns only once its shard's last record is
+//!    durable; with `Batched` it returns at step 2 and step 3 happens within `max_delay`.
+
+pub(crate) mod format;
+pub(crate) mod recovery;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::Error;
+use crate::wait::Signal;
+use format::{BATCH_HEADER_LEN, Op, RecordWriter, SEGMENT_HEADER_LEN};
+
+/// What survives a crash of the process or a power cut, per store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// An operation returns once the log record of its change — and of every change it could
+    /// have observed — is on disk (`fdatasync`). A power cut loses nothing acknowledged.
+    /// Concurrent callers share one `fdatasync` (group commit).
+    Immediate,
+    /// An operation returns at once; its record is written and synced within `max_delay`
+    /// (like Redis' `appendfsync everysec`). A crash of the process loses nothing once the
+    /// record is written (the page cache survives it); a power cut can lose the last
+    /// `max_delay` of acknowledged changes, never a torn one.
+    Batched {
+        /// Longest time between a change and its `fdatasync`.
+        max_delay: Duration,
+    },
+    /// Memory only: a restart loses everything. (The store is not opened on a directory.)
+    None,
+}
+
+/// Size of a new log segment, preallocated (a batch larger than this gets a segment of its own).
+pub(crate) const SEGMENT_SIZE: u64 = 64 << 20;
+
+struct State {
+    /// Records waiting for the writer, after `BATCH_HEADER_LEN` bytes reserved for the header.
+    buf: Vec<u8>,
+    count: u32,
+    first_seq: u64,
+    next_seq: u64,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+    durable: AtomicU64,
+    waiters: Mutex<Vec<(u64, crate::sync::Arc<Signal>)>>,
+    poisoned: OnceLock<String>,
+}
+
+/// The log of one open store.
+pub(crate) struct Wal {
+    shared: Arc<Shared>,
+    mode: Durability,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("mode", &self.mode)
+            .field("durable", &self.shared.durable.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.wal"))
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates a preallocated segment whose first record will be `first_seq`, synced, with its
+/// directory entry synced.
+fn create_segment(dir: &Path, first_seq: u64, size: u64) -> io::Result<File> {
+    let path = segment_path(dir, first_seq);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    preallocate(&file, size)?;
+    file.write_all_at(&format::segment_header(first_seq), 0)?;
+    file.sync_all()?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+#[cfg(target_os = "linux")]
+fn preallocate(file: &File, size: u64) -> io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        // Filesystems without fallocate: a sparse file still reads as zeros.
+        Err(_) => file.set_len(size),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn preallocate(file: &File, size: u64) -> io::Result<()> {
+    file.set_len(size)
+}
+
+/// The writer thread's view of the segment it appends to.
+struct Tail {
+    dir: PathBuf,
+    file: Option<File>,
+    offset: u64,
+    size: u64,
+}
+
+impl Tail {
+    fn append(&mut self, batch: &[u8], first_seq: u64) -> io::Result<()> {
+        let need = batch.len() as u64;
+        if self.file.is_none() || self.offset + need > self.size {
+            let size = SEGMENT_SIZE.max(SEGMENT_HEADER_LEN as u64 + need);
+            self.file = Some(create_segment(&self.dir, first_seq, size)?);
+            self.offset = SEGMENT_HEADER_LEN as u64;
+            self.size = size;
+        }
+        let Some(file) = &self.file else {
+            return Err(io::Error::other("no log segment"));
+        };
+        file.write_all_at(batch, self.offset)?;
+        file.sync_data()?;
+        self.offset += need;
+        Ok(())
+    }
+}
+
+impl Wal {
+    /// Starts the log in `dir` (which holds the segments); the next record gets `next_seq`.
+    /// New records always go into a new segment: recovery has cut any torn tail off the old ones.
+    pub(crate) fn start(dir: &Path, next_seq: u64, mode: Durability) -> io::Result<Wal> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                buf: vec![0; BATCH_HEADER_LEN],
+                count: 0,
+                first_seq: next_seq,
+                next_seq,
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            durable: AtomicU64::new(next_seq.saturating_sub(1)),
+            waiters: Mutex::new(Vec::new()),
+            poisoned: OnceLock::new(),
+        });
+        let tail = Tail {
+            dir: dir.to_path_buf(),
+            file: None,
+            offset: 0,
+            size: 0,
+        };
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("idemkv-wal".into())
+            .spawn(move || writer(&s, tail, mode))?;
+        Ok(Wal {
+            shared,
+            mode,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub(crate) fn mode(&self) -> Durability {
+        self.mode
+    }
+
+    fn poisoned_error(&self) -> Option<Error> {
+        self.shared.poisoned.get().map(|reason| Error::Poisoned {
+            reason: reason.clone(),
+        })
+    }
+
+    /// Fails if the log can no longer be written.
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        self.poisoned_error().map_or(Ok(()), Err)
+    }
+
+    /// Appends one record; returns its sequence number. Called under the shard lock of every
+    /// key the record touches, so records of one key are in the log in the order of changes.
+    pub(crate) fn append(
+        &self,
+        op: Op,
+        items: impl FnOnce(&mut RecordWriter<'_>),
+    ) -> Result<u64, Error> {
+        let mut st = self.shared.state.lock();
+        if let Some(e) = self.poisoned_error() {
+            return Err(e);
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        if st.count == 0 {
+            st.first_seq = seq;
+        }
+        st.count += 1;
+        let mut w = RecordWriter::new(&mut st.buf, seq, op);
+        items(&mut w);
+        w.finish();
+        drop(st);
+        self.shared.work.notify_one();
+        Ok(seq)
+    }
+
+    /// Whether `seq` is durable; `Err` if it never will be.
+    fn durable(&self, seq: u64) -> Result<bool, Error> {
+        if self.shared.durable.load(Ordering::Acquire) >= seq {
+            return Ok(true);
+        }
+        self.check().map(|()| false)
+    }
+
+    /// Registers a waiter for `seq`, or `None` if it is already durable.
+    fn waiter(&self, seq: u64) -> Result<Option<crate::sync::Arc<Signal>>, Error> {
+        if self.durable(seq)? {
+            return Ok(None);
+        }
+        let mut w = self.shared.waiters.lock();
+        // Checked again under the waiters lock, which the writer takes to wake: no lost wake-up.
+        if self.durable(seq)? {
+            return Ok(None);
+        }
+        let s = Signal::new();
+        w.push((seq, crate::sync::Arc::clone(&s)));
+        Ok(Some(s))
+    }
+
+    /// Blocks until `seq` is durable.
+    pub(crate) fn wait(&self, seq: u64) -> Result<(), Error> {
+        while let Some(s) = self.waiter(seq)? {
+            s.wait_blocking(Duration::from_secs(1));
+        }
+        Ok(())
+    }
+
+    /// Waits, without blocking the thread, until `seq` is durable.
+    pub(crate) async fn wait_async(&self, seq: u64) -> Result<(), Error> {
+        while let Some(s) = self.waiter(seq)? {
+            Signal::fired(&s).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.shared.state.lock().shutdown = true;
+        self.shared.work.notify_all();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The writer thread: takes everything appended since its last round, writes it as one batch,
+/// syncs, publishes. Exits on shutdown once the buffer is empty, or when poisoned.
+fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
+    let mut spare: Vec<u8> = Vec::new();
+    loop {
+        let (mut batch, first_seq, count) = {
+            let mut st = shared.state.lock();
+            while st.count == 0 && !st.shutdown {
+                shared.work.wait(&mut st);
+            }
+            if st.count == 0 {
+                return;
+            }
+            if let Durability::Batched { max_delay } = mode {
+                // Let more records join, up to the delay or 1 MiB.
+                let until = Instant::now() + max_delay;
+                while !st.shutdown && st.buf.len() < 1 << 20 {
+                    if shared.work.wait_until(&mut st, until).timed_out() {
+                        break;
+                    }
+                }
+            }
+            spare.clear();
+            spare.resize(BATCH_HEADER_LEN, 0);
+            let batch = std::mem::replace(&mut st.buf, std::mem::take(&mut spare));
+            let out = (batch, st.first_seq, st.count);
+            st.count = 0;
+            out
+        };
+        let header = format::batch_header(first_seq, count, &batch[BATCH_HEADER_LEN..]);
+        batch[..BATCH_HEADER_LEN].copy_from_slice(&header);
+        let last = first_seq + u64::from(count) - 1;
+        match tail.append(&batch, first_seq) {
+            Ok(()) => shared.durable.store(last, Ordering::Release),
+            Err(e) => {
+                // fsync errors are not retryable: the page cache may have dropped the pages.
+                let _ = shared
+                    .poisoned
+                    .set(format!("writing or syncing the log failed: {e}"));
+            }
+        }
+        let poisoned = shared.poisoned.get().is_some();
+        shared.waiters.lock().retain(|(seq, s)| {
+            if poisoned || *seq <= last {
+                s.fire();
+                false
+            } else {
+                true
+            }
+        });
+        if poisoned {
+            return;
+        }
+        spare = batch;
+    }
+}
