@@ -49,7 +49,7 @@ impl fmt::Display for Timestamp {
 /// Whole milliseconds in `d`, rounded up, so that a non-zero duration is never zero.
 pub(crate) fn duration_to_millis_ceil(d: Duration) -> u64 {
     let ms = d.as_millis();
-    let ms = if d.subsec_nanos() % 1_000_000 != 0 {
+    let ms = if !d.subsec_nanos().is_multiple_of(1_000_000) {
         ms + 1
     } else {
         ms
