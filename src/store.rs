@@ -358,6 +358,7 @@ pub struct StoreBuilder {
     clock: Option<std::sync::Arc<dyn Clock>>,
     durability: Durability,
     on_corruption: OnCorruption,
+    segment_size: u64,
 }
 
 impl Default for StoreBuilder {
@@ -376,6 +377,7 @@ impl Default for StoreBuilder {
             clock: None,
             durability: Durability::Immediate,
             on_corruption: OnCorruption::Fail,
+            segment_size: crate::wal::SEGMENT_SIZE,
         }
     }
 }
@@ -446,6 +448,12 @@ impl StoreBuilder {
     /// (default `Immediate`). `Durability::None` opens nothing: memory only.
     pub fn durability(mut self, d: Durability) -> Self {
         self.durability = d;
+        self
+    }
+
+    /// Size of each preallocated log segment (default 64 MiB).
+    pub fn log_segment_size(mut self, bytes: u64) -> Self {
+        self.segment_size = bytes;
         self
     }
 
@@ -520,8 +528,15 @@ impl StoreBuilder {
             let mut s = shard.0.lock();
             s.counters.seq = s.counters.seq.max(max_token);
         }
-        inner.wal =
-            Some(Wal::start(&wal_dir, report.last_seq + 1, self.durability).map_err(io(&wal_dir))?);
+        inner.wal = Some(
+            Wal::start(
+                &wal_dir,
+                report.last_seq + 1,
+                self.durability,
+                self.segment_size,
+            )
+            .map_err(io(&wal_dir))?,
+        );
         inner.lock = Some(lock);
         inner.recovery = Some(report);
         Ok(self.finish(inner))
@@ -1840,9 +1855,7 @@ impl Inner {
                     }
                     Err(_) => {
                         let size = new.size() as i64;
-                        shard
-                            .table
-                            .insert_unique(hash, new, |r| self.hasher.hash_one(r.key()));
+                        shard.table.insert_unique(hash, new, |r| self.hash(r.key()));
                         (1, size)
                     }
                 }

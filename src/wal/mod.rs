@@ -51,7 +51,7 @@ pub enum Durability {
     None,
 }
 
-/// Size of a new log segment, preallocated (a batch larger than this gets a segment of its own).
+/// Default size of a new log segment, preallocated (a larger batch gets a segment of its own).
 pub(crate) const SEGMENT_SIZE: u64 = 64 << 20;
 
 struct State {
@@ -131,13 +131,14 @@ struct Tail {
     file: Option<File>,
     offset: u64,
     size: u64,
+    segment_size: u64,
 }
 
 impl Tail {
     fn append(&mut self, batch: &[u8], first_seq: u64) -> io::Result<()> {
         let need = batch.len() as u64;
         if self.file.is_none() || self.offset + need > self.size {
-            let size = SEGMENT_SIZE.max(SEGMENT_HEADER_LEN as u64 + need);
+            let size = self.segment_size.max(SEGMENT_HEADER_LEN as u64 + need);
             self.file = Some(create_segment(&self.dir, first_seq, size)?);
             self.offset = SEGMENT_HEADER_LEN as u64;
             self.size = size;
@@ -155,7 +156,12 @@ impl Tail {
 impl Wal {
     /// Starts the log in `dir` (which holds the segments); the next record gets `next_seq`.
     /// New records always go into a new segment: recovery has cut any torn tail off the old ones.
-    pub(crate) fn start(dir: &Path, next_seq: u64, mode: Durability) -> io::Result<Wal> {
+    pub(crate) fn start(
+        dir: &Path,
+        next_seq: u64,
+        mode: Durability,
+        segment_size: u64,
+    ) -> io::Result<Wal> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 buf: vec![0; BATCH_HEADER_LEN],
@@ -174,6 +180,7 @@ impl Wal {
             file: None,
             offset: 0,
             size: 0,
+            segment_size,
         };
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()

@@ -1,0 +1,360 @@
+//! A store opened on a directory: what survives a reopen, the directory lock, torn tails at
+//! every offset, damage in the middle of the log.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use idemkv::{
+    Begin, CasOutcome, Durability, Error, Fingerprint, Key, LogError, ManualClock, OnCorruption,
+    OpenError, OwnedKey, PutPending, Snapshot, Store, StoreBuilder, Take, Write,
+};
+
+const LEASE: Duration = Duration::from_secs(10);
+const T0: u64 = 1_700_000_000_000;
+const SEGMENT: u64 = 64 << 10;
+
+fn builder(clock: &ManualClock) -> StoreBuilder {
+    Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .log_segment_size(SEGMENT)
+}
+
+fn fp() -> Fingerprint {
+    Fingerprint::of(b"request")
+}
+
+fn acquire(s: &Store, k: Key<'_>) -> idemkv::Lease {
+    match s.begin(k, fp(), LEASE).expect("begin") {
+        Begin::Acquired(l) => l,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn completed(s: &Store, k: Key<'_>) -> Option<Vec<u8>> {
+    match s.get(k).expect("get") {
+        Some(Snapshot::Completed(c)) => Some(c.response),
+        None => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn every_kind_of_state_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let held_token;
+    let version;
+    {
+        let s = builder(&clock).open(dir.path()).expect("open");
+        let l = acquire(&s, Key::new("t", "done"));
+        s.complete(&l, b"response bytes", None).expect("complete");
+        held_token = acquire(&s, Key::new("t", "held")).token();
+        let CasOutcome::Applied { version: Some(v) } = s
+            .cas(&Write::put_if_absent(OwnedKey::new("acct", "c1"), "100.00"))
+            .expect("cas")
+        else {
+            panic!()
+        };
+        let l = acquire(&s, Key::new("t", "batch"));
+        s.complete_with(
+            &l,
+            b"paid",
+            None,
+            &[Write::set_if_version(
+                OwnedKey::new("acct", "c1"),
+                v,
+                "87.50",
+            )],
+        )
+        .expect("batch");
+        version = match s.get(Key::new("acct", "c1")).expect("get") {
+            Some(Snapshot::Value(v)) => v.version,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            s.put_pending(Key::new("pay", "p1"), b"payload", None)
+                .expect("put"),
+            PutPending::Stored
+        );
+        let _ = s
+            .put_pending(Key::new("pay", "p2"), b"payload 2", None)
+            .expect("put");
+        let Take::Acquired { lease, .. } =
+            s.take_pending(Key::new("pay", "p2"), LEASE).expect("take")
+        else {
+            panic!()
+        };
+        s.complete(&lease, b"authorized", None).expect("complete");
+        let l = acquire(&s, Key::new("t", "removed"));
+        s.complete(&l, b"x", None).expect("complete");
+        assert!(s.remove(Key::new("t", "removed")).expect("remove"));
+        let l = acquire(&s, Key::new("t", "released"));
+        s.release(l).expect("release");
+    }
+    let s = builder(&clock).open(dir.path()).expect("reopen");
+    let report = s.recovery_report().expect("report");
+    assert!(report.records >= 10, "{report:?}");
+    assert_eq!(report.torn_tail, None);
+    assert_eq!(
+        completed(&s, Key::new("t", "done")).as_deref(),
+        Some(&b"response bytes"[..])
+    );
+    assert_eq!(
+        completed(&s, Key::new("t", "batch")).as_deref(),
+        Some(&b"paid"[..])
+    );
+    assert_eq!(
+        completed(&s, Key::new("pay", "p2")).as_deref(),
+        Some(&b"authorized"[..])
+    );
+    match s.get(Key::new("acct", "c1")).expect("get") {
+        Some(Snapshot::Value(v)) => {
+            assert_eq!((v.version, v.value.as_slice()), (version, &b"87.50"[..]))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(s.get(Key::new("pay", "p1")).expect("get"), Some(Snapshot::Pending { payload, .. }) if payload == b"payload")
+    );
+    assert_eq!(s.get(Key::new("t", "removed")).expect("get"), None);
+    assert_eq!(s.get(Key::new("t", "released")).expect("get"), None);
+    // A lease survives as what it is: held until its deadline, then taken over with a larger token.
+    assert!(matches!(
+        s.begin(Key::new("t", "held"), fp(), LEASE).expect("begin"),
+        Begin::InProgress { .. }
+    ));
+    clock.advance(LEASE);
+    let Begin::Acquired(l) = s.begin(Key::new("t", "held"), fp(), LEASE).expect("begin") else {
+        panic!()
+    };
+    assert!(l.is_takeover());
+    assert!(l.token() > held_token);
+    // Versions after a restart are above every version handed out before it.
+    let CasOutcome::Applied { version: Some(v2) } = s
+        .cas(&Write::set_if_version(
+            OwnedKey::new("acct", "c1"),
+            version,
+            "80.00",
+        ))
+        .expect("cas")
+    else {
+        panic!()
+    };
+    assert!(v2 > version);
+    let st = s.stats();
+    // done, held, acct/c1, batch, pay/p1, pay/p2 (removed and released are gone)
+    assert_eq!(st.records, 6);
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let _first = builder(&clock).open(dir.path()).expect("open");
+    match builder(&clock).open(dir.path()) {
+        Err(OpenError::Locked { path }) => assert_eq!(path, dir.path()),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn batched_mode_keeps_everything_over_a_clean_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    {
+        let s = builder(&clock)
+            .durability(Durability::Batched {
+                max_delay: Duration::from_millis(50),
+            })
+            .open(dir.path())
+            .expect("open");
+        for i in 0..200 {
+            let id = format!("k{i}");
+            let l = acquire(&s, Key::new("t", &id));
+            s.complete(&l, id.as_bytes(), None).expect("complete");
+        }
+    }
+    let s = builder(&clock).open(dir.path()).expect("reopen");
+    for i in 0..200 {
+        let id = format!("k{i}");
+        assert_eq!(
+            completed(&s, Key::new("t", &id)).as_deref(),
+            Some(id.as_bytes())
+        );
+    }
+}
+
+/// Writes `n` completions, each acknowledged (and so in its own batch) before the next.
+fn write_log(dir: &Path, n: usize) {
+    let clock = ManualClock::new(T0);
+    let s = builder(&clock).open(dir).expect("open");
+    for i in 0..n {
+        let id = format!("k{i}");
+        let l = acquire(&s, Key::new("t", &id));
+        s.complete(&l, format!("response {i}").as_bytes(), None)
+            .expect("complete");
+    }
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("wal"))
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    v.sort();
+    v
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("wal")).expect("mkdir");
+    for p in segments(from) {
+        std::fs::copy(&p, to.join("wal").join(p.file_name().expect("name"))).expect("copy");
+    }
+}
+
+/// How many of k0.. are present, checking each one's exact bytes and that they form a prefix.
+fn prefix_present(s: &Store, n: usize) -> usize {
+    let mut present = 0;
+    for i in 0..n {
+        let id = format!("k{i}");
+        match s.get(Key::new("t", &id)).expect("get") {
+            Some(Snapshot::Completed(c)) => {
+                assert_eq!(present, i, "k{i} present after a missing key");
+                assert_eq!(c.response, format!("response {i}").into_bytes());
+                present += 1;
+            }
+            Some(Snapshot::InFlight { .. }) => assert_eq!(present, i, "k{i} in flight after a gap"),
+            None => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    present
+}
+
+#[test]
+fn a_torn_tail_at_every_offset_recovers_a_prefix() {
+    let src = tempfile::tempdir().expect("tempdir");
+    write_log(src.path(), 4);
+    let seg = segments(src.path());
+    assert_eq!(seg.len(), 1);
+    let bytes = std::fs::read(&seg[0]).expect("read");
+    let end = bytes.iter().rposition(|&b| b != 0).expect("data") + 1;
+    let clock = ManualClock::new(T0);
+    let mut last_present = 0;
+    for cut in 32..=end {
+        let dst = tempfile::tempdir().expect("tempdir");
+        copy_dir(src.path(), dst.path());
+        let path = segments(dst.path())[0].clone();
+        // A torn write: the tail from `cut` on never reached the disk (zeros), length unchanged.
+        let mut torn = bytes.clone();
+        torn[cut..].iter_mut().for_each(|b| *b = 0);
+        std::fs::write(&path, &torn).expect("write");
+        let s = builder(&clock)
+            .open(dst.path())
+            .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let present = prefix_present(&s, 4);
+        assert!(
+            present >= last_present,
+            "cut at {cut}: fewer keys than a shorter cut"
+        );
+        last_present = present;
+        if cut == end {
+            assert_eq!(present, 4);
+            assert_eq!(s.recovery_report().expect("report").torn_tail, None);
+        }
+    }
+    // Truncated files (a crash while the file itself was being extended) recover too.
+    for cut in [0usize, 10, 31, 32, 100, end / 2] {
+        let dst = tempfile::tempdir().expect("tempdir");
+        copy_dir(src.path(), dst.path());
+        let path = segments(dst.path())[0].clone();
+        std::fs::write(&path, &bytes[..cut]).expect("write");
+        let s = builder(&clock)
+            .open(dst.path())
+            .unwrap_or_else(|e| panic!("truncated at {cut}: {e}"));
+        prefix_present(&s, 4);
+    }
+}
+
+#[test]
+fn damage_in_the_middle_is_a_hard_error_unless_dropped() {
+    let src = tempfile::tempdir().expect("tempdir");
+    write_log(src.path(), 6);
+    let seg = segments(src.path())[0].clone();
+    let mut bytes = std::fs::read(&seg).expect("read");
+    // The second batch starts after the header and the first batch: flip a byte inside it.
+    let first_len = 24 + u32::from_le_bytes(bytes[36..40].try_into().expect("4 bytes")) as usize;
+    let second = 32 + first_len;
+    bytes[second + 30] ^= 0x40;
+    std::fs::write(&seg, &bytes).expect("write");
+    let clock = ManualClock::new(T0);
+    match builder(&clock).open(src.path()) {
+        Err(OpenError::Log(LogError::Corrupt { path, offset, .. })) => {
+            assert_eq!(path, seg);
+            assert_eq!(offset, second as u64);
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let msg = builder(&clock)
+        .open(src.path())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains(&format!("offset {second}")), "{msg}");
+    let s = builder(&clock)
+        .on_corruption(OnCorruption::DropDamaged)
+        .open(src.path())
+        .expect("open dropping the damage");
+    let dropped = s
+        .recovery_report()
+        .expect("report")
+        .dropped
+        .clone()
+        .expect("dropped");
+    assert_eq!((dropped.0, dropped.1), (seg, second as u64));
+    // Only what came before the damage is there; the store works on.
+    assert_eq!(prefix_present(&s, 6), 0);
+    assert!(matches!(
+        s.get(Key::new("t", "k0")).expect("get"),
+        Some(Snapshot::InFlight { .. })
+    ));
+    let l = acquire(&s, Key::new("t", "after"));
+    s.complete(&l, b"ok", None).expect("complete");
+}
+
+#[test]
+fn writes_after_recovery_go_to_a_new_segment_and_replay_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    for round in 0..3 {
+        let s = builder(&clock).open(dir.path()).expect("open");
+        let id = format!("round-{round}");
+        let l = acquire(&s, Key::new("t", &id));
+        s.complete(&l, id.as_bytes(), None).expect("complete");
+    }
+    assert_eq!(segments(dir.path()).len(), 3);
+    let s = builder(&clock).open(dir.path()).expect("open");
+    for round in 0..3 {
+        let id = format!("round-{round}");
+        assert_eq!(
+            completed(&s, Key::new("t", &id)).as_deref(),
+            Some(id.as_bytes())
+        );
+    }
+}
+
+#[test]
+fn memory_only_stores_refuse_nothing_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let s = builder(&clock)
+        .durability(Durability::None)
+        .open(dir.path())
+        .expect("open");
+    let l = acquire(&s, Key::new("t", "k"));
+    s.complete(&l, b"r", None).expect("complete");
+    assert!(s.recovery_report().is_none());
+    assert!(!dir.path().join("wal").exists());
+    let _ = Error::EmptyKey; // the error type is shared with the in-memory store
+}
