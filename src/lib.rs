@@ -74,8 +74,8 @@ pub use store::{
     StoreBuilder, Take, Versioned, Write,
 };
 pub use traits::IdempotencyStore;
-pub use wal::Durability;
 pub use wal::recovery::{LogError, OnCorruption, RecoveryReport};
+pub use wal::{Durability, LogFaults};
 
 /// The README's examples, compiled and run as doctests so they cannot rot.
 #[cfg(doctest)]

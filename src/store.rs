@@ -359,6 +359,7 @@ pub struct StoreBuilder {
     durability: Durability,
     on_corruption: OnCorruption,
     segment_size: u64,
+    faults: Option<crate::wal::LogFaults>,
 }
 
 impl Default for StoreBuilder {
@@ -378,6 +379,7 @@ impl Default for StoreBuilder {
             durability: Durability::Immediate,
             on_corruption: OnCorruption::Fail,
             segment_size: crate::wal::SEGMENT_SIZE,
+            faults: None,
         }
     }
 }
@@ -454,6 +456,13 @@ impl StoreBuilder {
     /// Size of each preallocated log segment (default 64 MiB).
     pub fn log_segment_size(mut self, bytes: u64) -> Self {
         self.segment_size = bytes;
+        self
+    }
+
+    /// Injects disk faults into the log (crash-consistency tests only).
+    #[doc(hidden)]
+    pub fn inject_log_faults(mut self, faults: crate::wal::LogFaults) -> Self {
+        self.faults = Some(faults);
         self
     }
 
@@ -534,6 +543,7 @@ impl StoreBuilder {
                 report.last_seq + 1,
                 self.durability,
                 self.segment_size,
+                self.faults,
             )
             .map_err(io(&wal_dir))?,
         );

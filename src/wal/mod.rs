@@ -125,6 +125,28 @@ fn preallocate(file: &File, size: u64) -> io::Result<()> {
     file.set_len(size)
 }
 
+/// Simulated disk faults, for tests of the write path (see [`LogFaults`]).
+#[derive(Debug, Default)]
+struct FaultState {
+    syncs: u64,
+    /// Bytes each write since the last sync overwrote: (file, offset, old bytes).
+    undo: Vec<(usize, u64, Vec<u8>)>,
+}
+
+/// Faults to inject into a store's log, for crash-consistency tests at the file boundary:
+/// the log's `N`th data sync does not happen; instead the "disk" loses everything written since
+/// the previous sync (as a power cut would), keeping the first `torn_bytes` bytes of the last
+/// write, and the write fails, so the store is poisoned. Reopening the directory then shows what
+/// a machine would find after the power cut.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogFaults {
+    /// Which data sync (1-based) fails.
+    pub power_cut_at_sync: u64,
+    /// How much of the last unsynced write survives (a torn write).
+    pub torn_bytes: usize,
+}
+
 /// The writer thread's view of the segment it appends to.
 struct Tail {
     dir: PathBuf,
@@ -132,6 +154,7 @@ struct Tail {
     offset: u64,
     size: u64,
     segment_size: u64,
+    faults: Option<(LogFaults, FaultState)>,
 }
 
 impl Tail {
@@ -146,10 +169,41 @@ impl Tail {
         let Some(file) = &self.file else {
             return Err(io::Error::other("no log segment"));
         };
+        if let Some((_, state)) = &mut self.faults {
+            let mut old = vec![0u8; batch.len()];
+            file.read_exact_at(&mut old, self.offset)?;
+            state.undo.push((0, self.offset, old));
+        }
         file.write_all_at(batch, self.offset)?;
-        file.sync_data()?;
+        self.sync()?;
         self.offset += need;
         Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let Some(file) = &self.file else {
+            return Err(io::Error::other("no log segment"));
+        };
+        let Some((faults, state)) = &mut self.faults else {
+            return file.sync_data();
+        };
+        state.syncs += 1;
+        if state.syncs < faults.power_cut_at_sync {
+            state.undo.clear();
+            return file.sync_data();
+        }
+        // The power cut: unsynced writes are lost, the last one possibly torn.
+        let last = state.undo.len().saturating_sub(1);
+        for (i, (_, offset, old)) in state.undo.iter().enumerate().rev() {
+            let keep = if i == last {
+                faults.torn_bytes.min(old.len())
+            } else {
+                0
+            };
+            file.write_all_at(&old[keep..], offset + keep as u64)?;
+        }
+        file.sync_all()?;
+        Err(io::Error::other("injected power cut"))
     }
 }
 
@@ -161,6 +215,7 @@ impl Wal {
         next_seq: u64,
         mode: Durability,
         segment_size: u64,
+        faults: Option<LogFaults>,
     ) -> io::Result<Wal> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -181,6 +236,7 @@ impl Wal {
             offset: 0,
             size: 0,
             segment_size,
+            faults: faults.map(|f| (f, FaultState::default())),
         };
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
