@@ -37,7 +37,10 @@ fn normalized(s: &Store, k: &OwnedKey) -> Option<Snapshot> {
 }
 
 fn key(i: u64) -> OwnedKey {
-    OwnedKey::new(if i % 2 == 0 { "a" } else { "b" }, format!("k{}", i % KEYS))
+    OwnedKey::new(
+        if i.is_multiple_of(2) { "a" } else { "b" },
+        format!("k{}", i % KEYS),
+    )
 }
 
 /// Leases held by the workload: one per key, and one per stored request.
@@ -90,7 +93,7 @@ fn step(s: &Store, clock: &ManualClock, held: &mut Held, r: u64) -> Result<(), E
         }
         5 => {
             if let Some(l) = held.pending[ps].take() {
-                let done = if r % 2 == 0 {
+                let done = if r.is_multiple_of(2) {
                     s.complete(&l, b"done", None).map(|_| ())
                 } else {
                     s.release(l)
