@@ -107,6 +107,12 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// Writing a checkpoint failed; the log still holds everything, nothing was lost.
+    #[error("checkpoint failed: {reason}")]
+    Checkpoint {
+        /// What failed.
+        reason: String,
+    },
     /// An async method was called outside a Tokio runtime with its time driver.
     #[error("idemkv's async API needs a Tokio runtime with time enabled")]
     NoRuntime,

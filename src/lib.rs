@@ -53,6 +53,7 @@
 #![deny(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod checkpoint;
 mod clock;
 mod error;
 mod key;
@@ -66,12 +67,13 @@ mod traits;
 mod wait;
 mod wal;
 
+pub use checkpoint::CheckpointError;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, RecordKind};
 pub use key::{Fingerprint, Key, MAX_ID_LEN, MAX_SCOPE_LEN, OwnedKey};
 pub use store::{
-    Begin, CasOp, CasOutcome, Completed, Lease, OpenError, PutPending, Snapshot, Stats, Store,
-    StoreBuilder, Take, Versioned, Write,
+    Begin, CasOp, CasOutcome, CheckpointStats, Completed, Lease, OpenError, PutPending, Snapshot,
+    Stats, Store, StoreBuilder, Take, Versioned, Write,
 };
 pub use traits::IdempotencyStore;
 pub use wal::recovery::{LogError, OnCorruption, RecoveryReport};

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use hashbrown::hash_table::Entry;
 
+use crate::checkpoint::Checkpoints;
 use crate::clock::{Clock, SystemClock, Timestamp, duration_to_millis_ceil};
 use crate::error::{Error, RecordKind};
 use crate::key::{Fingerprint, Key, MAX_ID_LEN, MAX_SCOPE_LEN, OwnedKey};
@@ -40,6 +41,9 @@ pub enum OpenError {
     /// The log could not be read back.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The checkpoint could not be read back.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] Error),
@@ -320,6 +324,18 @@ pub enum CasOutcome {
     },
 }
 
+/// What a checkpoint wrote, from [`Store::checkpoint`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckpointStats {
+    /// Live records written.
+    pub records: u64,
+    /// Every log record up to this sequence number is reflected.
+    pub covers_seq: u64,
+    /// Log segments deleted.
+    pub segments_deleted: usize,
+}
+
 /// Counters and sizes of a store, from [`Store::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -360,6 +376,7 @@ pub struct StoreBuilder {
     on_corruption: OnCorruption,
     segment_size: u64,
     faults: Option<crate::wal::LogFaults>,
+    checkpoint_every: u64,
 }
 
 impl Default for StoreBuilder {
@@ -380,6 +397,7 @@ impl Default for StoreBuilder {
             on_corruption: OnCorruption::Fail,
             segment_size: crate::wal::SEGMENT_SIZE,
             faults: None,
+            checkpoint_every: crate::wal::SEGMENT_SIZE,
         }
     }
 }
@@ -459,6 +477,13 @@ impl StoreBuilder {
         self
     }
 
+    /// Write a checkpoint (in the background sweeper's thread) each time this many bytes
+    /// of log have been written since the last one (default 64 MiB, one segment).
+    pub fn checkpoint_every(mut self, log_bytes: u64) -> Self {
+        self.checkpoint_every = log_bytes.max(1);
+        self
+    }
+
     /// Injects disk faults into the log (crash-consistency tests only).
     #[doc(hidden)]
     pub fn inject_log_faults(mut self, faults: crate::wal::LogFaults) -> Self {
@@ -527,12 +552,21 @@ impl StoreBuilder {
         }
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir).map_err(io(&wal_dir))?;
+        // 1. The last checkpoint, 2. the log written since.
+        let checkpoints = Checkpoints::open(dir.join("checkpoint.redb"))?;
         let mut max_token = 0u64;
-        let report = crate::wal::recovery::replay(&wal_dir, 0, self.on_corruption, |rec| {
-            for item in &rec.items {
-                max_token = max_token.max(inner.apply(item));
-            }
+        let loaded = checkpoints.load(|item| {
+            max_token = max_token.max(inner.apply(item));
         })?;
+        max_token = max_token.max(loaded.token_high);
+        let mut report =
+            crate::wal::recovery::replay(&wal_dir, loaded.seq, self.on_corruption, |rec| {
+                for item in &rec.items {
+                    max_token = max_token.max(inner.apply(item));
+                }
+            })?;
+        report.checkpoint_seq = loaded.seq;
+        report.checkpoint_records = loaded.records;
         for shard in inner.shards.iter() {
             let mut s = shard.0.lock();
             s.counters.seq = s.counters.seq.max(max_token);
@@ -549,6 +583,9 @@ impl StoreBuilder {
         );
         inner.lock = Some(lock);
         inner.recovery = Some(report);
+        inner.checkpoints = Some(checkpoints);
+        inner.wal_dir = wal_dir;
+        inner.checkpoint_every = self.checkpoint_every;
         Ok(self.finish(inner))
     }
 
@@ -611,6 +648,10 @@ impl StoreBuilder {
             wal: None,
             lock: None,
             recovery: None,
+            checkpoints: None,
+            wal_dir: std::path::PathBuf::new(),
+            checkpoint_every: u64::MAX,
+            checkpointing: parking_lot::Mutex::new(0),
         })
     }
 
@@ -717,6 +758,13 @@ pub(crate) struct Inner {
     lock: Option<std::fs::File>,
     /// What recovery found, for a store opened on a directory.
     recovery: Option<RecoveryReport>,
+    /// The checkpoint database, for a store opened on a directory.
+    checkpoints: Option<Checkpoints>,
+    wal_dir: std::path::PathBuf,
+    /// Checkpoint after this many bytes of log.
+    checkpoint_every: u64,
+    /// One checkpoint at a time; holds the log size at the last one.
+    checkpointing: parking_lot::Mutex<u64>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -1887,6 +1935,95 @@ impl Inner {
         }
     }
 
+    /// Writes a checkpoint if the log grew by `checkpoint_every` bytes since the last one.
+    pub(crate) fn maybe_checkpoint(&self) {
+        let (Some(wal), Some(_)) = (&self.wal, &self.checkpoints) else {
+            return;
+        };
+        let due = wal.written().saturating_sub(*self.checkpointing.lock()) >= self.checkpoint_every;
+        if due {
+            // A failure here is reported by the next explicit checkpoint, and the log (which
+            // still holds everything) keeps the data safe meanwhile.
+            let _ = self.checkpoint();
+        }
+    }
+
+    /// Writes the live records into the checkpoint database and deletes the log segments it
+    /// covers. Callers are not stopped: shards are copied one at a time under their own locks.
+    ///
+    /// Correct for any interleaving with writers because log records are redo images: the
+    /// checkpoint reflects at least every record up to `upto` (taken before the copy), and
+    /// replaying records after `upto` over it — some of them already reflected — gives the
+    /// same state as replaying them over the exact state at `upto`.
+    pub(crate) fn checkpoint(&self) -> Result<CheckpointStats, Error> {
+        let (Some(wal), Some(checkpoints)) = (&self.wal, &self.checkpoints) else {
+            return Ok(CheckpointStats::default());
+        };
+        let mut last = self.checkpointing.lock();
+        wal.check()?;
+        let written = wal.written();
+        let upto = wal.appended();
+        let now = self.now();
+        let retention = self.lease_retention_ms;
+        let mut records = Vec::new();
+        let mut token_high = 0;
+        for shard in self.shards.iter() {
+            let s = shard.0.lock();
+            token_high = token_high.max(s.counters.seq);
+            for r in s.table.iter() {
+                // Expired records are not carried into checkpoints.
+                if is_dead(r, now) || reclaim_at(r, retention) <= now {
+                    continue;
+                }
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                let h = r.header();
+                crate::checkpoint::encode_key(r.key(), &mut k);
+                crate::checkpoint::encode_value(
+                    r.kind(),
+                    h.a,
+                    h.b,
+                    h.fingerprint,
+                    r.value(),
+                    &mut v,
+                );
+                records.push((k, v));
+            }
+        }
+        // Everything copied is durable in the log before the checkpoint can claim it.
+        wal.wait(wal.appended())?;
+        checkpoints
+            .write(upto, token_high, &records)
+            .map_err(|e| Error::Checkpoint {
+                reason: e.to_string(),
+            })?;
+        // The segments wholly covered by the checkpoint go; the newest one always stays.
+        let segments =
+            crate::wal::recovery::list_segments(&self.wal_dir).map_err(|e| Error::Checkpoint {
+                reason: e.to_string(),
+            })?;
+        let mut deleted = 0;
+        for pair in segments.windows(2) {
+            let (next_first, _) = pair[1];
+            if next_first.saturating_sub(1) <= upto {
+                std::fs::remove_file(&pair[0].1).map_err(|e| Error::Checkpoint {
+                    reason: format!("removing {}: {e}", pair[0].1.display()),
+                })?;
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            crate::wal::sync_dir(&self.wal_dir).map_err(|e| Error::Checkpoint {
+                reason: format!("syncing {}: {e}", self.wal_dir.display()),
+            })?;
+        }
+        *last = written;
+        Ok(CheckpointStats {
+            records: records.len() as u64,
+            covers_seq: upto,
+            segments_deleted: deleted,
+        })
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         let mut s = Stats::default();
         for shard in self.shards.iter() {
@@ -2094,6 +2231,13 @@ impl Store {
         let outcome = self.inner.take_pending(key, lease, &settle)?;
         self.inner.settle(&settle)?;
         Ok(outcome)
+    }
+
+    /// Writes a checkpoint now (see [`StoreBuilder::checkpoint_every`] for the automatic ones):
+    /// the live records go into `checkpoint.redb`, and the log segments it covers are deleted.
+    /// A no-op for a store in memory.
+    pub fn checkpoint(&self) -> Result<CheckpointStats, Error> {
+        self.inner.checkpoint()
     }
 
     /// What recovery found when this store was opened on a directory (`None` in memory).

@@ -39,6 +39,7 @@ pub(crate) fn start(inner: &Arc<Inner>, every: Duration) -> Option<Handle> {
                 for i in 0..inner.shard_count() {
                     inner.sweep_shard(i);
                 }
+                inner.maybe_checkpoint();
             }
         })
         .ok()?;

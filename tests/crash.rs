@@ -35,7 +35,13 @@ fn crash_child() {
         return;
     };
     let incarnation = std::env::var("IDEMKV_CRASH_INCARNATION").unwrap_or_default();
-    let store = Store::builder().open(&dir).expect("child open");
+    // Small segments and frequent checkpoints, so kills also land mid-checkpoint.
+    let store = Store::builder()
+        .log_segment_size(64 << 10)
+        .checkpoint_every(16 << 10)
+        .sweep_interval(Some(Duration::from_millis(20)))
+        .open(&dir)
+        .expect("child open");
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -92,7 +98,7 @@ fn sigkill_loses_nothing_acknowledged() {
     let exe = std::env::current_exe().expect("test binary");
     let seed = Instant::now().elapsed().as_nanos() as u64 | 1;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed ^ u64::from(std::process::id()));
-    let (mut acked, mut held) = (0usize, 0usize);
+    let (mut acked, mut held, mut from_checkpoint) = (0usize, 0usize, 0u64);
     for kill in 0..kills {
         let mut child = Command::new(&exe)
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
@@ -138,6 +144,8 @@ fn sigkill_loses_nothing_acknowledged() {
         let store = Store::builder()
             .open(dir.path())
             .expect("reopen after SIGKILL");
+        let report = store.recovery_report().expect("report");
+        from_checkpoint = from_checkpoint.max(report.checkpoint_records);
         for (id, (token, done)) in &state {
             let found = store.get(Key::new("crash", id)).expect("get");
             match found {
@@ -159,7 +167,12 @@ fn sigkill_loses_nothing_acknowledged() {
         acked > kills,
         "the child acknowledged too little work to test anything ({acked})"
     );
+    assert!(
+        from_checkpoint > 0,
+        "no recovery ever started from a checkpoint"
+    );
     eprintln!(
-        "{kills} kills, {held} acknowledged leases and {acked} acknowledged completions checked"
+        "{kills} kills, {held} acknowledged leases and {acked} acknowledged completions checked; \
+         up to {from_checkpoint} records recovered from a checkpoint"
     );
 }

@@ -358,3 +358,110 @@ fn memory_only_stores_refuse_nothing_and_write_nothing() {
     assert!(!dir.path().join("wal").exists());
     let _ = Error::EmptyKey; // the error type is shared with the in-memory store
 }
+
+fn all_completed(s: &Store, n: usize) -> Vec<Option<Snapshot>> {
+    (0..n)
+        .map(|i| s.get(Key::new("t", &format!("k{i}"))).expect("get"))
+        .collect()
+}
+
+#[test]
+fn recovery_from_checkpoint_and_log_equals_recovery_from_the_log_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_only = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let small = |c: &ManualClock| builder(c).log_segment_size(4 << 10);
+    {
+        let s = small(&clock).open(dir.path()).expect("open");
+        for i in 0..150 {
+            let id = format!("k{i}");
+            let l = acquire(&s, Key::new("t", &id));
+            if i % 5 != 0 {
+                s.complete(&l, format!("r{i}").as_bytes(), None)
+                    .expect("complete");
+            }
+        }
+        assert!(segments(dir.path()).len() > 3);
+        copy_dir(dir.path(), log_only.path());
+        let cp = s.checkpoint().expect("checkpoint");
+        assert_eq!(cp.records, 150);
+        assert!(cp.segments_deleted >= 3, "{cp:?}");
+        // More changes after the checkpoint, some to keys it holds.
+        for i in 100..200 {
+            let id = format!("k{i}");
+            if i < 150 && i % 5 == 0 {
+                clock.advance(LEASE);
+            }
+            if let Begin::Acquired(l) = s.begin(Key::new("t", &id), fp(), LEASE).expect("begin") {
+                s.complete(&l, format!("second {i}").as_bytes(), None)
+                    .expect("complete");
+            }
+            if i % 7 == 0 {
+                s.remove(Key::new("t", &id)).expect("remove");
+            }
+        }
+    }
+    // The log-only copy gets every segment written after its copy was taken.
+    copy_dir(dir.path(), log_only.path());
+    let a = small(&clock).open(dir.path()).expect("checkpoint + log");
+    let b = small(&clock).open(log_only.path()).expect("log alone");
+    let ra = a.recovery_report().expect("report");
+    assert_eq!(ra.checkpoint_records, 150);
+    assert!(ra.checkpoint_seq > 0);
+    assert_eq!(b.recovery_report().expect("report").checkpoint_records, 0);
+    assert_eq!(all_completed(&a, 200), all_completed(&b, 200));
+    assert_eq!(a.stats().records, b.stats().records);
+}
+
+#[test]
+fn expired_records_are_not_carried_into_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let s = builder(&clock).open(dir.path()).expect("open");
+    let l = acquire(&s, Key::new("t", "short"));
+    s.complete(&l, b"x", Some(Duration::from_secs(1)))
+        .expect("complete");
+    let l = acquire(&s, Key::new("t", "long"));
+    s.complete(&l, b"y", None).expect("complete");
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(s.checkpoint().expect("checkpoint").records, 1);
+    drop(s);
+    let s = builder(&clock).open(dir.path()).expect("reopen");
+    assert_eq!(s.recovery_report().expect("report").checkpoint_records, 1);
+    assert_eq!(
+        completed(&s, Key::new("t", "long")).as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(s.get(Key::new("t", "short")).expect("get"), None);
+}
+
+#[test]
+fn a_damaged_checkpoint_is_a_hard_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    {
+        let s = builder(&clock).open(dir.path()).expect("open");
+        let l = acquire(&s, Key::new("t", "k"));
+        s.complete(&l, b"a response long enough to find in the file", None)
+            .expect("complete");
+        s.checkpoint().expect("checkpoint");
+    }
+    let path = dir.path().join("checkpoint.redb");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let needle = b"a response long enough";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("value in file");
+    bytes[at + 3] ^= 0x20;
+    std::fs::write(&path, &bytes).expect("write");
+    match builder(&clock).open(dir.path()) {
+        Err(OpenError::Checkpoint(e)) => assert!(
+            e.to_string().contains("damaged")
+                || e.to_string().contains("checksum")
+                || e.to_string().contains("corrupt"),
+            "{e}"
+        ),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}

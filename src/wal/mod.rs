@@ -67,6 +67,8 @@ struct Shared {
     state: Mutex<State>,
     work: Condvar,
     durable: AtomicU64,
+    /// Bytes written to the log since the store was opened.
+    written: AtomicU64,
     waiters: Mutex<Vec<(u64, crate::sync::Arc<Signal>)>>,
     poisoned: OnceLock<String>,
 }
@@ -227,6 +229,7 @@ impl Wal {
             }),
             work: Condvar::new(),
             durable: AtomicU64::new(next_seq.saturating_sub(1)),
+            written: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
             poisoned: OnceLock::new(),
         });
@@ -287,6 +290,16 @@ impl Wal {
         drop(st);
         self.shared.work.notify_one();
         Ok(seq)
+    }
+
+    /// The last sequence number handed out.
+    pub(crate) fn appended(&self) -> u64 {
+        self.shared.state.lock().next_seq - 1
+    }
+
+    /// Bytes written to the log since the store was opened.
+    pub(crate) fn written(&self) -> u64 {
+        self.shared.written.load(Ordering::Relaxed)
     }
 
     /// Whether `seq` is durable; `Err` if it never will be.
@@ -372,7 +385,12 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
         batch[..BATCH_HEADER_LEN].copy_from_slice(&header);
         let last = first_seq + u64::from(count) - 1;
         match tail.append(&batch, first_seq) {
-            Ok(()) => shared.durable.store(last, Ordering::Release),
+            Ok(()) => {
+                shared
+                    .written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                shared.durable.store(last, Ordering::Release);
+            }
             Err(e) => {
                 // fsync errors are not retryable: the page cache may have dropped the pages.
                 let _ = shared

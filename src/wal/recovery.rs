@@ -35,6 +35,10 @@ pub struct RecoveryReport {
     pub records: u64,
     /// The last sequence number found.
     pub last_seq: u64,
+    /// The checkpoint loaded covered the log up to this sequence number (0: none).
+    pub checkpoint_seq: u64,
+    /// Records loaded from the checkpoint.
+    pub checkpoint_records: u64,
     /// A torn tail that was cut off: file, offset, bytes.
     pub torn_tail: Option<(PathBuf, u64, u64)>,
     /// Damage that was dropped (with `OnCorruption::DropDamaged`): file, offset, reason, and

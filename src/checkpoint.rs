@@ -1,0 +1,258 @@
+//! Checkpoints into redb: the live records, written in the background, so that the log
+//! segments they cover can be deleted and recovery replays only the log written since.
+//!
+//! ```text
+//! checkpoint.redb
+//!   table "meta"    (&str -> u64)
+//!     "format"          checkpoint format version (1)
+//!     "checkpoint_seq"  every log record up to this sequence number is reflected
+//!     "token_high"      high bits of the largest token/version ever handed out
+//!   table "records" (&[u8] -> &[u8])
+//!     key:   scope length (1) | scope | id
+//!     value: crc32 of the rest (4) | kind (1) | a (8) | b (8) | fingerprint (16) | value bytes
+//! ```
+//! All integers little-endian. redb checksums its own pages; the crc32 per value also catches
+//! damage to a value itself, and a value that does not decode is a hard error naming the key.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::key::{Fingerprint, Key};
+use crate::record::Kind;
+use crate::wal::format::{Cursor, Item, Malformed, kind_from_u8};
+
+const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const FORMAT: u64 = 1;
+
+/// A checkpoint that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// redb failed.
+    #[error("checkpoint database {path}: {source}")]
+    Redb {
+        /// The database file.
+        path: PathBuf,
+        /// redb's error.
+        source: Box<redb::Error>,
+    },
+    /// A stored record does not decode or fails its checksum.
+    #[error(
+        "checkpoint database {path} is damaged: {reason} (record key {key:?}); restore it from a backup or delete it to recover from the log alone, if the log still covers everything"
+    )]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// The record's key bytes.
+        key: Vec<u8>,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The checkpoint was written by a newer format.
+    #[error("checkpoint database {path} has format {found}; this version reads format {FORMAT}")]
+    Version {
+        /// The database file.
+        path: PathBuf,
+        /// The format found.
+        found: u64,
+    },
+}
+
+fn redb_err(path: &Path) -> impl Fn(redb::Error) -> CheckpointError + '_ {
+    move |e| CheckpointError::Redb {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
+pub(crate) fn encode_key(key: Key<'_>, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(key.scope().len() as u8);
+    out.extend_from_slice(key.scope());
+    out.extend_from_slice(key.id());
+}
+
+pub(crate) fn encode_value(
+    kind: Kind,
+    a: u64,
+    b: u64,
+    fp: Fingerprint,
+    value: &[u8],
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind as u8);
+    out.extend_from_slice(&a.to_le_bytes());
+    out.extend_from_slice(&b.to_le_bytes());
+    out.extend_from_slice(fp.as_bytes());
+    out.extend_from_slice(value);
+    let crc = crc32fast::hash(&out[4..]);
+    out[..4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Decodes one stored record into the same item a log put would give.
+pub(crate) fn decode<'a>(k: &'a [u8], v: &'a [u8]) -> Result<Item<'a>, Malformed> {
+    let mut c = Cursor::new(k);
+    let scope_len = c.u8("key truncated")? as usize;
+    let scope = c.take(scope_len, "key truncated")?;
+    let id = c.take(c.remaining(), "key truncated")?;
+    if id.is_empty() {
+        return Err(Malformed("empty key id"));
+    }
+    let mut c = Cursor::new(v);
+    let crc = c.u32("value truncated")?;
+    if crc32fast::hash(&v[4..]) != crc {
+        return Err(Malformed("value checksum mismatch"));
+    }
+    let kind = kind_from_u8(c.u8("value truncated")?).ok_or(Malformed("unknown record kind"))?;
+    let a = c.u64("value truncated")?;
+    let b = c.u64("value truncated")?;
+    let mut fp = [0u8; 16];
+    fp.copy_from_slice(c.take(16, "value truncated")?);
+    let value = c.take(c.remaining(), "value truncated")?;
+    Ok(Item::Put {
+        key: Key::new(scope, id),
+        kind,
+        a,
+        b,
+        fingerprint: Fingerprint::from_bytes(fp),
+        value,
+    })
+}
+
+/// What a checkpoint held.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Loaded {
+    pub(crate) seq: u64,
+    pub(crate) token_high: u64,
+    pub(crate) records: u64,
+}
+
+/// The checkpoint database of a store directory.
+pub(crate) struct Checkpoints {
+    path: PathBuf,
+    db: Database,
+}
+
+impl std::fmt::Debug for Checkpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoints")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Checkpoints {
+    pub(crate) fn open(path: PathBuf) -> Result<Checkpoints, CheckpointError> {
+        let db = Database::create(&path).map_err(|e| redb_err(&path)(e.into()))?;
+        Ok(Checkpoints { path, db })
+    }
+
+    /// Feeds every stored record to `apply`; returns what the checkpoint covers.
+    pub(crate) fn load(&self, mut apply: impl FnMut(&Item<'_>)) -> Result<Loaded, CheckpointError> {
+        let e = redb_err(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let mut loaded = Loaded::default();
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(loaded),
+            Err(x) => return Err(e(x.into())),
+        };
+        let get = |name: &str| -> Result<u64, CheckpointError> {
+            Ok(meta
+                .get(name)
+                .map_err(|x| e(x.into()))?
+                .map_or(0, |g| g.value()))
+        };
+        let format = get("format")?;
+        if format > FORMAT {
+            return Err(CheckpointError::Version {
+                path: self.path.clone(),
+                found: format,
+            });
+        }
+        loaded.seq = get("checkpoint_seq")?;
+        loaded.token_high = get("token_high")?;
+        let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+        for entry in records.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = entry.map_err(|x| e(x.into()))?;
+            let item = decode(k.value(), v.value()).map_err(|m| CheckpointError::Corrupt {
+                path: self.path.clone(),
+                key: k.value().to_vec(),
+                reason: m.0,
+            })?;
+            apply(&item);
+            loaded.records += 1;
+        }
+        Ok(loaded)
+    }
+
+    /// Replaces the checkpoint with `records` (encoded key, encoded value pairs), covering the
+    /// log up to `seq`, in one transaction that is durable when this returns.
+    pub(crate) fn write(
+        &self,
+        seq: u64,
+        token_high: u64,
+        records: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), CheckpointError> {
+        let e = redb_err(&self.path);
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            txn.delete_table(RECORDS).map_err(|x| e(x.into()))?;
+            let mut t = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            for (k, v) in records {
+                t.insert(k.as_slice(), v.as_slice())
+                    .map_err(|x| e(x.into()))?;
+            }
+            let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
+            m.insert("format", FORMAT).map_err(|x| e(x.into()))?;
+            m.insert("checkpoint_seq", seq).map_err(|x| e(x.into()))?;
+            m.insert("token_high", token_high)
+                .map_err(|x| e(x.into()))?;
+        }
+        txn.commit().map_err(|x| e(x.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_damage_is_caught() {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        encode_key(Key::new("scope", "id"), &mut k);
+        encode_value(
+            Kind::Completed,
+            1,
+            2,
+            Fingerprint::from_bytes([5; 16]),
+            b"resp",
+            &mut v,
+        );
+        assert_eq!(
+            decode(&k, &v).unwrap(),
+            Item::Put {
+                key: Key::new("scope", "id"),
+                kind: Kind::Completed,
+                a: 1,
+                b: 2,
+                fingerprint: Fingerprint::from_bytes([5; 16]),
+                value: b"resp",
+            }
+        );
+        for i in 0..v.len() {
+            let mut bad = v.clone();
+            bad[i] ^= 1;
+            assert!(decode(&k, &bad).is_err(), "flip at {i}");
+        }
+        for cut in 0..v.len() {
+            assert!(decode(&k, &v[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode(&[5, b'a'], &v).is_err());
+        assert!(decode(&[], &v).is_err());
+    }
+}
