@@ -79,6 +79,60 @@ pub use traits::IdempotencyStore;
 pub use wal::recovery::{LogError, OnCorruption, RecoveryReport};
 pub use wal::{Durability, LogFaults};
 
+/// Entry points for the `fuzz/` targets: decoders run on arbitrary bytes. Not a public API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::wal::format;
+
+    /// Decodes `bytes` as a log segment, as far as it decodes; must never panic.
+    pub fn decode_segment(bytes: &[u8]) -> usize {
+        let Ok(_) = format::decode_segment_header(bytes) else {
+            return 0;
+        };
+        let mut offset = format::SEGMENT_HEADER_LEN;
+        let mut records = 0;
+        while let Ok(format::BatchAt::Batch {
+            first_seq,
+            count,
+            records: r,
+            len,
+        }) = format::decode_batch(&bytes[offset..])
+        {
+            match format::decode_records(first_seq, count, r) {
+                Ok(recs) => records += recs.len(),
+                Err(_) => break,
+            }
+            offset += len;
+        }
+        records
+    }
+
+    /// Decodes one checkpoint record; must never panic.
+    pub fn decode_checkpoint_record(key: &[u8], value: &[u8]) -> bool {
+        crate::checkpoint::decode(key, value).is_ok()
+    }
+
+    /// Encodes a segment holding one batch of one record putting `value` under (`scope`, `id`),
+    /// for seeding the fuzzer's corpus.
+    pub fn sample_segment(scope: &[u8], id: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut records = Vec::new();
+        let mut w = format::RecordWriter::new(&mut records, 1, format::Op::Complete);
+        w.put_parts(
+            crate::Key::new(scope, id),
+            crate::record::Kind::Completed,
+            1,
+            2,
+            crate::Fingerprint::NONE,
+            value,
+        );
+        w.finish();
+        let mut seg = format::segment_header(1).to_vec();
+        seg.extend_from_slice(&format::batch_header(1, 1, &records));
+        seg.extend_from_slice(&records);
+        seg
+    }
+}
+
 /// The README's examples, compiled and run as doctests so they cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -28,8 +28,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
 use crate::error::Error;
-use crate::wait::Signal;
 use format::{BATCH_HEADER_LEN, Op, RecordWriter, SEGMENT_HEADER_LEN};
 
 /// What survives a crash of the process or a power cut, per store.
@@ -69,7 +72,12 @@ struct Shared {
     durable: AtomicU64,
     /// Bytes written to the log since the store was opened.
     written: AtomicU64,
-    waiters: Mutex<Vec<(u64, crate::sync::Arc<Signal>)>>,
+    /// Blocking waiters sleep on one condition variable: the writer wakes them all with one
+    /// call per batch (a wake-up per waiter would cost the writer a syscall each).
+    sync_mx: Mutex<()>,
+    sync_cv: Condvar,
+    /// Async waiters: the sequence number each waits for, and its task's waker.
+    async_waiters: Mutex<Vec<(u64, Waker)>>,
     poisoned: OnceLock<String>,
 }
 
@@ -230,7 +238,9 @@ impl Wal {
             work: Condvar::new(),
             durable: AtomicU64::new(next_seq.saturating_sub(1)),
             written: AtomicU64::new(0),
-            waiters: Mutex::new(Vec::new()),
+            sync_mx: Mutex::new(()),
+            sync_cv: Condvar::new(),
+            async_waiters: Mutex::new(Vec::new()),
             poisoned: OnceLock::new(),
         });
         let tail = Tail {
@@ -310,35 +320,49 @@ impl Wal {
         self.check().map(|()| false)
     }
 
-    /// Registers a waiter for `seq`, or `None` if it is already durable.
-    fn waiter(&self, seq: u64) -> Result<Option<crate::sync::Arc<Signal>>, Error> {
-        if self.durable(seq)? {
-            return Ok(None);
-        }
-        let mut w = self.shared.waiters.lock();
-        // Checked again under the waiters lock, which the writer takes to wake: no lost wake-up.
-        if self.durable(seq)? {
-            return Ok(None);
-        }
-        let s = Signal::new();
-        w.push((seq, crate::sync::Arc::clone(&s)));
-        Ok(Some(s))
-    }
-
     /// Blocks until `seq` is durable.
     pub(crate) fn wait(&self, seq: u64) -> Result<(), Error> {
-        while let Some(s) = self.waiter(seq)? {
-            s.wait_blocking(Duration::from_secs(1));
+        if self.durable(seq)? {
+            return Ok(());
+        }
+        let mut g = self.shared.sync_mx.lock();
+        // Checked under the lock the writer takes before waking: no lost wake-up.
+        while !self.durable(seq)? {
+            self.shared.sync_cv.wait_for(&mut g, Duration::from_secs(1));
         }
         Ok(())
     }
 
     /// Waits, without blocking the thread, until `seq` is durable.
-    pub(crate) async fn wait_async(&self, seq: u64) -> Result<(), Error> {
-        while let Some(s) = self.waiter(seq)? {
-            Signal::fired(&s).await;
+    pub(crate) fn wait_async(&self, seq: u64) -> Durable<'_> {
+        Durable { wal: self, seq }
+    }
+}
+
+/// Future of [`Wal::wait_async`].
+pub(crate) struct Durable<'a> {
+    wal: &'a Wal,
+    seq: u64,
+}
+
+impl Future for Durable<'_> {
+    type Output = Result<(), Error>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.wal.durable(self.seq) {
+            Ok(true) => return Poll::Ready(Ok(())),
+            Err(e) => return Poll::Ready(Err(e)),
+            Ok(false) => {}
         }
-        Ok(())
+        let mut w = self.wal.shared.async_waiters.lock();
+        // Checked again under the lock the writer takes to wake: no lost wake-up.
+        match self.wal.durable(self.seq) {
+            Ok(true) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(false) => {
+                w.push((self.seq, cx.waker().clone()));
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -399,14 +423,18 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
             }
         }
         let poisoned = shared.poisoned.get().is_some();
-        shared.waiters.lock().retain(|(seq, s)| {
+        drop(shared.sync_mx.lock());
+        shared.sync_cv.notify_all();
+        let mut woken = Vec::new();
+        shared.async_waiters.lock().retain(|(seq, w)| {
             if poisoned || *seq <= last {
-                s.fire();
+                woken.push(w.clone());
                 false
             } else {
                 true
             }
         });
+        woken.into_iter().for_each(Waker::wake);
         if poisoned {
             return;
         }
