@@ -663,6 +663,7 @@ impl StoreBuilder {
         };
         Store {
             inner,
+            durability: None,
             _sweeper: sweeper.map(std::sync::Arc::new),
         }
     }
@@ -731,6 +732,8 @@ struct Padded<T>(T);
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// This handle's durability, overriding the store's (see [`Store::with_durability`]).
+    durability: Option<Durability>,
     /// Stops and joins the sweeper when the last clone is dropped.
     _sweeper: Option<std::sync::Arc<crate::sweeper::Handle>>,
 }
@@ -890,10 +893,13 @@ impl Inner {
         Ok(())
     }
 
-    /// Blocks until everything a caller saw or did is durable (`Durability::Immediate`).
-    pub(crate) fn settle(&self, settle: &Settle) -> Result<(), Error> {
+    /// Blocks until everything a caller saw or did is durable, if the caller's durability
+    /// (`mode`, else the store's) is `Immediate`.
+    pub(crate) fn settle(&self, settle: &Settle, mode: Option<Durability>) -> Result<(), Error> {
         match &self.wal {
-            Some(wal) if settle.get() > 0 && wal.mode() == Durability::Immediate => {
+            Some(wal)
+                if settle.get() > 0 && mode.unwrap_or(wal.mode()) == Durability::Immediate =>
+            {
                 wal.wait(settle.get())
             }
             _ => Ok(()),
@@ -901,9 +907,13 @@ impl Inner {
     }
 
     /// [`settle`](Self::settle) for async callers.
-    pub(crate) async fn settle_async(&self, seq: u64) -> Result<(), Error> {
+    pub(crate) async fn settle_async(
+        &self,
+        seq: u64,
+        mode: Option<Durability>,
+    ) -> Result<(), Error> {
         match &self.wal {
-            Some(wal) if seq > 0 && wal.mode() == Durability::Immediate => {
+            Some(wal) if seq > 0 && mode.unwrap_or(wal.mode()) == Durability::Immediate => {
                 wal.wait_async(seq).await
             }
             _ => Ok(()),
@@ -2060,6 +2070,30 @@ impl Store {
         &self.inner
     }
 
+    pub(crate) fn durability_override(&self) -> Option<Durability> {
+        self.durability
+    }
+
+    /// A handle on the same store whose calls use durability `d` instead of the store's:
+    /// `Immediate` waits until the change (and everything the call observed) is synced — with a
+    /// `Batched` store the writer then syncs at once instead of waiting out its delay;
+    /// `Batched` or `None` return without waiting. Every change is logged either way.
+    ///
+    /// ```
+    /// use idemkv::{Durability, Store};
+    /// # let dir = std::env::temp_dir().join(format!("idemkv-dur-{}", std::process::id()));
+    /// let store = Store::builder().durability(Durability::Batched { max_delay: std::time::Duration::from_millis(5) }).open(&dir)?;
+    /// let payments = store.with_durability(Durability::Immediate); // these must not be lost
+    /// # drop((store, payments)); std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_durability(&self, d: Durability) -> Store {
+        Store {
+            durability: Some(d),
+            ..self.clone()
+        }
+    }
+
     /// Starts work on `key`, or reports who has it. See [`Begin`] for the outcomes.
     ///
     /// An expired lease is taken over (the new lease says so); a different `fingerprint` on a
@@ -2072,7 +2106,7 @@ impl Store {
     ) -> Result<Begin, Error> {
         let settle = Settle::default();
         let (outcome, _) = self.inner.begin(key, fingerprint, lease, false, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         Ok(outcome)
     }
 
@@ -2094,7 +2128,7 @@ impl Store {
                 .begin_round(key, fingerprint, lease, until, &settle)?
             {
                 Round::Done(outcome) => {
-                    self.inner.settle(&settle)?;
+                    self.inner.settle(&settle, self.durability)?;
                     return Ok(outcome);
                 }
                 Round::Wait {
@@ -2153,7 +2187,7 @@ impl Store {
     ) -> Result<Timestamp, Error> {
         let settle = Settle::default();
         let expires = self.inner.complete(lease, response, ttl, writes, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         Ok(expires)
     }
 
@@ -2162,7 +2196,7 @@ impl Store {
     pub fn release(&self, lease: Lease) -> Result<(), Error> {
         let settle = Settle::default();
         self.inner.release(&lease, &settle)?;
-        self.inner.settle(&settle)
+        self.inner.settle(&settle, self.durability)
     }
 
     /// Extends the lease to `extend` from now (a heartbeat for long handlers) and returns the
@@ -2170,7 +2204,7 @@ impl Store {
     pub fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
         let settle = Settle::default();
         let d = self.inner.renew(lease, extend, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         lease.deadline = d;
         Ok(d)
     }
@@ -2179,7 +2213,7 @@ impl Store {
     pub fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
         let settle = Settle::default();
         let found = self.inner.get(key, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         Ok(found)
     }
 
@@ -2188,7 +2222,7 @@ impl Store {
     pub fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
         let settle = Settle::default();
         let removed = self.inner.remove(key, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         Ok(removed)
     }
 
@@ -2206,7 +2240,7 @@ impl Store {
     pub fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
         let settle = Settle::default();
         let outcome = self.inner.cas(write, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         Ok(outcome)
     }
 
@@ -2220,7 +2254,7 @@ impl Store {
     ) -> Result<PutPending, Error> {
         let settle = Settle::default();
         let outcome = self.inner.put_pending(key, payload, ttl, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         Ok(outcome)
     }
 
@@ -2229,7 +2263,7 @@ impl Store {
     pub fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
         let settle = Settle::default();
         let outcome = self.inner.take_pending(key, lease, &settle)?;
-        self.inner.settle(&settle)?;
+        self.inner.settle(&settle, self.durability)?;
         Ok(outcome)
     }
 

@@ -92,7 +92,9 @@ impl IdempotencyStore for Store {
         let (outcome, _) = self
             .inner()
             .begin(key, fingerprint, lease, false, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         Ok(outcome)
     }
 
@@ -112,7 +114,9 @@ impl IdempotencyStore for Store {
             let settle = Settle::default();
             match inner.begin_round(key, fingerprint, lease, until, &settle)? {
                 Round::Done(outcome) => {
-                    inner.settle_async(settle.get()).await?;
+                    inner
+                        .settle_async(settle.get(), self.durability_override())
+                        .await?;
                     return Ok(outcome);
                 }
                 Round::Wait {
@@ -140,20 +144,26 @@ impl IdempotencyStore for Store {
         let expires = self
             .inner()
             .complete(lease, response, ttl, writes, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         Ok(expires)
     }
 
     async fn release(&self, lease: Lease) -> Result<(), Error> {
         let settle = Settle::default();
         self.inner().release(&lease, &settle)?;
-        self.inner().settle_async(settle.get()).await
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await
     }
 
     async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
         let settle = Settle::default();
         let deadline = self.inner().renew(lease, extend, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         lease.set_deadline(deadline);
         Ok(deadline)
     }
@@ -161,21 +171,27 @@ impl IdempotencyStore for Store {
     async fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
         let settle = Settle::default();
         let found = self.inner().get(key, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         Ok(found)
     }
 
     async fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
         let settle = Settle::default();
         let removed = self.inner().remove(key, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         Ok(removed)
     }
 
     async fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
         let settle = Settle::default();
         let outcome = self.inner().cas(write, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         Ok(outcome)
     }
 
@@ -187,14 +203,18 @@ impl IdempotencyStore for Store {
     ) -> Result<PutPending, Error> {
         let settle = Settle::default();
         let outcome = self.inner().put_pending(key, payload, ttl, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         Ok(outcome)
     }
 
     async fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
         let settle = Settle::default();
         let outcome = self.inner().take_pending(key, lease, &settle)?;
-        self.inner().settle_async(settle.get()).await?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
         Ok(outcome)
     }
 }

@@ -465,3 +465,40 @@ fn a_damaged_checkpoint_is_a_hard_error() {
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+#[test]
+fn durability_can_be_raised_per_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let store = builder(&clock)
+        .durability(Durability::Batched {
+            max_delay: Duration::from_secs(3600),
+        })
+        .open(dir.path())
+        .expect("open");
+    // A Batched call returns at once; its record is not on disk yet (the writer waits an hour).
+    let l = acquire(&store, Key::new("t", "relaxed"));
+    store.complete(&l, b"later", None).expect("complete");
+    let copy = tempfile::tempdir().expect("tempdir");
+    copy_dir(dir.path(), copy.path());
+    let seen = builder(&clock).open(copy.path()).expect("open copy");
+    assert_eq!(seen.get(Key::new("t", "relaxed")).expect("get"), None);
+    drop(seen);
+    // The same store through an Immediate handle: synced when the call returns. (Were the
+    // writer not hurried by the waiting caller, this call would block for the hour.)
+    let strict = store.with_durability(Durability::Immediate);
+    let l = acquire(&strict, Key::new("t", "strict"));
+    strict.complete(&l, b"now", None).expect("complete");
+    let copy = tempfile::tempdir().expect("tempdir");
+    copy_dir(dir.path(), copy.path());
+    let seen = builder(&clock).open(copy.path()).expect("open copy");
+    assert_eq!(
+        completed(&seen, Key::new("t", "strict")).as_deref(),
+        Some(&b"now"[..])
+    );
+    // Everything before it in the log is there too.
+    assert_eq!(
+        completed(&seen, Key::new("t", "relaxed")).as_deref(),
+        Some(&b"later"[..])
+    );
+}

@@ -64,6 +64,8 @@ struct State {
     first_seq: u64,
     next_seq: u64,
     shutdown: bool,
+    /// Someone waits for durability: sync now, even in `Batched` mode.
+    urgent: bool,
 }
 
 struct Shared {
@@ -234,6 +236,7 @@ impl Wal {
                 first_seq: next_seq,
                 next_seq,
                 shutdown: false,
+                urgent: false,
             }),
             work: Condvar::new(),
             durable: AtomicU64::new(next_seq.saturating_sub(1)),
@@ -320,11 +323,20 @@ impl Wal {
         self.check().map(|()| false)
     }
 
+    /// Tells the writer not to wait for more records (a caller waits).
+    fn hurry(&self) {
+        if self.mode != Durability::Immediate {
+            self.shared.state.lock().urgent = true;
+            self.shared.work.notify_one();
+        }
+    }
+
     /// Blocks until `seq` is durable.
     pub(crate) fn wait(&self, seq: u64) -> Result<(), Error> {
         if self.durable(seq)? {
             return Ok(());
         }
+        self.hurry();
         let mut g = self.shared.sync_mx.lock();
         // Checked under the lock the writer takes before waking: no lost wake-up.
         while !self.durable(seq)? {
@@ -335,6 +347,9 @@ impl Wal {
 
     /// Waits, without blocking the thread, until `seq` is durable.
     pub(crate) fn wait_async(&self, seq: u64) -> Durable<'_> {
+        if !matches!(self.durable(seq), Ok(true)) {
+            self.hurry();
+        }
         Durable { wal: self, seq }
     }
 }
@@ -392,7 +407,7 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
             if let Durability::Batched { max_delay } = mode {
                 // Let more records join, up to the delay or 1 MiB.
                 let until = Instant::now() + max_delay;
-                while !st.shutdown && st.buf.len() < 1 << 20 {
+                while !st.shutdown && !st.urgent && st.buf.len() < 1 << 20 {
                     if shared.work.wait_until(&mut st, until).timed_out() {
                         break;
                     }
@@ -403,6 +418,7 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
             let batch = std::mem::replace(&mut st.buf, std::mem::take(&mut spare));
             let out = (batch, st.first_seq, st.count);
             st.count = 0;
+            st.urgent = false;
             out
         };
         let header = format::batch_header(first_seq, count, &batch[BATCH_HEADER_LEN..]);
