@@ -356,6 +356,8 @@ pub struct Stats {
     pub records: u64,
     /// Bytes accounted now (each record's header, key and value).
     pub bytes: u64,
+    /// Checkpoints written since the store was opened.
+    pub checkpoints: u64,
 }
 
 /// Configures and builds a [`Store`].
@@ -377,6 +379,7 @@ pub struct StoreBuilder {
     segment_size: u64,
     faults: Option<crate::wal::LogFaults>,
     checkpoint_every: u64,
+    checkpoint_interval: Duration,
 }
 
 impl Default for StoreBuilder {
@@ -398,6 +401,7 @@ impl Default for StoreBuilder {
             segment_size: crate::wal::SEGMENT_SIZE,
             faults: None,
             checkpoint_every: crate::wal::SEGMENT_SIZE,
+            checkpoint_interval: Duration::from_secs(300),
         }
     }
 }
@@ -481,6 +485,13 @@ impl StoreBuilder {
     /// of log have been written since the last one (default 64 MiB, one segment).
     pub fn checkpoint_every(mut self, log_bytes: u64) -> Self {
         self.checkpoint_every = log_bytes.max(1);
+        self
+    }
+
+    /// Also write a checkpoint when this long has passed since the last one and anything was
+    /// logged meanwhile (default 5 minutes), so a restart never replays more than that.
+    pub fn checkpoint_interval(mut self, d: Duration) -> Self {
+        self.checkpoint_interval = d;
         self
     }
 
@@ -651,7 +662,9 @@ impl StoreBuilder {
             checkpoints: None,
             wal_dir: std::path::PathBuf::new(),
             checkpoint_every: u64::MAX,
-            checkpointing: parking_lot::Mutex::new(0),
+            checkpoint_interval: self.checkpoint_interval,
+            checkpointing: parking_lot::Mutex::new((0, Instant::now())),
+            checkpoints_written: AtomicU64::new(0),
         })
     }
 
@@ -764,10 +777,13 @@ pub(crate) struct Inner {
     /// The checkpoint database, for a store opened on a directory.
     checkpoints: Option<Checkpoints>,
     wal_dir: std::path::PathBuf,
-    /// Checkpoint after this many bytes of log.
+    /// Checkpoint after this many bytes of log, or this long after the last checkpoint if
+    /// anything was logged since.
     checkpoint_every: u64,
-    /// One checkpoint at a time; holds the log size at the last one.
-    checkpointing: parking_lot::Mutex<u64>,
+    checkpoint_interval: Duration,
+    /// One checkpoint at a time; holds the log size and the time at the last one.
+    checkpointing: parking_lot::Mutex<(u64, Instant)>,
+    checkpoints_written: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -1950,7 +1966,12 @@ impl Inner {
         let (Some(wal), Some(_)) = (&self.wal, &self.checkpoints) else {
             return;
         };
-        let due = wal.written().saturating_sub(*self.checkpointing.lock()) >= self.checkpoint_every;
+        let due = {
+            let (at_bytes, at_time) = *self.checkpointing.lock();
+            let grown = wal.written().saturating_sub(at_bytes);
+            grown >= self.checkpoint_every
+                || (grown > 0 && at_time.elapsed() >= self.checkpoint_interval)
+        };
         if due {
             // A failure here is reported by the next explicit checkpoint, and the log (which
             // still holds everything) keeps the data safe meanwhile.
@@ -2026,7 +2047,8 @@ impl Inner {
                 reason: format!("syncing {}: {e}", self.wal_dir.display()),
             })?;
         }
-        *last = written;
+        *last = (written, Instant::now());
+        self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
         Ok(CheckpointStats {
             records: records.len() as u64,
             covers_seq: upto,
@@ -2047,6 +2069,7 @@ impl Inner {
             s.records += c.records;
             s.bytes += c.bytes;
         }
+        s.checkpoints = self.checkpoints_written.load(Ordering::Relaxed);
         s
     }
 }

@@ -502,3 +502,34 @@ fn durability_can_be_raised_per_call() {
         Some(&b"later"[..])
     );
 }
+
+#[test]
+fn checkpoints_happen_on_their_own_by_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let store = builder(&clock)
+        .sweep_interval(Some(Duration::from_millis(5)))
+        .checkpoint_interval(Duration::from_millis(20))
+        .open(dir.path())
+        .expect("open");
+    let l = acquire(&store, Key::new("t", "k"));
+    store.complete(&l, b"r", None).expect("complete");
+    // Wait (bounded) for the background thread to write a checkpoint holding the record.
+    let started = std::time::Instant::now();
+    while store.stats().checkpoints == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no checkpoint was written"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(store);
+    let reopened = builder(&clock).open(dir.path()).expect("reopen");
+    assert_eq!(
+        reopened
+            .recovery_report()
+            .expect("report")
+            .checkpoint_records,
+        1
+    );
+}
