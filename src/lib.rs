@@ -55,7 +55,10 @@
 
 mod checkpoint;
 mod clock;
+pub mod echo;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod key;
 #[allow(unsafe_code)]
 mod record;

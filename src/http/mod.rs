@@ -1,0 +1,40 @@
+//! HTTP adapter (feature `http`, on by default): tower layers, so they work with axum, hyper
+//! and tonic alike.
+//!
+//! - [`IdempotencyLayer`]: the `Idempotency-Key` header (IETF httpapi draft, Stripe's
+//!   behaviour): the first request runs, repeats get the stored response with
+//!   `Idempotent-Replayed: true`, a repeat while the first runs gets 409 (or waits, with
+//!   `Prefer: wait=N`), the same key with another payload gets 422.
+//! - [`EchoLayer`]: `X-Request-Id` echoed, `X-Echo-Set-Header: Name: value` set on the response.
+//!
+//! Put the echo layer outside the idempotency layer, so replays carry the headers the
+//! *current* request asked for:
+//!
+//! ```
+//! use idemkv::http::{EchoLayer, IdempotencyLayer};
+//! use idemkv::Store;
+//! use tower::ServiceBuilder;
+//! # use http::{Request, Response};
+//! # use http_body_util::Full;
+//! # use bytes::Bytes;
+//!
+//! let store = Store::in_memory();
+//! let svc = ServiceBuilder::new()
+//!     .layer(EchoLayer::new())
+//!     .layer(IdempotencyLayer::new(store))
+//!     .service_fn(|_req: Request<Full<Bytes>>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("created"))))
+//!     });
+//! # drop(svc);
+//! ```
+
+mod echo_layer;
+mod idempotency;
+mod problem;
+mod stored;
+
+pub use echo_layer::{Echo, EchoLayer};
+pub use idempotency::{Idempotency, IdempotencyInfo, IdempotencyLayer};
+
+/// Errors of bodies, as tower-http boxes them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,61 @@
+//! RFC 9457 `application/problem+json` responses.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A problem response; `kind` names the problem type (`urn:idemkv:problem:<kind>`).
+pub(crate) fn problem<B: From<Bytes>>(status: StatusCode, kind: &str, detail: &str) -> Response<B> {
+    let mut body = String::from("{\"type\":");
+    json_str(&mut body, &format!("urn:idemkv:problem:{kind}"));
+    body.push_str(",\"title\":");
+    json_str(&mut body, status.canonical_reason().unwrap_or("Error"));
+    body.push_str(&format!(",\"status\":{},\"detail\":", status.as_u16()));
+    json_str(&mut body, detail);
+    body.push('}');
+    let mut res = Response::new(B::from(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_shapes() {
+        let r: Response<Bytes> = problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "mismatch",
+            "a \"quoted\"\nline",
+        );
+        assert_eq!(r.status(), 422);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert_eq!(
+            r.body().as_ref(),
+            br#"{"type":"urn:idemkv:problem:mismatch","title":"Unprocessable Entity","status":422,"detail":"a \"quoted\"\nline"}"#
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! A response as stored in the idempotency record, explicit and versioned:
+//!
+//! ```text
+//! 1      format version (1)
+//! 1      flags (bit 0: the body was too large to keep; it is absent)
+//! 2      status code (little-endian)
+//! 2      number of headers N
+//! N ×    name length (2) | name | value length (4) | value
+//! rest   body
+//! ```
+//! Hop-by-hop headers and `Content-Length` are not stored (the body determines it);
+//! multi-valued headers are stored one entry per value, in order.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::wal::format::Cursor;
+
+const VERSION: u8 = 1;
+const TOO_LARGE: u8 = 1;
+
+const NOT_STORED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+];
+
+/// A decoded stored response.
+pub(crate) struct Stored {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Option<Bytes>,
+}
+
+/// Encodes a response; if it would exceed `max` bytes, stores only status and headers with the
+/// too-large flag.
+pub(crate) fn encode(status: StatusCode, headers: &HeaderMap, body: &[u8], max: usize) -> Vec<u8> {
+    let mut out = vec![VERSION, 0];
+    out.extend_from_slice(&status.as_u16().to_le_bytes());
+    let kept: Vec<_> = headers
+        .iter()
+        .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
+        .collect();
+    out.extend_from_slice(&(kept.len().min(u16::MAX as usize) as u16).to_le_bytes());
+    for (n, v) in kept.iter().take(u16::MAX as usize) {
+        out.extend_from_slice(&(n.as_str().len() as u16).to_le_bytes());
+        out.extend_from_slice(n.as_str().as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v.as_bytes());
+    }
+    if out.len() + body.len() > max {
+        out[1] = TOO_LARGE;
+    } else {
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+/// Decodes a stored response; `None` if the bytes are not one (never panics).
+pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
+    let mut c = Cursor::new(bytes);
+    if c.u8("v").ok()? != VERSION {
+        return None;
+    }
+    let flags = c.u8("f").ok()?;
+    let status = StatusCode::from_u16(c.u16("s").ok()?).ok()?;
+    let n = c.u16("n").ok()?;
+    let mut headers = HeaderMap::new();
+    for _ in 0..n {
+        let nl = c.u16("h").ok()? as usize;
+        let name = HeaderName::from_bytes(c.take(nl, "h").ok()?).ok()?;
+        let vl = c.u32("h").ok()? as usize;
+        let value = HeaderValue::from_bytes(c.take(vl, "h").ok()?).ok()?;
+        headers.append(name, value);
+    }
+    let rest = c.take(c.remaining(), "b").ok()?;
+    let body = (flags & TOO_LARGE == 0).then(|| Bytes::copy_from_slice(rest));
+    Some(Stored {
+        status,
+        headers,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_multi_valued_headers_in_order_and_drops_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("x-order", HeaderValue::from_static("o-1"));
+        let bytes = encode(StatusCode::CREATED, &h, b"hello", 1 << 20);
+        let s = decode(&bytes).unwrap();
+        assert_eq!(s.status, StatusCode::CREATED);
+        let cookies: Vec<_> = s.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert!(s.headers.get("content-length").is_none() && s.headers.get("connection").is_none());
+        assert_eq!(s.body.as_deref(), Some(&b"hello"[..]));
+        let small = decode(&encode(StatusCode::OK, &h, &[0; 100], 60)).unwrap();
+        assert_eq!(small.body, None);
+        for cut in 0..bytes.len() {
+            let _ = decode(&bytes[..cut]);
+        }
+        assert!(decode(&[9, 0, 0]).is_none());
+    }
+}
