@@ -6,6 +6,7 @@
 //!   `Idempotent-Replayed: true`, a repeat while the first runs gets 409 (or waits, with
 //!   `Prefer: wait=N`), the same key with another payload gets 422.
 //! - [`EchoLayer`]: `X-Request-Id` echoed, `X-Echo-Set-Header: Name: value` set on the response.
+//! - [`ExactlyOnce`]: the PUT / POST / GET / DELETE exactly-once protocol on one URL.
 //!
 //! Put the echo layer outside the idempotency layer, so replays carry the headers the
 //! *current* request asked for:
@@ -29,11 +30,13 @@
 //! ```
 
 mod echo_layer;
+mod exactly_once;
 mod idempotency;
 mod problem;
 mod stored;
 
 pub use echo_layer::{Echo, EchoLayer};
+pub use exactly_once::{ExactlyOnce, ExactlyOnceHandler, Processed};
 pub use idempotency::{Idempotency, IdempotencyInfo, IdempotencyLayer};
 
 /// Errors of bodies, as tower-http boxes them.

@@ -1,0 +1,350 @@
+//! The exactly-once protocol on one URL (token-based deduplication), for endpoints like
+//! `/payments/authorize/{id}` where only the processing is user code:
+//!
+//! | method | effect | answers |
+//! |---|---|---|
+//! | `PUT` | stores the request body under the id (repeatable until processed) | 202; 409 once processing started or done |
+//! | `POST` | processes the stored request **at most once**, atomically with the state changes the handler returns, and stores the response | the handler's response; a replay (`Idempotent-Replayed: true`) after that; 404 for an unknown or deleted id (nothing runs); 409 + `Retry-After` while it runs |
+//! | `GET` | the stored response | it; 404 unknown id; 409 not processed yet |
+//! | `DELETE` | forgets everything about the id (repeatable) | 204 |
+//!
+//! The id is the last path segment. The handler returns a [`Processed`]: the response and a
+//! batch of versioned [`Write`]s (an account balance, a stock count) that
+//! [`IdempotencyStore::complete`] applies together with "processed": all or none. If one of
+//! them conflicts (another request changed the balance meanwhile), the handler runs again on
+//! fresh state, under the same lease, up to 8 times.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use tower_service::Service;
+
+use super::BoxError;
+use super::problem::problem;
+use super::stored;
+use crate::{Error, IdempotencyStore, Key, PutPending, Take, Write};
+
+/// What the handler made of a request.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Processed {
+    /// The response status.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// The response body.
+    pub body: Bytes,
+    /// State changes committed atomically with "processed".
+    pub writes: Vec<Write>,
+}
+
+impl Processed {
+    /// A response with `status` and `body`, no writes.
+    pub fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
+        Processed {
+            status,
+            headers: HeaderMap::new(),
+            body: body.into(),
+            writes: Vec::new(),
+        }
+    }
+
+    /// Adds a state change to commit with the response.
+    pub fn write(mut self, w: Write) -> Self {
+        self.writes.push(w);
+        self
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: http::HeaderName, value: HeaderValue) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+}
+
+/// The user code of an exactly-once endpoint: processes the stored request `payload` for `id`.
+/// It may read state from the store; it runs again if its writes conflict.
+pub trait ExactlyOnceHandler: Send + Sync + 'static {
+    /// Processes one stored request.
+    fn process(&self, id: &str, payload: Bytes) -> impl Future<Output = Processed> + Send;
+}
+
+/// The exactly-once service for one endpoint; see the module docs.
+pub struct ExactlyOnce<St, H> {
+    store: St,
+    scope: Arc<str>,
+    handler: Arc<H>,
+    lease: Duration,
+    max_body: usize,
+}
+
+impl<St: Clone, H> Clone for ExactlyOnce<St, H> {
+    fn clone(&self) -> Self {
+        ExactlyOnce {
+            store: self.store.clone(),
+            scope: Arc::clone(&self.scope),
+            handler: Arc::clone(&self.handler),
+            lease: self.lease,
+            max_body: self.max_body,
+        }
+    }
+}
+
+impl<St, H> std::fmt::Debug for ExactlyOnce<St, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExactlyOnce")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
+    /// The endpoint's records live under `scope` (give each endpoint its own).
+    pub fn new(store: St, scope: impl Into<Arc<str>>, handler: H) -> Self {
+        ExactlyOnce {
+            store,
+            scope: scope.into(),
+            handler: Arc::new(handler),
+            lease: Duration::from_secs(30),
+            max_body: 1 << 20,
+        }
+    }
+
+    /// The lease a running handler holds (default 30 s).
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
+        self
+    }
+}
+
+const RETRIES: usize = 8;
+
+fn store_error<B: From<Bytes>>(e: &Error) -> Response<B> {
+    match e {
+        Error::KeyTooLong { .. } | Error::EmptyKey => {
+            problem(StatusCode::BAD_REQUEST, "invalid-id", &e.to_string())
+        }
+        Error::ValueTooLarge { .. } => {
+            problem(StatusCode::PAYLOAD_TOO_LARGE, "too-large", &e.to_string())
+        }
+        _ => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+fn replay<B: From<Bytes>>(record: &[u8], replayed: bool) -> Response<B> {
+    let Some(s) = stored::decode(record) else {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored-response-unreadable",
+            "the stored response cannot be read",
+        );
+    };
+    let mut r = Response::new(B::from(s.body.unwrap_or_default()));
+    *r.status_mut() = s.status;
+    *r.headers_mut() = s.headers;
+    if replayed {
+        r.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    r
+}
+
+fn retry_after<B>(mut r: Response<B>, deadline: crate::Timestamp) -> Response<B> {
+    let now = crate::Clock::now(&crate::SystemClock).as_millis();
+    let secs = deadline
+        .as_millis()
+        .saturating_sub(now)
+        .div_ceil(1000)
+        .max(1);
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
+/// Responses have a `Full<Bytes>` body (axum takes it through `Router::route_service`).
+type ResB = http_body_util::Full<Bytes>;
+
+impl<St, H, ReqB> Service<Request<ReqB>> for ExactlyOnce<St, H>
+where
+    St: IdempotencyStore + Clone,
+    H: ExactlyOnceHandler,
+    ReqB: Body + Send + 'static,
+    ReqB::Data: Send,
+    ReqB::Error: Into<BoxError>,
+{
+    type Response = Response<ResB>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResB>, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let id = req
+                .uri()
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            if id.is_empty() {
+                return Ok(problem(
+                    StatusCode::NOT_FOUND,
+                    "unknown-id",
+                    "no id in the path",
+                ));
+            }
+            let key = Key::new(&*me.scope, id.as_bytes());
+            let res = match *req.method() {
+                Method::PUT => {
+                    let body = match Limited::new(req.into_body(), me.max_body).collect().await {
+                        Ok(c) => c.to_bytes(),
+                        Err(_) => {
+                            return Ok(problem(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "body-too-large",
+                                "the request body is too large or unreadable",
+                            ));
+                        }
+                    };
+                    match me.store.put_pending(key, &body, None).await {
+                        Ok(PutPending::Stored) => {
+                            let mut r = Response::new(ResB::from(Bytes::from(format!(
+                                "{{\"id\":\"{}\",\"state\":\"pending\"}}",
+                                id.escape_default()
+                            ))));
+                            *r.status_mut() = StatusCode::ACCEPTED;
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                HeaderValue::from_static("application/json"),
+                            );
+                            r
+                        }
+                        Ok(PutPending::InProgress { deadline }) => retry_after(
+                            problem(
+                                StatusCode::CONFLICT,
+                                "in-progress",
+                                "this request is being processed; it can no longer change",
+                            ),
+                            deadline,
+                        ),
+                        Ok(PutPending::Completed) => problem(
+                            StatusCode::CONFLICT,
+                            "already-processed",
+                            "this request was processed; it can no longer change",
+                        ),
+                        Err(e) => store_error(&e),
+                    }
+                }
+                Method::POST => me.process(key, &id).await,
+                Method::GET => match me.store.get(key).await {
+                    Ok(Some(crate::Snapshot::Completed(c))) => replay(&c.response, false),
+                    Ok(Some(
+                        crate::Snapshot::Pending { .. } | crate::Snapshot::InFlight { .. },
+                    )) => problem(
+                        StatusCode::CONFLICT,
+                        "not-processed-yet",
+                        "this request is stored but not processed yet",
+                    ),
+                    Ok(_) => problem(
+                        StatusCode::NOT_FOUND,
+                        "unknown-id",
+                        "no request is stored under this id",
+                    ),
+                    Err(e) => store_error(&e),
+                },
+                Method::DELETE => match me.store.remove(key).await {
+                    Ok(_) => {
+                        let mut r = Response::new(ResB::from(Bytes::new()));
+                        *r.status_mut() = StatusCode::NO_CONTENT;
+                        r
+                    }
+                    Err(e) => store_error(&e),
+                },
+                _ => {
+                    let mut r = problem(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method-not-allowed",
+                        "use PUT, POST, GET or DELETE",
+                    );
+                    r.headers_mut().insert(
+                        http::header::ALLOW,
+                        HeaderValue::from_static("PUT, POST, GET, DELETE"),
+                    );
+                    r
+                }
+            };
+            Ok(res)
+        })
+    }
+}
+
+impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
+    async fn process<B: From<Bytes>>(&self, key: Key<'_>, id: &str) -> Response<B> {
+        let (lease, payload) = match self.store.take_pending(key, self.lease).await {
+            Ok(Take::Acquired { lease, payload }) => (lease, payload),
+            Ok(Take::Completed(c)) => return replay(&c.response, true),
+            Ok(Take::InProgress { deadline }) => {
+                return retry_after(
+                    problem(
+                        StatusCode::CONFLICT,
+                        "in-progress",
+                        "this request is being processed",
+                    ),
+                    deadline,
+                );
+            }
+            Ok(Take::NotFound) => {
+                return problem(
+                    StatusCode::NOT_FOUND,
+                    "unknown-id",
+                    "no request is stored under this id; nothing was run",
+                );
+            }
+            Err(e) => return store_error(&e),
+        };
+        let payload = Bytes::from(payload);
+        for _ in 0..RETRIES {
+            let done = self.handler.process(id, payload.clone()).await;
+            let record = stored::encode(done.status, &done.headers, &done.body, usize::MAX);
+            match self
+                .store
+                .complete(&lease, &record, None, &done.writes)
+                .await
+            {
+                Ok(_) => {
+                    let mut r = Response::new(B::from(done.body));
+                    *r.status_mut() = done.status;
+                    *r.headers_mut() = done.headers;
+                    return r;
+                }
+                // The state the handler read changed meanwhile: run it again on fresh state.
+                Err(Error::BatchConflict { .. }) => continue,
+                Err(e) => {
+                    let _ = self.store.release(lease).await;
+                    return store_error(&e);
+                }
+            }
+        }
+        let _ = self.store.release(lease).await;
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "contention",
+            "the state this request changes kept changing; retry later",
+        )
+    }
+}

@@ -1,0 +1,224 @@
+//! The exactly-once PUT / POST / GET / DELETE protocol, with a handler whose state change (an
+//! account debit) commits atomically with "processed".
+#![cfg(feature = "http")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use idemkv::http::{ExactlyOnce, ExactlyOnceHandler, Processed};
+use idemkv::{OwnedKey, Snapshot, Store, Write};
+use tower::ServiceExt;
+
+/// Debits `amount` cents from `customer` (balance starts at 10000), or answers 400.
+#[derive(Clone)]
+struct Payments {
+    store: Store,
+    runs: Arc<AtomicU64>,
+}
+
+impl ExactlyOnceHandler for Payments {
+    async fn process(&self, _id: &str, payload: Bytes) -> Processed {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        let (customer, amount) = text.split_once(':').unwrap_or(("?", "0"));
+        let amount: i64 = amount.parse().unwrap_or(0);
+        let account = OwnedKey::new("accounts", customer);
+        let (balance, write) = match self.store.get(account.as_key()) {
+            Ok(Some(Snapshot::Value(v))) => {
+                let b: i64 = String::from_utf8_lossy(&v.value).parse().unwrap_or(0);
+                (b, Some(v.version))
+            }
+            _ => (10_000, None),
+        };
+        if amount > balance {
+            return Processed::new(StatusCode::BAD_REQUEST, "insufficient funds");
+        }
+        let new = (balance - amount).to_string();
+        let w = match write {
+            Some(version) => Write::set_if_version(account, version, new.clone()),
+            None => Write::put_if_absent(account, new.clone()),
+        };
+        Processed::new(StatusCode::OK, format!("debited {amount}, balance {new}")).write(w)
+    }
+}
+
+fn req(method: Method, id: &str, body: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(format!("/payments/authorize/{id}"))
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request")
+}
+
+async fn call(
+    svc: &ExactlyOnce<Store, Payments>,
+    r: Request<Full<Bytes>>,
+) -> (StatusCode, http::HeaderMap, String) {
+    let res = svc.clone().oneshot(r).await.expect("infallible");
+    let (p, b) = res.into_parts();
+    (
+        p.status,
+        p.headers,
+        String::from_utf8_lossy(&b.collect().await.expect("body").to_bytes()).into_owned(),
+    )
+}
+
+fn setup() -> (ExactlyOnce<Store, Payments>, Payments, Store) {
+    let store = Store::in_memory();
+    let payments = Payments {
+        store: store.clone(),
+        runs: Arc::default(),
+    };
+    (
+        ExactlyOnce::new(store.clone(), "payments/authorize", payments.clone()),
+        payments,
+        store,
+    )
+}
+
+fn balance(store: &Store, customer: &str) -> String {
+    match store
+        .get(OwnedKey::new("accounts", customer).as_key())
+        .expect("get")
+    {
+        Some(Snapshot::Value(v)) => String::from_utf8_lossy(&v.value).into_owned(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn put_post_get_delete() {
+    let (svc, payments, store) = setup();
+    assert_eq!(
+        call(&svc, req(Method::POST, "p1", "")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        payments.runs.load(Ordering::SeqCst),
+        0,
+        "an unknown id runs nothing"
+    );
+    assert_eq!(
+        call(&svc, req(Method::PUT, "p1", "c1:1250")).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        call(&svc, req(Method::PUT, "p1", "c1:1250")).await.0,
+        StatusCode::ACCEPTED,
+        "PUT is repeatable"
+    );
+    let (s, h, b) = call(&svc, req(Method::GET, "p1", "")).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert!(b.contains("not-processed-yet") && h["content-type"] == "application/problem+json");
+    let (s, h, b) = call(&svc, req(Method::POST, "p1", "")).await;
+    assert_eq!(
+        (s, b.as_str()),
+        (StatusCode::OK, "debited 1250, balance 8750")
+    );
+    assert!(h.get("idempotent-replayed").is_none());
+    // Duplicate and late POSTs replay; nothing runs twice, nothing is debited twice.
+    let (s, h, b) = call(&svc, req(Method::POST, "p1", "")).await;
+    assert_eq!(
+        (s, b.as_str()),
+        (StatusCode::OK, "debited 1250, balance 8750")
+    );
+    assert_eq!(h["idempotent-replayed"], "true");
+    assert_eq!(payments.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(balance(&store, "c1"), "8750");
+    assert_eq!(
+        call(&svc, req(Method::GET, "p1", "")).await.2,
+        "debited 1250, balance 8750"
+    );
+    assert_eq!(
+        call(&svc, req(Method::PUT, "p1", "c1:1")).await.0,
+        StatusCode::CONFLICT
+    );
+    // DELETE forgets everything (repeatably); a POST after it runs nothing.
+    assert_eq!(
+        call(&svc, req(Method::DELETE, "p1", "")).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&svc, req(Method::DELETE, "p1", "")).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&svc, req(Method::GET, "p1", "")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&svc, req(Method::POST, "p1", "")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(payments.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        store
+            .get(idemkv::Key::new("payments/authorize", "p1"))
+            .expect("get"),
+        None
+    );
+    assert_eq!(
+        call(&svc, req(Method::PATCH, "p1", "")).await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}
+
+#[tokio::test]
+async fn insufficient_funds_is_a_recorded_400() {
+    let (svc, payments, _) = setup();
+    call(&svc, req(Method::PUT, "big", "c2:20000")).await;
+    let (s, _, b) = call(&svc, req(Method::POST, "big", "")).await;
+    assert_eq!(
+        (s, b.as_str()),
+        (StatusCode::BAD_REQUEST, "insufficient funds")
+    );
+    let (s, h, _) = call(&svc, req(Method::POST, "big", "")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(h["idempotent-replayed"], "true");
+    assert_eq!(payments.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_payments_on_one_account_each_debit_exactly_once() {
+    let (svc, payments, store) = setup();
+    let n = 40;
+    for i in 0..n {
+        call(&svc, req(Method::PUT, &format!("pay-{i}"), "c3:100")).await;
+    }
+    // Every payment POSTed three times at once, all payments at once.
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        for _ in 0..3 {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                call(&svc, req(Method::POST, &format!("pay-{i}"), ""))
+                    .await
+                    .0
+            }));
+        }
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            StatusCode::OK => ok += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert!(ok >= n);
+    assert_eq!(
+        balance(&store, "c3"),
+        (10_000 - 100 * n).to_string(),
+        "each payment debited once"
+    );
+    // Runs can exceed n only through conflict retries, which commit nothing.
+    assert!(payments.runs.load(Ordering::SeqCst) >= n as u64);
+    for i in 0..n {
+        let (s, _, b) = call(&svc, req(Method::GET, &format!("pay-{i}"), "")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(b.starts_with("debited 100"));
+    }
+}
