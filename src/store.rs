@@ -816,6 +816,28 @@ fn completed_of(rec: &Record) -> Completed {
     }
 }
 
+fn snapshot_of(rec: &Record) -> Snapshot {
+    let h = rec.header();
+    match rec.kind() {
+        Kind::InFlight | Kind::InFlightPending => Snapshot::InFlight {
+            token: h.a,
+            deadline: Timestamp::from_millis(h.b),
+            fingerprint: h.fingerprint,
+            pending: rec.kind() == Kind::InFlightPending,
+        },
+        Kind::Completed => Snapshot::Completed(completed_of(rec)),
+        Kind::Pending => Snapshot::Pending {
+            payload: rec.value().to_vec(),
+            expires_at: Timestamp::from_millis(h.b),
+        },
+        Kind::Value => Snapshot::Value(Versioned {
+            version: h.a,
+            value: rec.value().to_vec(),
+            expires_at: (h.b != u64::MAX).then_some(Timestamp::from_millis(h.b)),
+        }),
+    }
+}
+
 fn kind_of(kind: Kind) -> RecordKind {
     match kind {
         Kind::InFlight | Kind::Completed => RecordKind::Idempotency,
@@ -1581,25 +1603,7 @@ impl Inner {
             self.expire(&mut shard.counters, entry);
             return Ok(None);
         }
-        let h = rec.header();
-        Ok(Some(match rec.kind() {
-            Kind::InFlight | Kind::InFlightPending => Snapshot::InFlight {
-                token: h.a,
-                deadline: Timestamp::from_millis(h.b),
-                fingerprint: h.fingerprint,
-                pending: rec.kind() == Kind::InFlightPending,
-            },
-            Kind::Completed => Snapshot::Completed(completed_of(rec)),
-            Kind::Pending => Snapshot::Pending {
-                payload: rec.value().to_vec(),
-                expires_at: Timestamp::from_millis(h.b),
-            },
-            Kind::Value => Snapshot::Value(Versioned {
-                version: h.a,
-                value: rec.value().to_vec(),
-                expires_at: (h.b != u64::MAX).then_some(Timestamp::from_millis(h.b)),
-            }),
-        }))
+        Ok(Some(snapshot_of(rec)))
     }
 
     pub(crate) fn remove(&self, key: Key<'_>, settle: &Settle) -> Result<bool, Error> {
@@ -2288,6 +2292,23 @@ impl Store {
         let outcome = self.inner.take_pending(key, lease, &settle)?;
         self.inner.settle(&settle, self.durability)?;
         Ok(outcome)
+    }
+
+    /// Every live record under `scope`, with its id, in no particular order. Visits every shard
+    /// (one lock at a time), so it costs time in the number of records: for listings and
+    /// administration, not the request path. Not a snapshot of one instant.
+    pub fn scan(&self, scope: &[u8]) -> Vec<(Vec<u8>, Snapshot)> {
+        let now = self.inner.now();
+        let mut out = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let s = shard.0.lock();
+            for r in s.table.iter() {
+                if r.scope() == scope && !is_dead(r, now) {
+                    out.push((r.id().to_vec(), snapshot_of(r)));
+                }
+            }
+        }
+        out
     }
 
     /// Writes a checkpoint now (see [`StoreBuilder::checkpoint_every`] for the automatic ones):

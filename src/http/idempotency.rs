@@ -56,6 +56,14 @@ pub struct IdempotencyInfo {
     pub takeover: bool,
 }
 
+/// State changes a handler wants committed **atomically with** its idempotent completion: put
+/// it in the response's extensions. Either the key is recorded as done and every write applied,
+/// or neither — so a crash between "order written" and "request completed" cannot make a retry
+/// create a second order. If a write's version check fails, nothing is applied, the key is
+/// released, and the client gets 409 (problem type `contention`) to retry.
+#[derive(Clone, Debug, Default)]
+pub struct CompleteWith(pub Vec<crate::Write>);
+
 type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
 type FingerprintFn = dyn Fn(&Parts, &[u8]) -> Fingerprint + Send + Sync;
 type KeepFn = dyn Fn(StatusCode) -> bool + Send + Sync;
@@ -475,7 +483,12 @@ where
             let res = inner
                 .call(Request::from_parts(parts, ReqB::from(body)))
                 .await?;
-            let (rparts, rbody) = res.into_parts();
+            let (mut rparts, rbody) = res.into_parts();
+            let writes = rparts
+                .extensions
+                .remove::<CompleteWith>()
+                .unwrap_or_default()
+                .0;
             let rbytes = match rbody.collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) => {
@@ -491,9 +504,22 @@ where
                 if (cfg.keep)(rparts.status) {
                     let record =
                         stored::encode(rparts.status, &rparts.headers, &rbytes, cfg.max_stored);
-                    // A failure here (the lease was taken over, the store is down) leaves the
-                    // key to a retry; this response still goes to this client.
-                    let _ = store.complete(&lease, &record, cfg.ttl, &[]).await;
+                    match store.complete(&lease, &record, cfg.ttl, &writes).await {
+                        Ok(_) => {}
+                        Err(Error::BatchConflict { .. }) => {
+                            let _ = store.release(lease).await;
+                            let why = "state this request changes was changed by another; retry";
+                            return Ok(problem(StatusCode::CONFLICT, "contention", why));
+                        }
+                        Err(e) if !writes.is_empty() => {
+                            // The writes were not applied: the response must not claim they were.
+                            let _ = store.release(lease).await;
+                            return Ok(store_error(&e));
+                        }
+                        // The lease was taken over or the store is down: the key is left to a
+                        // retry; this response (which changed nothing in the store) still goes out.
+                        Err(_) => {}
+                    }
                 } else {
                     let _ = store.release(lease).await;
                 }

@@ -37,7 +37,7 @@ mod stored;
 
 pub use echo_layer::{Echo, EchoLayer};
 pub use exactly_once::{ExactlyOnce, ExactlyOnceHandler, Processed};
-pub use idempotency::{Idempotency, IdempotencyInfo, IdempotencyLayer};
+pub use idempotency::{CompleteWith, Idempotency, IdempotencyInfo, IdempotencyLayer};
 
 /// Errors of bodies, as tower-http boxes them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,305 @@
+//! An order and payment service on the embedded store: the README's main job.
+//!
+//! `cargo run --release --example http_orders -- [--listen 127.0.0.1:8080] [--data ./data/http_orders]
+//!  [--durability immediate|batched|none] [--work-ms 0]`
+//!
+//! - `POST /orders` `{"items":[{"sku":"id-17236","count":1}]}` → 201 `{"id":<uuid>,"items":[…]}`,
+//!   behind the Idempotency-Key and echo layers; the order is written atomically with the
+//!   idempotent completion, so a retry after a crash never creates it twice.
+//! - `GET /orders` (every order, so duplicates would show), `GET /orders/{id}`.
+//! - `/payments/authorize/{id}`: the exactly-once protocol (PUT the payload
+//!   `{"customer_id":"c1","amount":"12.50"}`, POST to run it once, GET, DELETE). Every customer
+//!   starts with 100.00; a payment debits it or answers 400 for insufficient funds.
+//! - `GET /accounts/{customer_id}` → `{"customer_id":…,"balance":"87.50"}`.
+//!
+//! All state lives in the store, so it survives restarts. One log line per request; Ctrl-C
+//! (or SIGTERM) stops it cleanly.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use idemkv::http::{
+    CompleteWith, EchoLayer, ExactlyOnce, ExactlyOnceHandler, IdempotencyInfo, IdempotencyLayer,
+    Processed,
+};
+use idemkv::{Durability, OwnedKey, Snapshot, Store, Write};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone)]
+struct App {
+    store: Store,
+    work: Duration,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Item {
+    sku: String,
+    count: u32,
+}
+
+#[derive(Deserialize)]
+struct NewOrder {
+    items: Vec<Item>,
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn bad_request(detail: &str) -> Response {
+    let body = serde_json::json!({"type": "urn:idemkv:problem:bad-request", "title": "Bad Request", "status": 400, "detail": detail});
+    let mut r = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    r
+}
+
+async fn create_order(State(app): State<App>, req: Request) -> Response {
+    let layered = req.extensions().get::<IdempotencyInfo>().is_some();
+    let Ok(body) = axum::body::to_bytes(req.into_body(), 1 << 20).await else {
+        return bad_request("unreadable body");
+    };
+    let order: NewOrder = match serde_json::from_slice(&body) {
+        Ok(o) => o,
+        Err(e) => {
+            return bad_request(&format!(
+                "expected {{\"items\":[{{\"sku\":…,\"count\":…}}]}}: {e}"
+            ));
+        }
+    };
+    if order.items.is_empty() {
+        return bad_request("an order needs at least one item");
+    }
+    tokio::time::sleep(app.work).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let created = serde_json::json!({"id": id, "items": order.items})
+        .to_string()
+        .into_bytes();
+    let write = Write::put_if_absent(OwnedKey::new("orders", &id), created.clone());
+    let mut res = json(StatusCode::CREATED, created);
+    if layered {
+        // Committed together with "this Idempotency-Key is done".
+        res.extensions_mut().insert(CompleteWith(vec![write]));
+    } else if let Err(e) = app.store.cas(&write) {
+        return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+    }
+    res
+}
+
+async fn list_orders(State(app): State<App>) -> Response {
+    let orders: Vec<serde_json::Value> = app
+        .store
+        .scan(b"orders")
+        .into_iter()
+        .filter_map(|(_, s)| match s {
+            Snapshot::Value(v) => serde_json::from_slice(&v.value).ok(),
+            _ => None,
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::to_vec(&orders).unwrap_or_default(),
+    )
+}
+
+async fn one_order(State(app): State<App>, Path(id): Path<String>) -> Response {
+    match app.store.get(OwnedKey::new("orders", &id).as_key()) {
+        Ok(Some(Snapshot::Value(v))) => json(StatusCode::OK, v.value),
+        Ok(_) => (StatusCode::NOT_FOUND, "no such order").into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+const START_CENTS: i64 = 100_00;
+
+fn cents_to_string(c: i64) -> String {
+    format!("{}.{:02}", c / 100, c % 100)
+}
+
+/// "12.50" → 1250; positive amounts with at most two decimals only.
+fn parse_cents(s: &str) -> Option<i64> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, "0"));
+    if frac.len() > 2
+        || whole.is_empty()
+        || !whole
+            .bytes()
+            .chain(frac.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let frac: i64 = format!("{frac:0<2}").parse().ok()?;
+    let c = whole
+        .parse::<i64>()
+        .ok()?
+        .checked_mul(100)?
+        .checked_add(frac)?;
+    (c > 0).then_some(c)
+}
+
+fn balance_of(store: &Store, customer: &str) -> (i64, Option<u64>) {
+    match store.get(OwnedKey::new("accounts", customer).as_key()) {
+        Ok(Some(Snapshot::Value(v))) => (
+            String::from_utf8_lossy(&v.value)
+                .parse()
+                .unwrap_or(START_CENTS),
+            Some(v.version),
+        ),
+        _ => (START_CENTS, None),
+    }
+}
+
+async fn account(State(app): State<App>, Path(customer): Path<String>) -> Response {
+    let (cents, _) = balance_of(&app.store, &customer);
+    let body = serde_json::json!({"customer_id": customer, "balance": cents_to_string(cents)});
+    json(StatusCode::OK, body.to_string().into_bytes())
+}
+
+#[derive(Deserialize)]
+struct Payment {
+    customer_id: String,
+    amount: String,
+}
+
+/// The user code of the exactly-once endpoint: a debit committed with "processed".
+struct Payments {
+    store: Store,
+}
+
+impl ExactlyOnceHandler for Payments {
+    async fn process(&self, id: &str, payload: Bytes) -> Processed {
+        let Some((p, cents)) = serde_json::from_slice::<Payment>(&payload)
+            .ok()
+            .and_then(|p| parse_cents(&p.amount).map(|c| (p, c)))
+        else {
+            return Processed::new(
+                StatusCode::BAD_REQUEST,
+                "expected {\"customer_id\":…,\"amount\":\"12.50\"}",
+            );
+        };
+        let (balance, version) = balance_of(&self.store, &p.customer_id);
+        if cents > balance {
+            return Processed::new(StatusCode::BAD_REQUEST, "insufficient funds");
+        }
+        let left = balance - cents;
+        let account = OwnedKey::new("accounts", &p.customer_id);
+        let write = match version {
+            Some(v) => Write::set_if_version(account, v, left.to_string()),
+            None => Write::put_if_absent(account, left.to_string()),
+        };
+        let body = serde_json::json!({
+            "id": id, "customer_id": p.customer_id,
+            "amount": cents_to_string(cents), "balance": cents_to_string(left),
+        });
+        Processed::new(StatusCode::OK, body.to_string())
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )
+            .write(write)
+    }
+}
+
+async fn log(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let res = next.run(req).await;
+    let replayed = res.headers().contains_key("idempotent-replayed");
+    println!(
+        "{method} {path} {} replayed={replayed}",
+        res.status().as_u16()
+    );
+    res
+}
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    println!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let listen: SocketAddr = arg(&args, "--listen", "127.0.0.1:8080").parse()?;
+    let data = arg(&args, "--data", "./data/http_orders");
+    let durability = match arg(&args, "--durability", "immediate").as_str() {
+        "immediate" => Durability::Immediate,
+        "batched" => Durability::Batched {
+            max_delay: Duration::from_millis(10),
+        },
+        "none" => Durability::None,
+        other => {
+            return Err(
+                format!("--durability must be immediate, batched or none, not {other}").into(),
+            );
+        }
+    };
+    let work = Duration::from_millis(arg(&args, "--work-ms", "0").parse()?);
+    let store = Store::builder().durability(durability).open(&data)?;
+    if let Some(r) = store.recovery_report() {
+        println!(
+            "opened {data}: {} records from the checkpoint, {} log records replayed",
+            r.checkpoint_records, r.records
+        );
+    }
+    let app = App {
+        store: store.clone(),
+        work,
+    };
+    let router = Router::new()
+        .route("/orders", post(create_order).get(list_orders))
+        .route("/orders/{id}", get(one_order))
+        .route("/accounts/{customer_id}", get(account))
+        .route_service(
+            "/payments/authorize/{id}",
+            ExactlyOnce::new(
+                store.clone(),
+                "payments/authorize",
+                Payments {
+                    store: store.clone(),
+                },
+            ),
+        )
+        .layer(IdempotencyLayer::new(store.clone()).lease(Duration::from_secs(10)))
+        .layer(EchoLayer::new())
+        .layer(middleware::from_fn(log))
+        .with_state(app);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    Ok(())
+}
