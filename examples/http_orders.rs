@@ -124,7 +124,7 @@ async fn one_order(State(app): State<App>, Path(id): Path<String>) -> Response {
     }
 }
 
-const START_CENTS: i64 = 100_00;
+const START_CENTS: i64 = 10_000; // 100.00
 
 fn cents_to_string(c: i64) -> String {
     format!("{}.{:02}", c / 100, c % 100)
