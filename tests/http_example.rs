@@ -206,8 +206,7 @@ fn load_until_killed(
     round: usize,
 ) -> Vec<(String, u16, Vec<u8>)> {
     let addr = server.addr.clone();
-    let received: std::sync::Arc<std::sync::Mutex<Vec<(String, u16, Vec<u8>)>>> =
-        Default::default();
+    let received: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = Default::default();
     let clients: Vec<_> = (0..8)
         .map(|t| {
             let (addr, received) = (addr.clone(), std::sync::Arc::clone(&received));
