@@ -102,6 +102,9 @@ fn http(
     Some((status, headers, raw[split + 4..].to_vec()))
 }
 
+/// A response a client received: what was asked (path and key), status, body.
+type Received = (String, u16, Vec<u8>);
+
 const ORDER: &str = r#"{"items":[{"sku":"id-17236","count":1}]}"#;
 
 fn order_ids(addr: &str) -> Vec<String> {
@@ -204,7 +207,7 @@ fn load_until_killed(
     millis: u64,
     payments: usize,
     round: usize,
-) -> Vec<(String, u16, Vec<u8>)> {
+) -> Vec<Received> {
     let addr = server.addr.clone();
     let received: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = Default::default();
     let clients: Vec<_> = (0..8)
