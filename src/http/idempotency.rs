@@ -317,27 +317,20 @@ fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Releases the lease if the handler does not finish (it failed, panicked, or the request was
-/// cancelled), and stops the renewal task either way.
+/// cancelled).
 struct Held<St: IdempotencyStore + Clone> {
     store: St,
     lease: Option<Lease>,
-    renew: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<St: IdempotencyStore + Clone> Held<St> {
     fn finish(mut self) -> Option<Lease> {
-        if let Some(r) = self.renew.take() {
-            r.abort();
-        }
         self.lease.take()
     }
 }
 
 impl<St: IdempotencyStore + Clone> Drop for Held<St> {
     fn drop(&mut self) {
-        if let Some(r) = self.renew.take() {
-            r.abort();
-        }
         if let (Some(lease), Ok(rt)) = (self.lease.take(), tokio::runtime::Handle::try_current()) {
             let store = self.store.clone();
             rt.spawn(async move {
@@ -345,16 +338,6 @@ impl<St: IdempotencyStore + Clone> Drop for Held<St> {
             });
         }
     }
-}
-
-fn copy_lease(l: &Lease) -> Lease {
-    Lease::new(
-        l.key().to_owned(),
-        l.token(),
-        l.deadline(),
-        l.fingerprint(),
-        l.is_takeover(),
-    )
 }
 
 fn store_error<B: From<Bytes>>(e: &Error) -> Response<B> {
@@ -462,27 +445,30 @@ where
                 key: key.clone(),
                 takeover: lease.is_takeover(),
             });
-            let renewer = {
-                let (store, mut copy, every) = (store.clone(), copy_lease(&lease), cfg.lease / 3);
-                tokio::runtime::Handle::try_current().ok().map(|rt| {
-                    rt.spawn(async move {
-                        loop {
-                            tokio::time::sleep(every).await;
-                            if store.renew(&mut copy, every * 3).await.is_err() {
-                                return;
-                            }
-                        }
-                    })
-                })
-            };
-            let held = Held {
+            let mut held = Held {
                 store: store.clone(),
                 lease: Some(lease),
-                renew: renewer,
             };
-            let res = inner
-                .call(Request::from_parts(parts, ReqB::from(body)))
-                .await?;
+            let handler = inner.call(Request::from_parts(parts, ReqB::from(body)));
+            let res = match tokio::runtime::Handle::try_current() {
+                // Renewed every third of the lease while the handler runs, by racing it against
+                // a timer (no task per request).
+                Ok(_) => {
+                    let every = cfg.lease / 3;
+                    let mut handler = std::pin::pin!(handler);
+                    loop {
+                        tokio::select! {
+                            res = &mut handler => break res?,
+                            () = tokio::time::sleep(every) => {
+                                if let Some(l) = held.lease.as_mut() {
+                                    let _ = store.renew(l, cfg.lease).await;
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(_) => handler.await?,
+            };
             let (mut rparts, rbody) = res.into_parts();
             let writes = rparts
                 .extensions

@@ -54,6 +54,9 @@ pub enum Durability {
     None,
 }
 
+/// A `Batched` writer writes early once this many bytes are waiting.
+const BATCH_LIMIT: usize = 1 << 20;
+
 /// Default size of a new log segment, preallocated (a larger batch gets a segment of its own).
 pub(crate) const SEGMENT_SIZE: u64 = 64 << 20;
 
@@ -293,15 +296,21 @@ impl Wal {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        if st.count == 0 {
+        let was_empty = st.count == 0;
+        if was_empty {
             st.first_seq = seq;
         }
         st.count += 1;
         let mut w = RecordWriter::new(&mut st.buf, seq, op);
         items(&mut w);
         w.finish();
+        let full = st.buf.len() >= BATCH_LIMIT;
         drop(st);
-        self.shared.work.notify_one();
+        // The writer only needs waking when there is a first record to write, or the batch is
+        // full; a wake-up per record would cost a syscall each while it waits out a delay.
+        if was_empty || full {
+            self.shared.work.notify_one();
+        }
         Ok(seq)
     }
 
@@ -407,7 +416,7 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
             if let Durability::Batched { max_delay } = mode {
                 // Let more records join, up to the delay or 1 MiB.
                 let until = Instant::now() + max_delay;
-                while !st.shutdown && !st.urgent && st.buf.len() < 1 << 20 {
+                while !st.shutdown && !st.urgent && st.buf.len() < BATCH_LIMIT {
                     if shared.work.wait_until(&mut st, until).timed_out() {
                         break;
                     }

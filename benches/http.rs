@@ -1,0 +1,239 @@
+//! The HTTP layer's cost, over loopback: the same axum handler (a) without the layer, (b) with
+//! the Idempotency-Key layer on fresh keys in each durability mode, (c) with the layer on
+//! replays; the same keep-alive load generator and connection count for every row, rows
+//! interleaved over rounds.
+//!
+//! `cargo bench --bench http` (`IDEMKV_BENCH_QUICK=1`: shorter rows).
+
+use std::io::{BufRead, BufReader, Read, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use idemkv::http::IdempotencyLayer;
+use idemkv::{Durability, Store};
+
+const CONNECTIONS: usize = 16;
+
+/// The Idempotency-Key of request `i` on connection `conn` (`None`: no header).
+type KeyFn = Arc<dyn Fn(usize, u64) -> Option<String> + Send + Sync>;
+const BODY: &str = r#"{"items":[{"sku":"id-17236","count":1}]}"#;
+
+async fn create(body: axum::body::Bytes) -> (StatusCode, String) {
+    let n = body.len();
+    (
+        StatusCode::CREATED,
+        format!("{{\"id\":\"{}\",\"bytes\":{n}}}", uuid_like()),
+    )
+}
+
+fn uuid_like() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{:032x}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn serve(rt: &tokio::runtime::Runtime, router: Router) -> SocketAddr {
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        addr
+    })
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; returns its status.
+fn read_response(r: &mut BufReader<TcpStream>) -> Option<u16> {
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let status = line.split(' ').nth(1)?.parse().ok()?;
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        r.read_line(&mut line).ok()?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).ok()?;
+    Some(status)
+}
+
+/// `CONNECTIONS` keep-alive connections sending POST /orders for `dur`; `key(conn, i)` gives
+/// the Idempotency-Key of request `i` on connection `conn` (`None`: no header).
+fn load(addr: SocketAddr, dur: Duration, key: KeyFn) -> (f64, f64, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let (stop, key) = (Arc::clone(&stop), Arc::clone(&key));
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let Ok(stream) = TcpStream::connect(addr) else { return lat };
+                let _ = stream.set_nodelay(true);
+                let mut w = stream.try_clone().expect("clone");
+                let mut r = BufReader::new(stream);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = key(c, i).map(|k| format!("Idempotency-Key: {k}\r\n")).unwrap_or_default();
+                    let req = format!(
+                        "POST /orders HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{k}Content-Length: {}\r\n\r\n{BODY}",
+                        BODY.len()
+                    );
+                    let t = Instant::now();
+                    if w.write_all(req.as_bytes()).is_err() {
+                        break;
+                    }
+                    match read_response(&mut r) {
+                        Some(201) => lat.push(t.elapsed()),
+                        Some(s) => panic!("unexpected status {s}"),
+                        None => break,
+                    }
+                    i += 1;
+                }
+                lat
+            })
+        })
+        .collect();
+    std::thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap_or_default())
+        .collect();
+    let secs = start.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    (all.len() as f64 / secs, pct(0.5), pct(0.99))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::var_os("IDEMKV_BENCH_QUICK").is_some();
+    let (dur, rounds) = if quick {
+        (Duration::from_millis(700), 3)
+    } else {
+        (Duration::from_secs(3), 3)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dirs: Vec<tempfile::TempDir> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let store = |d: Durability, i: usize| {
+        let _guard = rt.enter();
+        Store::builder()
+            .durability(d)
+            .open(dirs[i].path())
+            .expect("open")
+    };
+    let plain = serve(&rt, Router::new().route("/orders", post(create)));
+    let with = |s: Store| {
+        serve(
+            &rt,
+            Router::new()
+                .route("/orders", post(create))
+                .layer(IdempotencyLayer::new(s)),
+        )
+    };
+    let mem = with(Store::in_memory());
+    let batched = with(store(
+        Durability::Batched {
+            max_delay: Duration::from_millis(10),
+        },
+        0,
+    ));
+    let immediate = with(store(Durability::Immediate, 1));
+    let replay_store = Store::in_memory();
+    let replay = with(replay_store.clone());
+    // Complete a fixed set of keys once, to replay them.
+    let replay_keys: u64 = 2_000;
+    load(replay, Duration::from_millis(1), Arc::new(|_, _| None)); // warm
+    for c in 0..CONNECTIONS {
+        let addr = replay;
+        let mut s = TcpStream::connect(addr).expect("connect");
+        for i in 0..replay_keys / CONNECTIONS as u64 {
+            let req = format!(
+                "POST /orders HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nIdempotency-Key: r-{c}-{i}\r\nContent-Length: {}\r\n\r\n{BODY}",
+                BODY.len()
+            );
+            s.write_all(req.as_bytes()).expect("write");
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            read_response(&mut r).expect("response");
+        }
+    }
+    let fresh = |tag: &'static str| -> KeyFn {
+        Arc::new(move |c, i| Some(format!("{tag}-{c}-{i}-{}", uuid_like())))
+    };
+    let per_conn = replay_keys / CONNECTIONS as u64;
+    let systems: Vec<(&str, SocketAddr, KeyFn)> = vec![
+        ("no layer", plain, Arc::new(|_, _| None)),
+        ("fresh, memory", mem, fresh("m")),
+        ("fresh, batched", batched, fresh("b")),
+        ("fresh, immediate", immediate, fresh("i")),
+        (
+            "replays",
+            replay,
+            Arc::new(move |c, i| Some(format!("r-{c}-{}", i % per_conn))),
+        ),
+    ];
+    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); systems.len()];
+    for round in 0..rounds {
+        for j in 0..systems.len() {
+            let k = (round + j) % systems.len();
+            let (_, addr, key) = &systems[k];
+            results[k].push(load(*addr, dur, Arc::clone(key)));
+        }
+    }
+    let base = median(results[0].iter().map(|r| r.0).collect());
+    println!(
+        "\nPOST /orders over loopback, {CONNECTIONS} keep-alive connections, median of {rounds} interleaved rounds"
+    );
+    println!(
+        "{:<18} {:>10} {:>9} {:>9} {:>10}",
+        "variant", "req/s", "p50 us", "p99 us", "vs none"
+    );
+    let mut csv = String::from("variant,req_per_sec,p50_us,p99_us,ratio_to_no_layer\n");
+    for (k, (name, _, _)) in systems.iter().enumerate() {
+        let rps = median(results[k].iter().map(|r| r.0).collect());
+        let p50 = median(results[k].iter().map(|r| r.1).collect());
+        let p99 = median(results[k].iter().map(|r| r.2).collect());
+        println!(
+            "{name:<18} {rps:>10.0} {p50:>9.0} {p99:>9.0} {:>10.2}",
+            rps / base
+        );
+        csv.push_str(&format!(
+            "{name},{rps:.0},{p50:.0},{p99:.0},{:.3}\n",
+            rps / base
+        ));
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-http.csv");
+    match std::fs::write(&path, csv) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    }
+    drop(replay_store);
+}
