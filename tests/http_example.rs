@@ -174,6 +174,34 @@ fn replays_are_byte_identical_and_duplicates_create_one_order() {
     assert_eq!((again.0, &again.2), (201, &created[0].2));
     assert_eq!(again.1["idempotent-replayed"], "true");
     assert_eq!(again.1["x-request-id"], "r-9");
+    // Scope: another client (other credentials) reusing the key gets its own order, never
+    // the first client's response.
+    let as_bob = http(
+        a,
+        "POST",
+        "/orders",
+        &[
+            ("idempotency-key", "dup-1"),
+            ("authorization", "Bearer bob"),
+            ("content-type", "application/json"),
+        ],
+        ORDER,
+    )
+    .expect("bob");
+    assert_eq!(as_bob.0, 201);
+    assert_ne!(as_bob.2, created[0].2);
+    assert!(!as_bob.1.contains_key("idempotent-replayed"));
+    // Limits: a body over the fingerprint limit (1 MiB) is 413 before anything runs.
+    let huge = format!(
+        r#"{{"items":[{{"sku":"{}","count":1}}]}}"#,
+        "x".repeat(1 << 20)
+    );
+    assert_eq!(
+        http(a, "POST", "/orders", &[("idempotency-key", "big")], &huge)
+            .expect("r")
+            .0,
+        413
+    );
     // Mismatch and malformed keys.
     assert_eq!(
         http(
