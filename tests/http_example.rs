@@ -2,7 +2,7 @@
 //! byte-identical, concurrent duplicates create one order, and after a `SIGKILL` under load and
 //! a restart, every response a client received is replayed identically, no order exists twice
 //! and no balance is debited twice.
-#![cfg(feature = "http")]
+#![cfg(all(feature = "http", not(loom)))]
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write as _};

@@ -27,7 +27,7 @@ use http_body_util::{BodyExt, Limited};
 use tower_service::Service;
 
 use super::BoxError;
-use super::problem::problem;
+use super::problem::{problem, retry_after};
 use super::stored;
 use crate::{Error, IdempotencyStore, Key, PutPending, Take, Write};
 
@@ -157,18 +157,6 @@ fn replay<B: From<Bytes>>(record: &[u8], replayed: bool) -> Response<B> {
         r.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    r
-}
-
-fn retry_after<B>(mut r: Response<B>, deadline: crate::Timestamp) -> Response<B> {
-    let now = crate::Clock::now(&crate::SystemClock).as_millis();
-    let secs = deadline
-        .as_millis()
-        .saturating_sub(now)
-        .div_ceil(1000)
-        .max(1);
-    r.headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     r
 }
 

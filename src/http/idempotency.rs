@@ -41,7 +41,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::BoxError;
-use super::problem::problem;
+use super::problem::{problem, retry_after};
 use super::stored;
 use crate::{Begin, Error, Fingerprint, IdempotencyStore, Key, Lease};
 
@@ -424,17 +424,9 @@ where
                     return Ok(problem(StatusCode::UNPROCESSABLE_ENTITY, "key-reused", why));
                 }
                 Ok(Begin::InProgress { deadline }) => {
-                    let now = crate::Clock::now(&crate::SystemClock).as_millis();
-                    let secs = deadline
-                        .as_millis()
-                        .saturating_sub(now)
-                        .div_ceil(1000)
-                        .max(1);
                     let why = "a request with this idempotency key is still being processed";
-                    let mut res = problem(StatusCode::CONFLICT, "in-progress", why);
-                    res.headers_mut()
-                        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-                    return Ok(res);
+                    let res = problem(StatusCode::CONFLICT, "in-progress", why);
+                    return Ok(retry_after(res, deadline));
                 }
                 Ok(Begin::Completed(done)) => return Ok(replay(&done.response)),
                 Ok(Begin::Acquired(lease)) => lease,

@@ -37,6 +37,19 @@ pub(crate) fn problem<B: From<Bytes>>(status: StatusCode, kind: &str, detail: &s
     res
 }
 
+/// Adds `Retry-After`: whole seconds until `deadline` (at least 1).
+pub(crate) fn retry_after<B>(mut r: Response<B>, deadline: crate::Timestamp) -> Response<B> {
+    let now = crate::Clock::now(&crate::SystemClock).as_millis();
+    let secs = deadline
+        .as_millis()
+        .saturating_sub(now)
+        .div_ceil(1000)
+        .max(1);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
