@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 #[path = "support/durable.rs"]
 mod durable;
+#[path = "support/timed.rs"]
+mod timed;
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -16,6 +16,9 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use idemkv::http::IdempotencyLayer;
 use idemkv::{Durability, Store};
+
+#[path = "support/timed.rs"]
+mod timed;
 
 const CONNECTIONS: usize = 16;
 
@@ -75,52 +78,36 @@ fn read_response(r: &mut BufReader<TcpStream>) -> Option<u16> {
 /// `CONNECTIONS` keep-alive connections sending POST /orders for `dur`; `key(conn, i)` gives
 /// the Idempotency-Key of request `i` on connection `conn` (`None`: no header).
 fn load(addr: SocketAddr, dur: Duration, key: KeyFn) -> (f64, f64, f64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let threads: Vec<_> = (0..CONNECTIONS)
-        .map(|c| {
-            let (stop, key) = (Arc::clone(&stop), Arc::clone(&key));
-            std::thread::spawn(move || {
-                let mut lat = Vec::new();
-                let Ok(stream) = TcpStream::connect(addr) else { return lat };
-                let _ = stream.set_nodelay(true);
-                let mut w = stream.try_clone().expect("clone");
-                let mut r = BufReader::new(stream);
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let k = key(c, i).map(|k| format!("Idempotency-Key: {k}\r\n")).unwrap_or_default();
-                    let req = format!(
-                        "POST /orders HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{k}Content-Length: {}\r\n\r\n{BODY}",
-                        BODY.len()
-                    );
-                    let t = Instant::now();
-                    if w.write_all(req.as_bytes()).is_err() {
-                        break;
-                    }
-                    match read_response(&mut r) {
-                        Some(201) => lat.push(t.elapsed()),
-                        Some(s) => panic!("unexpected status {s}"),
-                        None => break,
-                    }
-                    i += 1;
-                }
-                lat
-            })
-        })
-        .collect();
-    std::thread::sleep(dur);
-    stop.store(true, Ordering::Relaxed);
-    let mut all: Vec<Duration> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap_or_default())
-        .collect();
-    let secs = start.elapsed().as_secs_f64();
-    all.sort();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
-    (all.len() as f64 / secs, pct(0.5), pct(0.99))
+    timed::run_for(CONNECTIONS, dur, move |c, stop| {
+        let mut lat = Vec::new();
+        let Ok(stream) = TcpStream::connect(addr) else {
+            return lat;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut w = stream.try_clone().expect("clone");
+        let mut r = BufReader::new(stream);
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let k = key(c, i)
+                .map(|k| format!("Idempotency-Key: {k}\r\n"))
+                .unwrap_or_default();
+            let req = format!(
+                "POST /orders HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{k}Content-Length: {}\r\n\r\n{BODY}",
+                BODY.len()
+            );
+            let t = Instant::now();
+            if w.write_all(req.as_bytes()).is_err() {
+                break;
+            }
+            match read_response(&mut r) {
+                Some(201) => lat.push(t.elapsed()),
+                Some(s) => panic!("unexpected status {s}"),
+                None => break,
+            }
+            i += 1;
+        }
+        lat
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

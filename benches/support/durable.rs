@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use idemkv::{Begin, Durability, Fingerprint, Key, Store};
@@ -36,35 +36,15 @@ pub struct Row {
 type Op = Arc<dyn Fn(usize, u64, &mut Vec<Duration>) + Send + Sync>;
 
 fn run(callers: usize, dur: Duration, op: Op) -> (f64, f64, f64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let handles: Vec<_> = (0..callers)
-        .map(|c| {
-            let (op, stop) = (Arc::clone(&op), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let mut lat = Vec::new();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    op(c, i, &mut lat);
-                    i += 1;
-                }
-                lat
-            })
-        })
-        .collect();
-    std::thread::sleep(dur);
-    stop.store(true, Ordering::Relaxed);
-    let mut all: Vec<Duration> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap_or_default())
-        .collect();
-    let secs = start.elapsed().as_secs_f64();
-    all.sort();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
-    (all.len() as f64 / secs, pct(0.50), pct(0.99))
+    super::timed::run_for(callers, dur, move |c, stop| {
+        let mut lat = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            op(c, i, &mut lat);
+            i += 1;
+        }
+        lat
+    })
 }
 
 /// A caller's requests waiting for their redb transaction: key and start time.
