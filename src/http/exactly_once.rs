@@ -142,24 +142,6 @@ fn store_error<B: From<Bytes>>(e: &Error) -> Response<B> {
     }
 }
 
-fn replay<B: From<Bytes>>(record: &[u8], replayed: bool) -> Response<B> {
-    let Some(s) = stored::decode(record) else {
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "stored-response-unreadable",
-            "the stored response cannot be read",
-        );
-    };
-    let mut r = Response::new(B::from(s.body.unwrap_or_default()));
-    *r.status_mut() = s.status;
-    *r.headers_mut() = s.headers;
-    if replayed {
-        r.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    r
-}
-
 /// Responses have a `Full<Bytes>` body (axum takes it through `Router::route_service`).
 type ResB = http_body_util::Full<Bytes>;
 
@@ -240,7 +222,7 @@ where
                 }
                 Method::POST => me.process(key, &id).await,
                 Method::GET => match me.store.get(key).await {
-                    Ok(Some(crate::Snapshot::Completed(c))) => replay(&c.response, false),
+                    Ok(Some(crate::Snapshot::Completed(c))) => stored::replay(&c.response, false),
                     Ok(Some(
                         crate::Snapshot::Pending { .. } | crate::Snapshot::InFlight { .. },
                     )) => problem(
@@ -285,7 +267,7 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
     async fn process<B: From<Bytes>>(&self, key: Key<'_>, id: &str) -> Response<B> {
         let (lease, payload) = match self.store.take_pending(key, self.lease).await {
             Ok(Take::Acquired { lease, payload }) => (lease, payload),
-            Ok(Take::Completed(c)) => return replay(&c.response, true),
+            Ok(Take::Completed(c)) => return stored::replay(&c.response, true),
             Ok(Take::InProgress { deadline }) => {
                 return retry_after(
                     problem(

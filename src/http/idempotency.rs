@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use sha2::Digest;
@@ -428,7 +428,7 @@ where
                     let res = problem(StatusCode::CONFLICT, "in-progress", why);
                     return Ok(retry_after(res, deadline));
                 }
-                Ok(Begin::Completed(done)) => return Ok(replay(&done.response)),
+                Ok(Begin::Completed(done)) => return Ok(stored::replay(&done.response, true)),
                 Ok(Begin::Acquired(lease)) => lease,
             };
 
@@ -505,36 +505,4 @@ where
             Ok(Response::from_parts(rparts, ResB::from(rbytes)))
         })
     }
-}
-
-/// The stored response, marked as a replay.
-fn replay<B: From<Bytes>>(record: &[u8]) -> Response<B> {
-    let replayed = HeaderValue::from_static("true");
-    let Some(s) = stored::decode(record) else {
-        let why = "the stored response for this key cannot be read";
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "stored-response-unreadable",
-            why,
-        );
-    };
-    let mut res = match s.body {
-        Some(body) => {
-            let mut r = Response::new(B::from(body));
-            *r.status_mut() = s.status;
-            *r.headers_mut() = s.headers;
-            r
-        }
-        None => {
-            let why = "the request was processed, but its response was too large to keep";
-            let mut r = problem(StatusCode::GONE, "response-too-large", why);
-            r.headers_mut().insert(
-                "idempotency-original-status",
-                HeaderValue::from(s.status.as_u16()),
-            );
-            r
-        }
-    };
-    res.headers_mut().insert("idempotent-replayed", replayed);
-    res
 }

@@ -12,7 +12,9 @@
 //! multi-valued headers are stored one entry per value, in order.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+
+use super::problem::problem;
 
 use crate::wal::format::Cursor;
 
@@ -85,6 +87,42 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
         headers,
         body,
     })
+}
+
+/// The stored response as an HTTP response, with `Idempotent-Replayed: true` if `replayed`.
+/// One whose body was too large to keep answers 410 (`response-too-large`) with
+/// `Idempotency-Original-Status`; undecodable bytes answer 500.
+pub(crate) fn replay<B: From<Bytes>>(record: &[u8], replayed: bool) -> Response<B> {
+    let Some(s) = decode(record) else {
+        let why = "the stored response cannot be read";
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored-response-unreadable",
+            why,
+        );
+    };
+    let mut res = match s.body {
+        Some(body) => {
+            let mut r = Response::new(B::from(body));
+            *r.status_mut() = s.status;
+            *r.headers_mut() = s.headers;
+            r
+        }
+        None => {
+            let why = "the request was processed, but its response was too large to keep";
+            let mut r = problem(StatusCode::GONE, "response-too-large", why);
+            r.headers_mut().insert(
+                "idempotency-original-status",
+                HeaderValue::from(s.status.as_u16()),
+            );
+            r
+        }
+    };
+    if replayed {
+        res.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    res
 }
 
 #[cfg(test)]
