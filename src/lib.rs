@@ -59,6 +59,8 @@ pub mod echo;
 mod error;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod key;
 #[allow(unsafe_code)]
 mod record;

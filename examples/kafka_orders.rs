@@ -1,0 +1,217 @@
+//! An order service over Kafka on the embedded store: each order request is processed once,
+//! however often it is delivered, and its reply is matched to the request by headers.
+//!
+//! `cargo run --release --features kafka --example kafka_orders -- --mock`
+//!
+//! Flags: `--brokers HOST:PORT` (a real cluster) or `--mock` (librdkafka's in-process mock
+//! cluster on 127.0.0.1; its address is printed); `--requests TOPIC` (default
+//! `orders.requests`); `--group ID` (default `orders`); `--data DIR` (default
+//! `./data/kafka_orders`); `--durability immediate|batched|none` (default immediate);
+//! `--dead-letter TOPIC` (default `orders.dead`); `--commit-interval-ms N` (default 5000);
+//! `--demo N` sends N orders, each twice, through the requester helper, checks that both
+//! replies name the same order, prints a summary and exits.
+//!
+//! A request is `{"items":[{"sku":"id-17236","count":1}]}` with headers `reply-to: <topic>`
+//! and, optionally, `idempotency-key`, `x-request-id`, `x-echo-set-header: Name: value`. The
+//! reply is `{"id":<uuid>,"items":[…]}`; the order is stored atomically with the record of the
+//! request, so the same idempotency key always yields the same order id, across restarts.
+
+use std::time::Duration;
+
+use idemkv::kafka::{
+    HandlerError, Incoming, KafkaProcessor, MockKafka, Outcome, Request, Requester,
+};
+use idemkv::{Durability, OwnedKey, Store, Write};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Item {
+    sku: String,
+    count: u32,
+}
+
+#[derive(Deserialize)]
+struct NewOrder {
+    items: Vec<Item>,
+}
+
+#[derive(Serialize)]
+struct Order<'a> {
+    id: &'a str,
+    items: &'a [Item],
+}
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// Creates the order. Runs once per idempotency key: a redelivery is answered from the store.
+async fn create_order(msg: Incoming) -> Result<Outcome, HandlerError> {
+    let key = String::from_utf8_lossy(msg.idempotency_key()).into_owned();
+    let order: NewOrder = serde_json::from_slice(msg.payload().unwrap_or_default())
+        .map_err(|e| HandlerError::fail(format!("expected {{\"items\":[…]}}: {e}")))?;
+    if order.items.is_empty() || order.items.iter().any(|i| i.count == 0) {
+        return Err(HandlerError::fail(
+            "an order needs items with a count of at least 1",
+        ));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = serde_json::to_vec(&Order {
+        id: &id,
+        items: &order.items,
+    })
+    .map_err(|e| HandlerError::fail(e.to_string()))?;
+    println!("created order {id} (key {key})");
+    Ok(Outcome::reply(body.clone())
+        .header("content-type", "application/json")
+        // The order itself, committed atomically with the record of this request.
+        .write(Write::put_if_absent(OwnedKey::new("orders", &id), body)))
+}
+
+async fn demo(
+    config: &ClientConfig,
+    requests: &str,
+    n: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let requester = Requester::new(config, "orders.replies").await?;
+    let mut same = 0;
+    for i in 0..n {
+        let key = format!("demo-{}-{i}", std::process::id());
+        let body = format!(r#"{{"items":[{{"sku":"id-{}","count":1}}]}}"#, 17236 + i);
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let reply = requester
+                .request(
+                    requests,
+                    Request::new(body.clone())
+                        .key(key.clone())
+                        .idempotency_key(key.clone())
+                        .header("x-echo-set-header", "X-Demo: yes"),
+                    Duration::from_secs(10),
+                )
+                .await?;
+            let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+            println!(
+                "reply to {}: {} replayed={} x-demo={:?}",
+                reply.request_id().unwrap_or("?"),
+                String::from_utf8_lossy(&reply.payload),
+                reply.is_replayed(),
+                reply.header("x-demo").map(String::from_utf8_lossy),
+            );
+            ids.push(v["id"].as_str().unwrap_or_default().to_owned());
+        }
+        if ids[0] == ids[1] && !ids[0].is_empty() {
+            same += 1;
+        }
+    }
+    println!("demo: {same} of {n} orders got the same id on both deliveries");
+    if same != n {
+        return Err("a duplicate request created a second order".into());
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let requests = arg(&args, "--requests", "orders.requests");
+    let group = arg(&args, "--group", "orders");
+    let data = arg(&args, "--data", "./data/kafka_orders");
+    let dead = arg(&args, "--dead-letter", "orders.dead");
+    let durability = match arg(&args, "--durability", "immediate").as_str() {
+        "immediate" => Durability::Immediate,
+        "batched" => Durability::Batched {
+            max_delay: Duration::from_millis(10),
+        },
+        "none" => Durability::None,
+        other => {
+            return Err(
+                format!("--durability must be immediate, batched or none, not {other}").into(),
+            );
+        }
+    };
+    let commit_ms: u64 = arg(&args, "--commit-interval-ms", "5000").parse()?;
+    let demo_n: usize = arg(&args, "--demo", "0").parse()?;
+
+    let mock = if args.iter().any(|a| a == "--mock") {
+        let mock = MockKafka::start(1)?;
+        for (topic, partitions) in [
+            (&requests, 3),
+            (&"orders.replies".to_owned(), 1),
+            (&dead, 1),
+        ] {
+            mock.create_topic(topic, partitions)?;
+        }
+        println!("mock cluster: {}", mock.bootstrap_servers());
+        println!("topics: {requests} (requests), orders.replies (replies), {dead} (dead letters)");
+        Some(mock)
+    } else {
+        None
+    };
+    let brokers = match &mock {
+        Some(m) => m.bootstrap_servers().to_owned(),
+        None => arg(&args, "--brokers", "127.0.0.1:9092"),
+    };
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &brokers);
+    if mock.is_some() || args.iter().any(|a| a == "--short-fetch") {
+        // The mock broker does not wake a waiting fetch when data arrives.
+        client.set("fetch.wait.max.ms", "10");
+    }
+
+    let store = Store::builder().durability(durability).open(&data)?;
+    if let Some(r) = store.recovery_report() {
+        println!(
+            "opened {data}: {} records from the checkpoint, {} log records replayed",
+            r.checkpoint_records, r.records
+        );
+    }
+    let mut consumer = client.clone();
+    consumer
+        .set("group.id", &group)
+        .set("auto.offset.reset", "earliest")
+        .set("auto.commit.interval.ms", commit_ms.to_string());
+    let processor = KafkaProcessor::builder(store, consumer)
+        .topics([requests.as_str()])
+        .dead_letter_topic(dead)
+        .lease(Duration::from_secs(10))
+        .build()?;
+    let handle = processor.handle();
+    let running = tokio::spawn(processor.run(create_order));
+    println!("consuming {requests} as group {group}; Ctrl-C stops");
+
+    let outcome = if demo_n > 0 {
+        demo(&client, &requests, demo_n).await
+    } else {
+        shutdown_signal().await;
+        Ok(())
+    };
+    handle.shutdown();
+    let stats = running.await??;
+    println!(
+        "stopped: {} processed, {} replayed, {} failed, {} dead-lettered, {} replies",
+        stats.processed, stats.replayed, stats.failed, stats.dead_lettered, stats.replies
+    );
+    outcome
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    println!("shutting down");
+}

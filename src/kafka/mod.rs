@@ -1,0 +1,263 @@
+//! Exactly-once message processing and request-reply over Kafka (feature `kafka`).
+//!
+//! Kafka delivers at least once. [`KafkaProcessor`] makes the *effect* of each message happen
+//! once: for every message it derives an idempotency key, runs your async handler under a lease
+//! of the store (renewed while it runs), records the result — atomically with any versioned
+//! writes the handler asks for — and only then stores the offset for commit. A redelivered
+//! message does not run again: its recorded reply is re-sent if the request asked for one.
+//!
+//! Request-reply follows the Return Address pattern: a request names its `reply-to` topic,
+//! the reply carries the request's `x-request-id`, and each `x-echo-set-header: Name: value`
+//! header of the request becomes `Name: value` on the reply (the same rules as the HTTP layer,
+//! [`crate::echo`]). [`Requester`] sends a request and awaits its reply.
+//!
+//! ```no_run
+//! use idemkv::kafka::{HandlerError, Incoming, KafkaProcessor, Outcome};
+//! use idemkv::Store;
+//! use rdkafka::ClientConfig;
+//!
+//! # async fn run() -> Result<(), idemkv::kafka::KafkaError> {
+//! let store = Store::builder().open("./data/orders").expect("open the store");
+//! let mut config = ClientConfig::new();
+//! config.set("bootstrap.servers", "127.0.0.1:9092").set("group.id", "orders");
+//! let processor = KafkaProcessor::builder(store, config)
+//!     .topics(["orders.requests"])
+//!     .dead_letter_topic("orders.dead")
+//!     .build()?;
+//! let handle = processor.handle(); // handle.shutdown() stops it gracefully
+//! processor
+//!     .run(|msg: Incoming| async move {
+//!         let order = msg.payload().ok_or_else(|| HandlerError::fail("empty request"))?;
+//!         // ... create the order (once per idempotency key) ...
+//!         Ok::<_, HandlerError>(Outcome::reply(order.to_vec()))
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Offsets are committed after the store has recorded the result (see DESIGN.md, "Kafka"),
+//! so every crash point either re-runs nothing or re-runs work whose result was never recorded,
+//! under a lease no one else holds. Kafka transactions are not used for correctness.
+
+mod mock;
+mod processor;
+mod requester;
+mod stored;
+
+use std::time::Duration;
+
+pub use mock::MockKafka;
+pub use processor::{Handler, KafkaProcessor, ProcessorBuilder, ProcessorHandle, ProcessorStats};
+pub use requester::{Reply, Request, Requester};
+
+/// Header of a request naming the idempotency key (the default first key source).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Header of a request naming the topic its reply goes to.
+pub const REPLY_TO: &str = "reply-to";
+/// The correlation id: copied from a request onto its reply.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Header of a request asking for a header on its reply (`Name: value`).
+pub const ECHO_SET_HEADER: &str = "x-echo-set-header";
+/// Set (`true`) on a reply re-sent from the store rather than produced by running the handler.
+pub const REPLAYED: &str = "idempotent-replayed";
+/// On a reply or a dead-lettered message: what went wrong.
+pub const ERROR: &str = "x-error";
+/// On a dead-lettered message: how many attempts were made.
+pub const ATTEMPTS: &str = "x-attempts";
+/// On a dead-lettered message: `topic/partition/offset` of the original.
+pub const ORIGIN: &str = "x-origin";
+
+/// Errors of the Kafka adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KafkaError {
+    /// The Kafka client failed (configuration, connection, metadata, commit).
+    #[error("kafka client: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    /// The idempotency store failed; nothing was acknowledged past the failure.
+    #[error("idempotency store: {0}")]
+    Store(#[from] crate::Error),
+    /// The adapter was configured inconsistently.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The store holds a record under a message's key that this adapter did not write.
+    #[error("the record stored for key {key:?} is not a Kafka result: {reason}")]
+    CorruptRecord {
+        /// The idempotency key (lossy UTF-8).
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A message (a dead letter or a request) could not be delivered.
+    #[error("could not deliver to topic {topic:?}: {reason}")]
+    Delivery {
+        /// The destination topic.
+        topic: String,
+        /// The client's error.
+        reason: String,
+    },
+    /// No reply arrived in time.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The requester's reply consumer has stopped.
+    #[error("the requester is closed")]
+    Closed,
+}
+
+/// Where a message's idempotency key comes from; the first source that yields a non-empty
+/// value wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeySource {
+    /// A header's value (by default [`IDEMPOTENCY_KEY`]).
+    Header(String),
+    /// The message key.
+    MessageKey,
+    /// `topic/partition/offset`: deduplicates redeliveries of one record, not producer
+    /// duplicates (those have new offsets). Always yields a key.
+    Position,
+}
+
+impl KeySource {
+    /// The default order: the `idempotency-key` header, then the message key, then the
+    /// position.
+    pub fn defaults() -> Vec<KeySource> {
+        vec![
+            KeySource::Header(IDEMPOTENCY_KEY.to_owned()),
+            KeySource::MessageKey,
+            KeySource::Position,
+        ]
+    }
+}
+
+/// What a handler returns on success: the reply (sent when the request names a `reply-to`
+/// topic) and the versioned writes to commit atomically with the record of this message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub(crate) payload: Vec<u8>,
+    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) writes: Vec<crate::Write>,
+}
+
+impl Outcome {
+    /// Done, with an empty reply.
+    pub fn done() -> Self {
+        Outcome::default()
+    }
+
+    /// Done, replying with `payload`.
+    pub fn reply(payload: impl Into<Vec<u8>>) -> Self {
+        Outcome {
+            payload: payload.into(),
+            ..Outcome::default()
+        }
+    }
+
+    /// Adds a header to the reply. Names are stored lower-case; a name longer than 255 bytes
+    /// or a value over 1 MiB is dropped (headers that size are not what headers are for).
+    pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
+        let value = value.into();
+        if !name.is_empty() && name.len() <= 255 && value.len() <= 1 << 20 {
+            self.headers.push((name.to_ascii_lowercase(), value));
+        }
+        self
+    }
+
+    /// Commits `write` atomically with the record of this message (see
+    /// [`crate::Store::complete_with`]). If any write's condition fails, nothing is recorded
+    /// and the attempt counts as a retryable failure.
+    pub fn write(mut self, write: crate::Write) -> Self {
+        self.writes.push(write);
+        self
+    }
+
+    /// The reply payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+/// A handler's failure, and what to do about it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// Transient: the lease is released, the offset is not committed, and the message is
+    /// tried again after a backoff (in place, so the partition's order is kept). After the
+    /// configured number of attempts it is dead-lettered.
+    Retry(Box<dyn std::error::Error + Send + Sync>),
+    /// Final: recorded like a result (a redelivery replays it) and replied with the error in
+    /// the [`ERROR`] header.
+    Fail(String),
+}
+
+impl HandlerError {
+    /// A transient failure: try again later.
+    pub fn retry(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError::Retry(error.into())
+    }
+
+    /// A final failure: record it and reply with it.
+    pub fn fail(message: impl Into<String>) -> Self {
+        HandlerError::Fail(message.into())
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerError::Retry(e) => write!(f, "retryable: {e}"),
+            HandlerError::Fail(m) => write!(f, "failed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+/// One consumed message, as the handler sees it. Cloning is cheap.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    msg: std::sync::Arc<processor::Message>,
+    attempt: u32,
+}
+
+impl Incoming {
+    /// The topic it was consumed from.
+    pub fn topic(&self) -> &str {
+        &self.msg.topic
+    }
+    /// Its partition.
+    pub fn partition(&self) -> i32 {
+        self.msg.partition
+    }
+    /// Its offset.
+    pub fn offset(&self) -> i64 {
+        self.msg.offset
+    }
+    /// The message key.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.msg.key.as_deref()
+    }
+    /// The payload.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.msg.payload.as_deref()
+    }
+    /// The first header named `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.msg.header(name)
+    }
+    /// All headers, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.msg
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+    /// The idempotency key's id (its scope is the processor's).
+    pub fn idempotency_key(&self) -> &[u8] {
+        &self.msg.id
+    }
+    /// Which attempt this is, from 1; attempts of earlier processes that died count.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
