@@ -8,6 +8,8 @@
 //! `orders.requests`); `--group ID` (default `orders`); `--data DIR` (default
 //! `./data/kafka_orders`); `--durability immediate|batched|none` (default immediate);
 //! `--dead-letter TOPIC` (default `orders.dead`); `--commit-interval-ms N` (default 5000);
+//! `--fetch-wait-ms N` and `--session-timeout-ms N` (librdkafka's `fetch.wait.max.ms` and
+//! `session.timeout.ms`; short values suit the mock cluster);
 //! `--demo N` sends N orders, each twice, through the requester helper, checks that both
 //! replies name the same order, prints a summary and exits.
 //!
@@ -157,11 +159,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(m) => m.bootstrap_servers().to_owned(),
         None => arg(&args, "--brokers", "127.0.0.1:9092"),
     };
-    let mut client = ClientConfig::new();
+    let mut client = match &mock {
+        // Short fetch waits and sessions: see `MockKafka::client_config`.
+        Some(m) => m.client_config(),
+        None => ClientConfig::new(),
+    };
     client.set("bootstrap.servers", &brokers);
-    if mock.is_some() || args.iter().any(|a| a == "--short-fetch") {
-        // The mock broker does not wake a waiting fetch when data arrives.
-        client.set("fetch.wait.max.ms", "10");
+    for (flag, property) in [
+        ("--fetch-wait-ms", "fetch.wait.max.ms"),
+        ("--session-timeout-ms", "session.timeout.ms"),
+    ] {
+        let value = arg(&args, flag, "");
+        if !value.is_empty() {
+            client.set(property, &value);
+        }
+    }
+    if let Ok(session) = arg(&args, "--session-timeout-ms", "").parse::<u64>() {
+        client.set("heartbeat.interval.ms", (session / 10).max(10).to_string());
     }
 
     let store = Store::builder().durability(durability).open(&data)?;

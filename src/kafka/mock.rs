@@ -69,13 +69,18 @@ impl MockKafka {
         Ok(())
     }
 
-    /// A client configuration for this cluster: the bootstrap servers and a 10 ms fetch wait.
+    /// A client configuration for this cluster: the bootstrap servers, a 10 ms fetch wait,
+    /// no linger, and a 1 s consumer session. The mock broker keeps a member that left its
+    /// group until the member's session times out (with Kafka's default 45 s, the next member
+    /// waits that long to join); librdkafka logs that producers ignore the consumer settings.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.bootstrap)
             .set("fetch.wait.max.ms", "10")
-            .set("linger.ms", "0");
+            .set("linger.ms", "0")
+            .set("session.timeout.ms", "1000")
+            .set("heartbeat.interval.ms", "100");
         config
     }
 }
