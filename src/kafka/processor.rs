@@ -48,7 +48,7 @@ where
 /// A consumed message, copied out of librdkafka's buffer.
 #[derive(Debug)]
 pub(crate) struct Message {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
@@ -70,7 +70,7 @@ impl Message {
         self.header(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
-    fn from_kafka(m: &BorrowedMessage<'_>, sources: &[KeySource]) -> Message {
+    fn from_kafka(m: &BorrowedMessage<'_>, topic: Arc<str>, sources: &[KeySource]) -> Message {
         let headers = m
             .headers()
             .map(|hs| {
@@ -80,7 +80,7 @@ impl Message {
             })
             .unwrap_or_default();
         let mut msg = Message {
-            topic: m.topic().to_owned(),
+            topic,
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
@@ -289,7 +289,8 @@ impl<St: IdempotencyStore> ProcessorBuilder<St> {
         self
     }
 
-    /// Messages buffered per partition ahead of its handler (default 1024).
+    /// Messages the polling thread holds back while partition tasks are behind (default
+    /// 1024); past it, fetching waits. Each task also queues up to 8 batches of up to 64.
     pub fn queue_per_partition(mut self, n: usize) -> Self {
         self.cfg.queue = n;
         self
@@ -632,11 +633,17 @@ impl<St: IdempotencyStore> Shared<St> {
         let key = Key::new(&self.scope, &msg.id);
         let fingerprint = Fingerprint::of(msg.payload.as_deref().unwrap_or_default());
         let mut attempts = Attempts::default();
+        // The first look does not wait: most keys are new, and a plain `begin` is cheaper.
+        let mut first = true;
         loop {
-            let begin = tokio::select! {
-                biased;
-                r = self.store.begin_wait(key, fingerprint, self.cfg.lease, self.cfg.wait_for_holder) => r,
-                () = drain_requested(drain) => return Ok(Disposition::Abandoned),
+            let begin = if std::mem::take(&mut first) {
+                self.store.begin(key, fingerprint, self.cfg.lease).await
+            } else {
+                tokio::select! {
+                    biased;
+                    r = self.store.begin_wait(key, fingerprint, self.cfg.lease, self.cfg.wait_for_holder) => r,
+                    () = drain_requested(drain) => return Ok(Disposition::Abandoned),
+                }
             };
             let begin = match begin {
                 Ok(begin) => begin,
@@ -705,7 +712,12 @@ impl<St: IdempotencyStore> Shared<St> {
         drain: &mut Drain,
     ) -> Result<Step, KafkaError> {
         let attempts_key = OwnedKey::new(&self.attempts_scope, &msg.id);
-        self.load_attempts(&attempts_key, attempts).await?;
+        // The counter is only read when something went wrong before: a takeover, or a failed
+        // attempt in this process. (A counter left by a process that died during a backoff is
+        // found when the next attempt fails, and expires with its TTL.)
+        if lease.is_takeover() || attempts.failed > 0 {
+            self.load_attempts(&attempts_key, attempts).await?;
+        }
         if lease.is_takeover() {
             // The previous holder died holding the lease: that was an attempt too (a message
             // that crashes its consumer must not crash it forever).
@@ -725,9 +737,14 @@ impl<St: IdempotencyStore> Shared<St> {
             msg: msg.clone(),
             attempt: attempts.failed + 1,
         };
-        let result = {
+        let result = 'run: {
             let work = handler.handle(incoming);
             tokio::pin!(work);
+            // Most handlers of a fast path finish at their first poll: no renewal timer then.
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(work.as_mut().poll(cx)));
+            if let std::task::Poll::Ready(r) = first.await {
+                break 'run Some(r);
+            }
             let every = self.cfg.lease / 3;
             let mut renew = tokio::time::interval_at((Instant::now() + every).into(), every);
             loop {
@@ -1050,10 +1067,13 @@ fn backoff(first: Duration, max: Duration, failed: u32) -> Duration {
 #[derive(Default)]
 struct Partitions {
     map: Mutex<HashMap<(String, i32), Worker>>,
+    /// Partitions revoked since the polling thread last looked: it drops what it holds back
+    /// for them (their new owner fetches them again from the committed offset).
+    revoked: Mutex<Vec<(String, i32)>>,
 }
 
 struct Worker {
-    queue: mpsc::Sender<Arc<Message>>,
+    queue: mpsc::Sender<Vec<Arc<Message>>>,
     drain: watch::Sender<Option<Instant>>,
     /// Disconnected when the task has ended.
     done: std::sync::mpsc::Receiver<()>,
@@ -1070,7 +1090,10 @@ impl Partitions {
             let mut map = self.map.lock();
             match which {
                 None => map.drain().map(|(_, w)| w).collect(),
-                Some(list) => list.iter().filter_map(|k| map.remove(k)).collect(),
+                Some(list) => {
+                    self.revoked.lock().extend_from_slice(list);
+                    list.iter().filter_map(|k| map.remove(k)).collect()
+                }
             }
         };
         for w in &workers {
@@ -1114,6 +1137,18 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// Most messages handed to a partition task at once.
+const BATCH: usize = 64;
+
+/// Messages fetched but not yet handed to their partition's task.
+struct Pending {
+    topic: Arc<str>,
+    partition: i32,
+    batch: Vec<Arc<Message>>,
+    /// The partition task's queue, once looked up.
+    queue: Option<mpsc::Sender<Vec<Arc<Message>>>>,
+}
+
 fn poll_loop<St: IdempotencyStore, H: Handler>(
     shared: &Arc<Shared<St>>,
     consumer: &Arc<BaseConsumer<Ctx>>,
@@ -1121,40 +1156,69 @@ fn poll_loop<St: IdempotencyStore, H: Handler>(
     runtime: &tokio::runtime::Handle,
 ) {
     let partitions = consumer.context().partitions.clone();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut held = 0usize;
     while !shared.stop.is_set() {
-        let m = match consumer.poll(Duration::from_millis(50)) {
-            None => continue,
-            Some(Ok(m)) => m,
-            // Transient client errors (broker down, partition EOF) are retried by librdkafka.
-            Some(Err(_)) => continue,
+        // Block only when nothing is held back; otherwise take what is already fetched and
+        // hand the batches over as soon as the local queue runs dry.
+        let wait = if held == 0 {
+            Duration::from_millis(50)
+        } else {
+            Duration::ZERO
         };
-        let msg = Arc::new(Message::from_kafka(&m, &shared.cfg.key_sources));
-        drop(m);
-        let queue = {
-            let mut map = partitions.map.lock();
-            let key = (msg.topic.clone(), msg.partition);
-            let worker = map.entry(key).or_insert_with(|| {
-                start_worker(
-                    shared,
-                    consumer,
-                    handler,
-                    runtime,
-                    msg.topic.clone(),
-                    msg.partition,
-                )
-            });
-            worker.queue.clone()
-        };
-        let mut pending = msg;
-        loop {
-            match queue.try_send(pending) {
-                Ok(()) => break,
-                Err(mpsc::error::TrySendError::Full(m)) if !shared.stop.is_set() => {
-                    pending = m;
-                    std::thread::sleep(Duration::from_millis(1));
+        let polled = consumer.poll(wait);
+        // A revoke runs inside `poll`, on this thread: forget what was held for those
+        // partitions before handing anything else over.
+        let revoked = std::mem::take(&mut *partitions.revoked.lock());
+        if !revoked.is_empty() {
+            pending.retain(|p| {
+                let gone = revoked
+                    .iter()
+                    .any(|(t, q)| *q == p.partition && **t == *p.topic);
+                if gone {
+                    held -= p.batch.len();
                 }
-                Err(_) => break,
+                !gone
+            });
+        }
+        match polled {
+            Some(Ok(m)) => {
+                let at = match pending
+                    .iter()
+                    .position(|p| p.partition == m.partition() && *p.topic == *m.topic())
+                {
+                    Some(at) => at,
+                    None => {
+                        pending.push(Pending {
+                            topic: Arc::from(m.topic()),
+                            partition: m.partition(),
+                            batch: Vec::with_capacity(BATCH),
+                            queue: None,
+                        });
+                        pending.len() - 1
+                    }
+                };
+                let p = &mut pending[at];
+                let msg = Message::from_kafka(&m, p.topic.clone(), &shared.cfg.key_sources);
+                drop(m);
+                p.batch.push(Arc::new(msg));
+                held += 1;
+                if p.batch.len() < BATCH {
+                    continue;
+                }
             }
+            // Transient client errors (broker down, partition EOF) are retried by librdkafka.
+            Some(Err(_)) | None => {}
+        }
+        for p in pending.iter_mut().filter(|p| !p.batch.is_empty()) {
+            held -= hand_over(shared, consumer, handler, runtime, &partitions, p, false);
+        }
+        // Back-pressure: past the bound, wait for the fullest partition's task to take a batch.
+        while held > shared.cfg.queue && !shared.stop.is_set() {
+            let Some(p) = pending.iter_mut().max_by_key(|p| p.batch.len()) else {
+                break;
+            };
+            held -= hand_over(shared, consumer, handler, runtime, &partitions, p, true);
         }
     }
     partitions.drain(None, Instant::now() + shared.cfg.shutdown_timeout);
@@ -1162,15 +1226,100 @@ fn poll_loop<St: IdempotencyStore, H: Handler>(
     consumer.unsubscribe();
 }
 
+/// Hands `p`'s batch to its partition's task (started on first use); returns how many
+/// messages left `p`. When the task's queue is full the batch stays (and grows) unless `wait`,
+/// which blocks until there is room or the processor stops.
+fn hand_over<St: IdempotencyStore, H: Handler>(
+    shared: &Arc<Shared<St>>,
+    consumer: &Arc<BaseConsumer<Ctx>>,
+    handler: &Arc<H>,
+    runtime: &tokio::runtime::Handle,
+    partitions: &Partitions,
+    p: &mut Pending,
+    wait: bool,
+) -> usize {
+    let n = p.batch.len();
+    for _ in 0..2 {
+        match send_batch(shared, consumer, handler, runtime, partitions, p, wait) {
+            Sent::Taken => return n,
+            Sent::Full => return 0,
+            // The task ended (its partition was revoked and perhaps assigned to us again):
+            // look it up afresh, once.
+            Sent::Closed => p.queue = None,
+        }
+    }
+    // Still closed: the processor is stopping. Its offsets are not stored; they will be
+    // redelivered.
+    p.batch.clear();
+    n
+}
+
+enum Sent {
+    Taken,
+    Full,
+    Closed,
+}
+
+fn send_batch<St: IdempotencyStore, H: Handler>(
+    shared: &Arc<Shared<St>>,
+    consumer: &Arc<BaseConsumer<Ctx>>,
+    handler: &Arc<H>,
+    runtime: &tokio::runtime::Handle,
+    partitions: &Partitions,
+    p: &mut Pending,
+    wait: bool,
+) -> Sent {
+    let queue = p.queue.get_or_insert_with(|| {
+        let mut map = partitions.map.lock();
+        let worker = map
+            .entry((p.topic.to_string(), p.partition))
+            .or_insert_with(|| {
+                start_worker(
+                    shared,
+                    consumer,
+                    handler,
+                    runtime,
+                    p.topic.clone(),
+                    p.partition,
+                )
+            });
+        worker.queue.clone()
+    });
+    let batch = std::mem::take(&mut p.batch);
+    let result = if wait {
+        // The polling thread is not a runtime thread, so it may block on a send.
+        runtime.block_on(async {
+            tokio::select! {
+                r = queue.send(batch) => r.map_err(|e| mpsc::error::TrySendError::Closed(e.0)),
+                () = shared.stop.wait() => Ok(()),
+            }
+        })
+    } else {
+        queue.try_send(batch)
+    };
+    match result {
+        Ok(()) => Sent::Taken,
+        Err(mpsc::error::TrySendError::Full(batch)) => {
+            p.batch = batch;
+            Sent::Full
+        }
+        Err(mpsc::error::TrySendError::Closed(batch)) => {
+            p.batch = batch;
+            Sent::Closed
+        }
+    }
+}
+
 fn start_worker<St: IdempotencyStore, H: Handler>(
     shared: &Arc<Shared<St>>,
     consumer: &Arc<BaseConsumer<Ctx>>,
     handler: &Arc<H>,
     runtime: &tokio::runtime::Handle,
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
 ) -> Worker {
-    let (queue, mut rx) = mpsc::channel::<Arc<Message>>(shared.cfg.queue);
+    // Batches, not messages: the polling thread bounds the messages it holds back.
+    let (queue, mut rx) = mpsc::channel::<Vec<Arc<Message>>>(8);
     let (drain, mut drain_rx) = watch::channel(None);
     let (done_tx, done) = std::sync::mpsc::channel::<()>();
     let gate = Arc::new(Mutex::new(true));
@@ -1182,26 +1331,41 @@ fn start_worker<St: IdempotencyStore, H: Handler>(
     );
     runtime.spawn(async move {
         let _done = done_tx;
-        loop {
-            let msg = tokio::select! {
+        // Stores the offset of the last message done; librdkafka commits it later.
+        let store_offset = |offset: Option<i64>| {
+            let Some(offset) = offset else { return };
+            let open = task_gate.lock();
+            if *open && consumer.store_offset(&topic, partition, offset).is_ok() {
+                bump(&shared.stats.offsets_stored);
+            }
+        };
+        'run: loop {
+            let batch = tokio::select! {
                 biased;
                 () = drain_requested(&mut drain_rx) => break,
-                m = rx.recv() => match m { Some(m) => m, None => break },
+                b = rx.recv() => match b { Some(b) => b, None => break },
             };
-            let offset = msg.offset;
-            match shared.process(&*handler, msg, &mut drain_rx).await {
-                Ok(Disposition::Done) => {
-                    let open = task_gate.lock();
-                    if *open && consumer.store_offset(&topic, partition, offset).is_ok() {
-                        bump(&shared.stats.offsets_stored);
+            let mut last_done = None;
+            for msg in batch {
+                if drain_rx.borrow().is_some() {
+                    store_offset(last_done);
+                    break 'run;
+                }
+                let offset = msg.offset;
+                match shared.process(&*handler, msg, &mut drain_rx).await {
+                    Ok(Disposition::Done) => last_done = Some(offset),
+                    Ok(Disposition::Abandoned) => {
+                        store_offset(last_done);
+                        break 'run;
+                    }
+                    Err(e) => {
+                        store_offset(last_done);
+                        shared.fail(e);
+                        break 'run;
                     }
                 }
-                Ok(Disposition::Abandoned) => break,
-                Err(e) => {
-                    shared.fail(e);
-                    break;
-                }
             }
+            store_offset(last_done);
         }
     });
     Worker {
@@ -1264,7 +1428,12 @@ mod tests {
             ]
         );
         let bad = message(&[("x-echo-set-header", "Content-Length: 1")], None);
-        assert!(echo_headers(&bad).unwrap_err().contains("content-length"));
+        assert!(
+            echo_headers(&bad)
+                .unwrap_err()
+                .to_ascii_lowercase()
+                .contains("content-length")
+        );
     }
 
     #[test]
