@@ -113,6 +113,14 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// A remote backend (Redis) could not be reached, timed out, or answered an error. The
+    /// operation may or may not have been applied; the lease protocol stays safe either way
+    /// (a retry of `begin` sees the outcome). The connection reconnects on its own.
+    #[error("the store's backend is unavailable: {reason}")]
+    Unavailable {
+        /// The client's error.
+        reason: String,
+    },
     /// An async method was called outside a Tokio runtime with its time driver.
     #[error("idemkv's async API needs a Tokio runtime with time enabled")]
     NoRuntime,

@@ -64,6 +64,8 @@ pub mod kafka;
 mod key;
 #[allow(unsafe_code)]
 mod record;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod shard;
 mod store;
 mod sweeper;

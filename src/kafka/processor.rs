@@ -1181,34 +1181,31 @@ fn poll_loop<St: IdempotencyStore, H: Handler>(
                 !gone
             });
         }
-        match polled {
-            Some(Ok(m)) => {
-                let at = match pending
-                    .iter()
-                    .position(|p| p.partition == m.partition() && *p.topic == *m.topic())
-                {
-                    Some(at) => at,
-                    None => {
-                        pending.push(Pending {
-                            topic: Arc::from(m.topic()),
-                            partition: m.partition(),
-                            batch: Vec::with_capacity(BATCH),
-                            queue: None,
-                        });
-                        pending.len() - 1
-                    }
-                };
-                let p = &mut pending[at];
-                let msg = Message::from_kafka(&m, p.topic.clone(), &shared.cfg.key_sources);
-                drop(m);
-                p.batch.push(Arc::new(msg));
-                held += 1;
-                if p.batch.len() < BATCH {
-                    continue;
+        // Errors (broker down, partition EOF) are transient and retried by librdkafka.
+        if let Some(Ok(m)) = polled {
+            let at = match pending
+                .iter()
+                .position(|p| p.partition == m.partition() && *p.topic == *m.topic())
+            {
+                Some(at) => at,
+                None => {
+                    pending.push(Pending {
+                        topic: Arc::from(m.topic()),
+                        partition: m.partition(),
+                        batch: Vec::with_capacity(BATCH),
+                        queue: None,
+                    });
+                    pending.len() - 1
                 }
+            };
+            let p = &mut pending[at];
+            let msg = Message::from_kafka(&m, p.topic.clone(), &shared.cfg.key_sources);
+            drop(m);
+            p.batch.push(Arc::new(msg));
+            held += 1;
+            if p.batch.len() < BATCH {
+                continue;
             }
-            // Transient client errors (broker down, partition EOF) are retried by librdkafka.
-            Some(Err(_)) | None => {}
         }
         for p in pending.iter_mut().filter(|p| !p.batch.is_empty()) {
             held -= hand_over(shared, consumer, handler, runtime, &partitions, p, false);
