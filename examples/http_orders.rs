@@ -1,7 +1,10 @@
 //! An order and payment service on the embedded store: the README's main job.
 //!
 //! `cargo run --release --example http_orders -- [--listen 127.0.0.1:8080] [--data ./data/http_orders]
-//!  [--durability immediate|batched|none] [--work-ms 0]`
+//!  [--durability immediate|batched|none] [--work-ms 0] [--lease-ms 10000]`
+//!
+//! `--redis redis://127.0.0.1:6379` (built with `--features redis`) keeps all state in Redis
+//! instead, so several replicas can serve the same clients.
 //!
 //! - `POST /orders` `{"items":[{"sku":"id-17236","count":1}]}` → 201 `{"id":<uuid>,"items":[…]}`,
 //!   behind the Idempotency-Key and echo layers; the order is written atomically with the
@@ -29,13 +32,95 @@ use idemkv::http::{
     CompleteWith, EchoLayer, ExactlyOnce, ExactlyOnceHandler, IdempotencyInfo, IdempotencyLayer,
     Processed,
 };
-use idemkv::{Durability, OwnedKey, Snapshot, Store, Write};
+use idemkv::{
+    Begin, CasOutcome, Durability, Error, Fingerprint, IdempotencyStore, Key, Lease, OwnedKey,
+    PutPending, Snapshot, Store, Take, Timestamp, Write,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone)]
 struct App {
-    store: Store,
+    store: Backend,
     work: Duration,
+}
+
+/// The embedded store or Redis: one line of `main` picks, everything else is the same.
+#[derive(Clone)]
+enum Backend {
+    Embedded(Store),
+    #[cfg(feature = "redis")]
+    Redis(idemkv::redis::RedisStore),
+}
+
+/// Runs `$call` on whichever store this is.
+macro_rules! on {
+    ($self:expr, $s:ident => $call:expr) => {
+        match $self {
+            Backend::Embedded($s) => $call,
+            #[cfg(feature = "redis")]
+            Backend::Redis($s) => $call,
+        }
+    };
+}
+
+impl IdempotencyStore for Backend {
+    async fn begin(&self, key: Key<'_>, fp: Fingerprint, lease: Duration) -> Result<Begin, Error> {
+        on!(self, s => IdempotencyStore::begin(s, key, fp, lease).await)
+    }
+    async fn begin_wait(
+        &self,
+        key: Key<'_>,
+        fp: Fingerprint,
+        lease: Duration,
+        max_wait: Duration,
+    ) -> Result<Begin, Error> {
+        on!(self, s => IdempotencyStore::begin_wait(s, key, fp, lease, max_wait).await)
+    }
+    async fn complete(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+        writes: &[Write],
+    ) -> Result<Timestamp, Error> {
+        on!(self, s => IdempotencyStore::complete(s, lease, response, ttl, writes).await)
+    }
+    async fn release(&self, lease: Lease) -> Result<(), Error> {
+        on!(self, s => IdempotencyStore::release(s, lease).await)
+    }
+    async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
+        on!(self, s => IdempotencyStore::renew(s, lease, extend).await)
+    }
+    async fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
+        on!(self, s => IdempotencyStore::get(s, key).await)
+    }
+    async fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
+        on!(self, s => IdempotencyStore::remove(s, key).await)
+    }
+    async fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
+        on!(self, s => IdempotencyStore::cas(s, write).await)
+    }
+    async fn put_pending(
+        &self,
+        key: Key<'_>,
+        payload: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<PutPending, Error> {
+        on!(self, s => IdempotencyStore::put_pending(s, key, payload, ttl).await)
+    }
+    async fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
+        on!(self, s => IdempotencyStore::take_pending(s, key, lease).await)
+    }
+}
+
+impl Backend {
+    async fn scan(&self, scope: &[u8]) -> Result<Vec<(Vec<u8>, Snapshot)>, Error> {
+        match self {
+            Backend::Embedded(s) => Ok(s.scan(scope)),
+            #[cfg(feature = "redis")]
+            Backend::Redis(r) => r.scan(scope).await,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -94,16 +179,18 @@ async fn create_order(State(app): State<App>, req: Request) -> Response {
     if layered {
         // Committed together with "this Idempotency-Key is done".
         res.extensions_mut().insert(CompleteWith(vec![write]));
-    } else if let Err(e) = app.store.cas(&write) {
+    } else if let Err(e) = app.store.cas(&write).await {
         return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
     }
     res
 }
 
 async fn list_orders(State(app): State<App>) -> Response {
-    let orders: Vec<serde_json::Value> = app
-        .store
-        .scan(b"orders")
+    let orders = match app.store.scan(b"orders").await {
+        Ok(all) => all,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    };
+    let orders: Vec<serde_json::Value> = orders
         .into_iter()
         .filter_map(|(_, s)| match s {
             Snapshot::Value(v) => serde_json::from_slice(&v.value).ok(),
@@ -117,7 +204,7 @@ async fn list_orders(State(app): State<App>) -> Response {
 }
 
 async fn one_order(State(app): State<App>, Path(id): Path<String>) -> Response {
-    match app.store.get(OwnedKey::new("orders", &id).as_key()) {
+    match app.store.get(OwnedKey::new("orders", &id).as_key()).await {
         Ok(Some(Snapshot::Value(v))) => json(StatusCode::OK, v.value),
         Ok(_) => (StatusCode::NOT_FOUND, "no such order").into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
@@ -151,8 +238,11 @@ fn parse_cents(s: &str) -> Option<i64> {
     (c > 0).then_some(c)
 }
 
-fn balance_of(store: &Store, customer: &str) -> (i64, Option<u64>) {
-    match store.get(OwnedKey::new("accounts", customer).as_key()) {
+async fn balance_of(store: &Backend, customer: &str) -> (i64, Option<u64>) {
+    match store
+        .get(OwnedKey::new("accounts", customer).as_key())
+        .await
+    {
         Ok(Some(Snapshot::Value(v))) => (
             String::from_utf8_lossy(&v.value)
                 .parse()
@@ -164,7 +254,7 @@ fn balance_of(store: &Store, customer: &str) -> (i64, Option<u64>) {
 }
 
 async fn account(State(app): State<App>, Path(customer): Path<String>) -> Response {
-    let (cents, _) = balance_of(&app.store, &customer);
+    let (cents, _) = balance_of(&app.store, &customer).await;
     let body = serde_json::json!({"customer_id": customer, "balance": cents_to_string(cents)});
     json(StatusCode::OK, body.to_string().into_bytes())
 }
@@ -177,7 +267,7 @@ struct Payment {
 
 /// The user code of the exactly-once endpoint: a debit committed with "processed".
 struct Payments {
-    store: Store,
+    store: Backend,
 }
 
 impl ExactlyOnceHandler for Payments {
@@ -191,7 +281,7 @@ impl ExactlyOnceHandler for Payments {
                 "expected {\"customer_id\":…,\"amount\":\"12.50\"}",
             );
         };
-        let (balance, version) = balance_of(&self.store, &p.customer_id);
+        let (balance, version) = balance_of(&self.store, &p.customer_id).await;
         if cents > balance {
             return Processed::new(StatusCode::BAD_REQUEST, "insufficient funds");
         }
@@ -233,6 +323,18 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_owned())
 }
 
+#[cfg(feature = "redis")]
+async fn redis_backend(url: &str) -> Result<Backend, Box<dyn std::error::Error>> {
+    let store = idemkv::redis::RedisStore::builder(url).connect().await?;
+    println!("state in Redis at {url}");
+    Ok(Backend::Redis(store))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_backend(_: &str) -> Result<Backend, Box<dyn std::error::Error>> {
+    Err("--redis needs the redis feature: cargo run --features redis --example http_orders".into())
+}
+
 async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -267,13 +369,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let work = Duration::from_millis(arg(&args, "--work-ms", "0").parse()?);
-    let store = Store::builder().durability(durability).open(&data)?;
-    if let Some(r) = store.recovery_report() {
-        println!(
-            "opened {data}: {} records from the checkpoint, {} log records replayed",
-            r.checkpoint_records, r.records
-        );
-    }
+    let lease = Duration::from_millis(arg(&args, "--lease-ms", "10000").parse()?);
+    let redis = arg(&args, "--redis", "");
+    let store = if redis.is_empty() {
+        let store = Store::builder().durability(durability).open(&data)?;
+        if let Some(r) = store.recovery_report() {
+            println!(
+                "opened {data}: {} records from the checkpoint, {} log records replayed",
+                r.checkpoint_records, r.records
+            );
+        }
+        Backend::Embedded(store)
+    } else {
+        redis_backend(&redis).await?
+    };
     let app = App {
         store: store.clone(),
         work,
@@ -292,7 +401,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
             ),
         )
-        .layer(IdempotencyLayer::new(store.clone()).lease(Duration::from_secs(10)))
+        .layer(IdempotencyLayer::new(store.clone()).lease(lease))
         .layer(EchoLayer::new())
         .layer(middleware::from_fn(log))
         .with_state(app);

@@ -531,3 +531,55 @@ async fn redis() -> Option<idemkv::redis::RedisStore> {
 }
 #[cfg(feature = "redis")]
 suite!(redis_backend, redis().await);
+
+/// The local cache of completed records: replays without a round trip, and exactly the
+/// staleness its documentation allows.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_of_completed_records() {
+    let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI needs IDEMKV_REDIS_URL"
+        );
+        return;
+    };
+    let cached = idemkv::redis::RedisStore::builder(&url)
+        .cache(100, Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let plain = idemkv::redis::RedisStore::builder(&url)
+        .connect()
+        .await
+        .unwrap();
+    let sc = scope("cache");
+    let key = Key::new(&sc, "k");
+    let lease = acquire(&cached, key, LONG).await;
+    cached.complete(&lease, b"r1", None, &[]).await.unwrap();
+    assert!(matches!(
+        cached.begin(key, FP, LONG).await.unwrap(),
+        Begin::Completed(_)
+    ));
+    // Removed elsewhere: this process may replay it until the entry's max age...
+    assert!(plain.remove(key).await.unwrap());
+    assert!(matches!(
+        cached.begin(key, FP, LONG).await.unwrap(),
+        Begin::Completed(_)
+    ));
+    assert!(matches!(
+        cached.begin(key, OTHER, LONG).await.unwrap(),
+        Begin::Mismatch
+    ));
+    // ...and no longer.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let lease = acquire(&cached, key, LONG).await;
+    cached.complete(&lease, b"r2", None, &[]).await.unwrap();
+    match cached.begin(key, FP, LONG).await.unwrap() {
+        Begin::Completed(d) => assert_eq!(d.response, b"r2"),
+        other => panic!("{other:?}"),
+    }
+    // Removed through the caching store: gone at once.
+    assert!(cached.remove(key).await.unwrap());
+    let _ = acquire(&cached, key, LONG).await;
+}

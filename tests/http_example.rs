@@ -4,102 +4,17 @@
 //! and no balance is debited twice.
 #![cfg(all(feature = "http", not(loom)))]
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write as _};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::collections::HashSet;
+use std::path::Path;
 use std::time::Duration;
 
-/// The example binary, built now so it is never stale (`cargo test` with a filter does not
-/// rebuild examples; this is a no-op when it is up to date).
-fn example() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--example", "http_orders"]);
-    if release {
-        cargo.arg("--release");
-    }
-    assert!(cargo.status().expect("cargo build").success());
-    dir.join("examples").join("http_orders")
-}
+#[path = "support/http_client.rs"]
+mod support;
+use support::{Server, http};
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(data: &Path, work_ms: u64) -> Server {
-        let mut child = Command::new(example())
-            .args(["--listen", "127.0.0.1:0", "--work-ms", &work_ms.to_string()])
-            .arg("--data")
-            .arg(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the example");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the example exited before listening")
-                .expect("line");
-            if let Some(a) = line.strip_prefix("listening on http://") {
-                break a.to_owned();
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One HTTP/1.1 exchange: (status, lower-cased headers, body), or `None` if the connection
-/// failed (the server was killed).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Option<(u16, HashMap<String, String>, Vec<u8>)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Some((status, headers, raw[split + 4..].to_vec()))
+fn start(data: &Path, work_ms: u64) -> Server {
+    let data = data.to_str().expect("utf-8 path");
+    Server::start("", &["--work-ms", &work_ms.to_string(), "--data", data])
 }
 
 /// A response a client received: what was asked (path and key), status, body.
@@ -119,7 +34,7 @@ fn order_ids(addr: &str) -> Vec<String> {
 #[test]
 fn replays_are_byte_identical_and_duplicates_create_one_order() {
     let data = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(data.path(), 300);
+    let server = start(data.path(), 300);
     let a = &server.addr;
     // Concurrent duplicates: one runs; the others get 409, or wait and get the replay.
     let handles: Vec<_> = (0..6)
@@ -282,7 +197,7 @@ fn load_until_killed(
 #[test]
 fn sigkill_under_load_then_restart_keeps_every_answer() {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut server = Server::start(data.path(), 0);
+    let mut server = start(data.path(), 0);
     // Payments: 60 of 1.00 each from one customer (100.00 covers them all), stored up front.
     let payments = 60;
     for i in 0..payments {
@@ -306,7 +221,7 @@ fn sigkill_under_load_then_restart_keeps_every_answer() {
             payments,
             round,
         ));
-        server = Server::start(data.path(), 0);
+        server = start(data.path(), 0);
         for (what, status, body) in &received {
             let (path, key) = what.split_once(' ').expect("what");
             let headers: Vec<(&str, &str)> = if key.is_empty() {

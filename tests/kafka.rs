@@ -10,7 +10,7 @@ use idemkv::kafka::{
     ATTEMPTS, ERROR, HandlerError, Incoming, KafkaError, KafkaProcessor, MockKafka, ORIGIN,
     Outcome, ProcessorStats, REPLAYED, Request, Requester,
 };
-use idemkv::{Key, Snapshot, Store};
+use idemkv::{IdempotencyStore, Key, Snapshot, Store};
 use parking_lot::Mutex;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -130,6 +130,34 @@ fn key_of(msg: &Incoming) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_run_once_with_correlated_and_echoed_replies() {
+    duplicates_on(Store::in_memory(), "g").await;
+}
+
+/// The same on the Redis backend (`IDEMKV_REDIS_URL`; required under `CI=true`).
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_run_once_on_redis() {
+    let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI needs IDEMKV_REDIS_URL"
+        );
+        return;
+    };
+    let store = idemkv::redis::RedisStore::builder(url)
+        .connect()
+        .await
+        .unwrap();
+    // A group (and so a scope) of its own: the server outlives this run.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let group = format!("g-{}-{nanos}", std::process::id());
+    duplicates_on(store, &group).await;
+}
+
+async fn duplicates_on<St: IdempotencyStore + Clone>(store: St, group: &str) {
     let cluster = Cluster::new(2);
     let p = cluster.producer();
     for copy in 0..3 {
@@ -173,9 +201,8 @@ async fn duplicates_run_once_with_correlated_and_echoed_replies() {
     )
     .await;
 
-    let store = Store::in_memory();
     let runs: Runs = Arc::default();
-    let processor = KafkaProcessor::builder(store.clone(), cluster.consumer("g"))
+    let processor = KafkaProcessor::builder(store.clone(), cluster.consumer(group))
         .topics(["requests"])
         .build()
         .unwrap();
@@ -250,8 +277,11 @@ async fn duplicates_run_once_with_correlated_and_echoed_replies() {
     assert_eq!(stats.rejected, 2);
     assert_eq!(stats.replies, 32);
     // Results live in the store under the group's scope.
+    let scope = format!("kafka:{group}");
     assert!(matches!(
-        store.get(Key::new("kafka:g", "k3")).unwrap(),
+        IdempotencyStore::get(&store, Key::new(&scope, "k3"))
+            .await
+            .unwrap(),
         Some(Snapshot::Completed(_))
     ));
 }

@@ -57,9 +57,24 @@ pub struct RedisStoreBuilder {
     max_value_len: usize,
     max_batch: usize,
     timeout: Duration,
+    cache: Option<(usize, Duration)>,
 }
 
 impl RedisStoreBuilder {
+    /// Keeps up to `entries` completed records in this process for at most `max_age`, so a
+    /// replay of a recent request is answered without a round trip.
+    ///
+    /// Completed records never change until they expire or are removed by hand, so the only
+    /// staleness is this: a record [`remove`](IdempotencyStore::remove)d through *another*
+    /// process (or expired early by an operator) may still be replayed here for up to
+    /// `max_age`. Expiry is checked against the record's `expires_at` (server time) with this
+    /// machine's clock, so clock skew between them shifts it by the skew. Removal through
+    /// this store drops the entry at once. Off by default.
+    pub fn cache(mut self, entries: usize, max_age: Duration) -> Self {
+        self.cache = (entries > 0 && !max_age.is_zero()).then_some((entries, max_age));
+        self
+    }
+
     /// Prefix of every key (default `idemkv:`); one Redis can hold several stores.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -132,6 +147,11 @@ impl RedisStoreBuilder {
         let script = |body: &str| Script::new(&scripts::with_prelude(body));
         Ok(RedisStore {
             inner: Arc::new(Inner {
+                cache: self.cache.map(|(entries, max_age)| Cache {
+                    entries,
+                    max_age,
+                    map: Mutex::new(HashMap::new()),
+                }),
                 conn,
                 notifier: Notifier {
                     client,
@@ -181,6 +201,7 @@ struct Scripts {
 }
 
 struct Inner {
+    cache: Option<Cache>,
     conn: ConnectionManager,
     notifier: Notifier,
     scripts: Scripts,
@@ -201,6 +222,7 @@ impl RedisStore {
             max_value_len: 1 << 20,
             max_batch: 64,
             timeout: Duration::from_secs(2),
+            cache: None,
         }
     }
 
@@ -227,6 +249,45 @@ impl RedisStore {
         out.extend_from_slice(key.scope());
         out.extend_from_slice(key.id());
         out
+    }
+
+    /// Every live record of `scope`, as `(id, snapshot)`. Walks the whole keyspace under the
+    /// prefix with `SCAN` (O(keys)): for tools and examples, not request paths.
+    pub async fn scan(&self, scope: &[u8]) -> Result<Vec<(Vec<u8>, Snapshot)>, Error> {
+        let prefix = self.cfg().prefix.as_bytes();
+        let mut pattern = prefix.to_vec();
+        pattern.extend_from_slice(b"{*");
+        let mut conn = self.conn();
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for k in keys {
+                let Some(id) = split_key(&k[prefix.len()..], scope) else {
+                    continue;
+                };
+                let fields: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                if let Some(snap) = snapshot_of(&fields)? {
+                    out.push((id.to_vec(), snap));
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(out);
+            }
+        }
     }
 
     fn channel(key: &[u8]) -> Vec<u8> {
@@ -312,6 +373,13 @@ impl RedisStore {
         self.check_key(key)?;
         let lease_ms = nonzero(lease, "the lease duration")?;
         let rk = self.redis_key(key);
+        if let Some(done) = self.inner.cache.as_ref().and_then(|c| c.get(&rk)) {
+            return Ok(if done.fingerprint == fingerprint {
+                Begin::Completed(done)
+            } else {
+                Begin::Mismatch
+            });
+        }
         let reply: Vec<Value> = self
             .inner
             .scripts
@@ -334,12 +402,18 @@ impl RedisStore {
             0 => Ok(Begin::InProgress {
                 deadline: Timestamp::from_millis(uint(&reply, 1)?),
             }),
-            2 => Ok(Begin::Completed(Completed {
-                response: bytes(&reply, 1)?,
-                fingerprint,
-                completed_at: Timestamp::from_millis(uint(&reply, 2)?),
-                expires_at: Timestamp::from_millis(uint(&reply, 3)?),
-            })),
+            2 => {
+                let done = Completed {
+                    response: bytes(&reply, 1)?,
+                    fingerprint,
+                    completed_at: Timestamp::from_millis(uint(&reply, 2)?),
+                    expires_at: Timestamp::from_millis(uint(&reply, 3)?),
+                };
+                if let Some(c) = &self.inner.cache {
+                    c.put(rk, &done);
+                }
+                Ok(Begin::Completed(done))
+            }
             3 => Ok(Begin::Mismatch),
             _ => Err(wrong_kind(RecordKind::Idempotency, &reply)),
         }
@@ -522,6 +596,9 @@ impl IdempotencyStore for RedisStore {
     async fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
         self.check_key(key)?;
         let rk = self.redis_key(key);
+        if let Some(c) = &self.inner.cache {
+            c.map.lock().remove(&rk);
+        }
         let n: i64 = self
             .inner
             .scripts
@@ -640,6 +717,40 @@ impl IdempotencyStore for RedisStore {
             })),
             _ => Err(wrong_kind(RecordKind::Pending, &reply)),
         }
+    }
+}
+
+/// Recently seen completed records, by Redis key (see [`RedisStoreBuilder::cache`]).
+struct Cache {
+    entries: usize,
+    max_age: Duration,
+    map: Mutex<HashMap<Vec<u8>, (Instant, Completed)>>,
+}
+
+impl Cache {
+    fn get(&self, key: &[u8]) -> Option<Completed> {
+        let mut map = self.map.lock();
+        let (at, done) = map.get(key)?;
+        let now_ms = crate::clock::Clock::now(&crate::clock::SystemClock).as_millis();
+        if at.elapsed() > self.max_age || done.expires_at.as_millis() <= now_ms {
+            map.remove(key);
+            return None;
+        }
+        Some(done.clone())
+    }
+
+    fn put(&self, key: Vec<u8>, done: &Completed) {
+        let mut map = self.map.lock();
+        if map.len() >= self.entries {
+            // Full: drop what is too old; if that frees nothing, start over (a cache miss
+            // only costs a round trip).
+            let max_age = self.max_age;
+            map.retain(|_, (at, _)| at.elapsed() <= max_age);
+            if map.len() >= self.entries {
+                map.clear();
+            }
+        }
+        map.insert(key, (Instant::now(), done.clone()));
     }
 }
 
@@ -882,6 +993,26 @@ fn snapshot_of(f: &HashMap<String, Vec<u8>>) -> Result<Option<Snapshot>, Error> 
     }))
 }
 
+/// The id of a key (after the prefix: `{tag}`, scope length, scope, id) if its scope is
+/// `scope`. The tag is the id or a part of it, so it has no `}` of its own unless it is the
+/// whole id; the length byte settles where the scope starts.
+fn split_key<'a>(rest: &'a [u8], scope: &[u8]) -> Option<&'a [u8]> {
+    let rest = rest.strip_prefix(b"{")?;
+    // Try every `}`: an id used whole as its own tag may contain braces.
+    for (i, _) in rest.iter().enumerate().filter(|(_, b)| **b == b'}') {
+        let after = &rest[i + 1..];
+        let (&len, body) = after.split_first()?;
+        let len = usize::from(len);
+        if body.len() > len && &body[..len] == scope {
+            let id = &body[len..];
+            if hash_tag(id) == &rest[..i] {
+                return Some(id);
+            }
+        }
+    }
+    None
+}
+
 /// Redis Cluster's hash tag rule: the bytes between the first `{` and the next `}`, if not
 /// empty; otherwise the whole id.
 fn hash_tag(id: &[u8]) -> &[u8] {
@@ -924,5 +1055,31 @@ mod tests {
         // Values from the Redis Cluster specification (CLUSTER KEYSLOT).
         assert_eq!(slot(b"123456789"), 12739);
         assert_eq!(slot(b"foo"), 12182);
+    }
+
+    #[test]
+    fn keys_split_back_into_scope_and_id() {
+        let key = |scope: &[u8], id: &[u8]| {
+            let mut k = b"{".to_vec();
+            k.extend_from_slice(hash_tag(id));
+            k.push(b'}');
+            k.push(scope.len() as u8);
+            k.extend_from_slice(scope);
+            k.extend_from_slice(id);
+            k
+        };
+        for (scope, id) in [
+            (&b"orders"[..], &b"o-1"[..]),
+            (b"orders", b"pay{o-1}x"),
+            (b"s}", b"a}b"),
+            (b"", b"{}"),
+        ] {
+            assert_eq!(
+                split_key(&key(scope, id), scope),
+                Some(id),
+                "{scope:?} {id:?}"
+            );
+            assert_eq!(split_key(&key(scope, id), b"other"), None);
+        }
     }
 }

@@ -1,0 +1,135 @@
+//! Redis going away and coming back, under the HTTP layer: typed errors, 503 problem+json with
+//! no handler run, and a reconnect on its own. The test runs a `redis-server` of its own on a
+//! free loopback port (so it can stop it); it runs when `IDEMKV_REDIS_URL` is set, which is
+//! what says a `redis-server` is installed (`.ci/with-redis`), and must run under `CI=true`.
+#![cfg(all(feature = "http", feature = "redis", not(loom)))]
+#![allow(clippy::unwrap_used)]
+
+use std::convert::Infallible;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use idemkv::http::IdempotencyLayer;
+use idemkv::redis::RedisStore;
+use idemkv::{Error, Fingerprint, IdempotencyStore, Key};
+use tower::{ServiceBuilder, ServiceExt};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_redis(port: u16, dir: &std::path::Path) -> Child {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let until = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn post(key: &str) -> Request<Full<Bytes>> {
+    Request::post("/orders")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
+    if std::env::var("IDEMKV_REDIS_URL").is_err() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI needs IDEMKV_REDIS_URL"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = start_redis(port, dir.path());
+    let store = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let counted = runs.clone();
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(store.clone()))
+        .service(tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            let runs = counted.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"created"))))
+            }
+        }));
+    let res = svc.clone().oneshot(post("before")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // The server goes away.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let err = store
+        .begin(
+            Key::new("s", "k"),
+            Fingerprint::of(b"x"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    let res = svc.clone().oneshot(post("during")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("unavailable"),
+        "{body:?}"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "no handler runs without a lease"
+    );
+
+    // It comes back on the same port: the store reconnects by itself.
+    let mut server = start_redis(port, dir.path());
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = svc.clone().oneshot(post("after")).await.unwrap();
+        if res.status() == StatusCode::OK {
+            break;
+        }
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(Instant::now() < until, "no reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

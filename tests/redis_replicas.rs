@@ -1,0 +1,142 @@
+//! Two processes of the `http_orders` example sharing one Redis (`--redis URL`), over real
+//! TCP: concurrent duplicates sent to both replicas create one order, and a replica killed
+//! mid-request is taken over by the other after the lease deadline.
+//!
+//! Needs `IDEMKV_REDIS_URL` (`.ci/with-redis cargo test --features redis` provides one);
+//! required under `CI=true`.
+#![cfg(all(feature = "http", feature = "redis", not(loom)))]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+#[path = "support/http_client.rs"]
+mod support;
+use support::{Server, http};
+
+const ORDER: &str = r#"{"items":[{"sku":"id-17236","count":1}]}"#;
+
+fn redis_url() -> Option<String> {
+    match std::env::var("IDEMKV_REDIS_URL") {
+        Ok(url) => Some(url),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true with the redis feature needs IDEMKV_REDIS_URL")
+        }
+        Err(_) => {
+            eprintln!("IDEMKV_REDIS_URL is not set: skipped");
+            None
+        }
+    }
+}
+
+fn replica(url: &str, work_ms: u64) -> Server {
+    Server::start(
+        "redis",
+        &[
+            "--redis",
+            url,
+            "--work-ms",
+            &work_ms.to_string(),
+            "--lease-ms",
+            "1000",
+        ],
+    )
+}
+
+fn post(addr: &str, key: &str) -> Option<(u16, bool, String)> {
+    let (status, headers, body) = http(
+        addr,
+        "POST",
+        "/orders",
+        &[
+            ("idempotency-key", key),
+            ("prefer", "wait=15"),
+            ("content-type", "application/json"),
+        ],
+        ORDER,
+    )?;
+    let id = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    Some((status, headers.contains_key("idempotent-replayed"), id))
+}
+
+#[test]
+fn duplicates_across_replicas_run_once_and_a_dead_replica_is_taken_over() {
+    let Some(url) = redis_url() else { return };
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let a = replica(&url, 200);
+    let b = replica(&url, 200);
+
+    // 1. Each key sent to both replicas at once, twice each.
+    let mut handles = Vec::new();
+    for k in 0..8 {
+        for addr in [&a.addr, &b.addr, &a.addr, &b.addr] {
+            let (addr, key) = (addr.clone(), format!("{run}-dup-{k}"));
+            handles.push(std::thread::spawn(move || {
+                (key.clone(), post(&addr, &key).unwrap())
+            }));
+        }
+    }
+    let mut ids = std::collections::HashMap::<String, HashSet<String>>::new();
+    let mut fresh = 0;
+    for h in handles {
+        let (key, (status, replayed, id)) = h.join().unwrap();
+        assert_eq!(status, 201, "{key}");
+        fresh += usize::from(!replayed);
+        ids.entry(key).or_default().insert(id);
+    }
+    assert_eq!(ids.len(), 8);
+    assert!(
+        ids.values().all(|s| s.len() == 1),
+        "one order per key: {ids:?}"
+    );
+    assert_eq!(fresh, 8, "one fresh response per key, the rest replays");
+    let created =
+        a.count("POST /orders 201 replayed=false") + b.count("POST /orders 201 replayed=false");
+    assert_eq!(
+        created, 8,
+        "the handler ran once per key over both replicas"
+    );
+    // Both replicas see the same orders.
+    let (_, _, list) = http(&b.addr, "GET", "/orders", &[], "").unwrap();
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&list).unwrap();
+    for set in ids.values() {
+        let id = set.iter().next().unwrap();
+        assert_eq!(
+            listed.iter().filter(|o| o["id"] == id.as_str()).count(),
+            1,
+            "{id}"
+        );
+    }
+
+    // 2. A replica dies holding a request: the other takes it over after the lease deadline.
+    let mut slow = replica(&url, 5_000);
+    let key = format!("{run}-takeover");
+    let (addr, k) = (slow.addr.clone(), key.clone());
+    let doomed = std::thread::spawn(move || post(&addr, &k));
+    std::thread::sleep(Duration::from_millis(500));
+    slow.kill();
+    assert_eq!(
+        doomed.join().unwrap(),
+        None,
+        "the client of the killed replica got no answer"
+    );
+    let (status, replayed, id) = post(&b.addr, &key).unwrap();
+    assert_eq!(
+        (status, replayed),
+        (201, false),
+        "run afresh by the survivor"
+    );
+    assert!(!id.is_empty());
+    let (status, replayed, again) = post(&a.addr, &key).unwrap();
+    assert_eq!((status, replayed, again), (201, true, id));
+}
