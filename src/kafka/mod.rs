@@ -46,6 +46,8 @@ mod stored;
 
 use std::time::Duration;
 
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
 pub use mock::MockKafka;
 pub use processor::{Handler, KafkaProcessor, ProcessorBuilder, ProcessorHandle, ProcessorStats};
 pub use requester::{Reply, Request, Requester};
@@ -66,6 +68,29 @@ pub const ERROR: &str = "x-error";
 pub const ATTEMPTS: &str = "x-attempts";
 /// On a dead-lettered message: `topic/partition/offset` of the original.
 pub const ORIGIN: &str = "x-origin";
+
+/// Kafka headers from `(name, value)` pairs, in order.
+fn to_headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {
+    pairs
+        .into_iter()
+        .fold(OwnedHeaders::new(), |hs, (key, value)| {
+            hs.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
+}
+
+/// A message's headers as `(name, value)` pairs (a null value reads as empty).
+fn from_headers(headers: Option<&rdkafka::message::BorrowedHeaders>) -> Vec<(String, Vec<u8>)> {
+    headers
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Errors of the Kafka adapter.
 #[derive(Debug, thiserror::Error)]

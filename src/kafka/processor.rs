@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::stored::StoredReply;
+use super::to_headers;
 use super::{
     ATTEMPTS, ECHO_SET_HEADER, ERROR, HandlerError, Incoming, KafkaError, KeySource, ORIGIN,
     Outcome, REPLAYED, REPLY_TO, REQUEST_ID,
@@ -71,14 +72,7 @@ impl Message {
     }
 
     fn from_kafka(m: &BorrowedMessage<'_>, topic: Arc<str>, sources: &[KeySource]) -> Message {
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = super::from_headers(m.headers());
         let mut msg = Message {
             topic,
             partition: m.partition(),
@@ -923,28 +917,15 @@ impl<St: IdempotencyStore> Shared<St> {
             self.reply(msg, echo, &failure, false).await;
             return Ok(Disposition::Done);
         };
-        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len() + 3);
-        for (n, v) in &msg.headers {
-            headers = headers.insert(Header {
-                key: n,
-                value: Some(v),
-            });
-        }
         let origin = format!("{}/{}/{}", msg.topic, msg.partition, msg.offset);
         let count = attempts.failed.to_string();
-        headers = headers
-            .insert(Header {
-                key: ERROR,
-                value: Some(&why),
-            })
-            .insert(Header {
-                key: ATTEMPTS,
-                value: Some(&count),
-            })
-            .insert(Header {
-                key: ORIGIN,
-                value: Some(&origin),
-            });
+        let extra: [(&str, &[u8]); 3] = [
+            (ERROR, why.as_bytes()),
+            (ATTEMPTS, count.as_bytes()),
+            (ORIGIN, origin.as_bytes()),
+        ];
+        let original = msg.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+        let headers = to_headers(original.chain(extra));
         let mut record = FutureRecord::to(dlq).headers(headers);
         if let Some(k) = &msg.key {
             record = record.key(k);
@@ -1011,13 +992,7 @@ impl<St: IdempotencyStore> Shared<St> {
             out.retain(|(o, _)| !o.eq_ignore_ascii_case(ERROR));
             out.push((ERROR, err.as_bytes()));
         }
-        let mut headers = OwnedHeaders::new_with_capacity(out.len());
-        for (n, v) in out {
-            headers = headers.insert(Header {
-                key: n,
-                value: Some(v),
-            });
-        }
+        let headers = to_headers(out);
         let mut reply = FutureRecord::to(topic)
             .payload(&record.payload)
             .headers(headers);

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
@@ -164,14 +163,7 @@ impl Requester {
                 let Ok(m) = consumer.recv().await else {
                     continue;
                 };
-                let headers: Vec<(String, Vec<u8>)> = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let headers = super::from_headers(m.headers());
                 let reply = Reply {
                     payload: m.payload().unwrap_or_default().to_vec(),
                     headers,
@@ -223,22 +215,15 @@ impl Requester {
         rx: oneshot::Receiver<Reply>,
         timeout: Duration,
     ) -> Result<Reply, KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(request.headers.len() + 2);
-        for (n, v) in &request.headers {
-            headers = headers.insert(Header {
-                key: n,
-                value: Some(v),
-            });
-        }
-        headers = headers
-            .insert(Header {
-                key: REPLY_TO,
-                value: Some(&self.reply_topic),
-            })
-            .insert(Header {
-                key: REQUEST_ID,
-                value: Some(id),
-            });
+        let given = request
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()));
+        let ours: [(&str, &[u8]); 2] = [
+            (REPLY_TO, self.reply_topic.as_bytes()),
+            (REQUEST_ID, id.as_bytes()),
+        ];
+        let headers = super::to_headers(given.chain(ours));
         let mut record = FutureRecord::to(topic)
             .payload(&request.payload)
             .headers(headers);

@@ -36,9 +36,10 @@ use tokio::sync::Notify;
 
 use crate::clock::Timestamp;
 use crate::error::{Error, RecordKind};
-use crate::key::{Fingerprint, Key, MAX_SCOPE_LEN};
+use crate::key::{Fingerprint, Key};
 use crate::store::{
-    Begin, CasOp, CasOutcome, Completed, Lease, PutPending, Snapshot, Take, Versioned, Write,
+    Begin, CasOp, CasOutcome, Completed, Lease, Limits, PutPending, Snapshot, Take, Versioned,
+    Write, cas_value, ms, nonzero,
 };
 use crate::traits::IdempotencyStore;
 
@@ -296,60 +297,25 @@ impl RedisStore {
         c
     }
 
+    fn limits(&self) -> Limits {
+        let cfg = self.cfg();
+        Limits {
+            max_key_len: cfg.max_key_len,
+            max_value_len: cfg.max_value_len,
+            max_batch: cfg.max_batch,
+        }
+    }
+
     fn check_key(&self, key: Key<'_>) -> Result<(), Error> {
-        if key.scope().len() > MAX_SCOPE_LEN {
-            return Err(Error::ScopeTooLong {
-                len: key.scope().len(),
-                max: MAX_SCOPE_LEN,
-            });
-        }
-        if key.id().is_empty() {
-            return Err(Error::EmptyKey);
-        }
-        if key.id().len() > self.cfg().max_key_len {
-            return Err(Error::KeyTooLong {
-                len: key.id().len(),
-                max: self.cfg().max_key_len,
-            });
-        }
-        Ok(())
+        self.limits().check_key(key)
     }
 
     fn check_value(&self, v: &[u8]) -> Result<(), Error> {
-        if v.len() > self.cfg().max_value_len {
-            return Err(Error::ValueTooLarge {
-                len: v.len(),
-                max: self.cfg().max_value_len,
-            });
-        }
-        Ok(())
+        self.limits().check_value(v)
     }
 
     fn check_batch(&self, lease: &Lease, writes: &[Write]) -> Result<(), Error> {
-        if writes.len() > self.cfg().max_batch {
-            return Err(Error::InvalidBatch {
-                reason: "more writes than max_batch",
-            });
-        }
-        for (i, w) in writes.iter().enumerate() {
-            self.check_key(w.key.as_key())?;
-            if let Some(v) = cas_value(&w.op) {
-                self.check_value(v)?;
-            }
-            if let Some(d) = w.ttl {
-                nonzero(d, "a write's ttl")?;
-            }
-            if w.key.as_key() == lease.key() {
-                return Err(Error::InvalidBatch {
-                    reason: "a write targets the lease's own key",
-                });
-            }
-            if writes[..i].iter().any(|o| o.key == w.key) {
-                return Err(Error::InvalidBatch {
-                    reason: "two writes target the same key",
-                });
-            }
-        }
+        self.limits().check_batch(lease.key(), writes)?;
         if self.cfg().cluster {
             let slot = slot(hash_tag(lease.key().id()));
             if writes
@@ -869,25 +835,6 @@ fn unavailable(e: redis::RedisError) -> Error {
 fn protocol(what: &str) -> Error {
     Error::Unavailable {
         reason: format!("unexpected reply from Redis: {what}"),
-    }
-}
-
-fn nonzero(d: Duration, what: &'static str) -> Result<u64, Error> {
-    let v = ms(d);
-    if v == 0 {
-        return Err(Error::ZeroDuration { what });
-    }
-    Ok(v)
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn cas_value(op: &CasOp) -> Option<&[u8]> {
-    match op {
-        CasOp::PutIfAbsent(v) | CasOp::SetIfVersion { value: v, .. } => Some(v),
-        CasOp::DeleteIfVersion { .. } => None,
     }
 }
 

@@ -21,14 +21,8 @@ const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
--- redis.call with numbers formatted as integers (Lua would print 1.7e+15).
-local function rc(...)
-  local a = {...}
-  for i = 1, #a do
-    if type(a[i]) == 'number' then a[i] = string.format('%d', a[i]) end
-  end
-  return redis.call(unpack(a))
-end
+-- Numbers passed to redis.call are printed with %.17g by Redis's Lua: integers below 2^53
+-- (tokens, millisecond times) are written exactly.
 local function next_token(prev)
   local p = tonumber(prev) or 0
   if p + 1 > us then return p + 1 end
@@ -39,14 +33,14 @@ end
 /// KEYS: record, channel. ARGV: fingerprint, lease ms, retention ms.
 /// Returns {1, token, deadline, takeover} | {0, deadline} | {2, response, ca, ea} | {3} | {-1, kind}
 pub(crate) const BEGIN: &str = r#"
-local h = rc('HMGET', KEYS[1], 'k', 't', 'd', 'f', 'r', 'ca', 'ea')
+local h = redis.call('HMGET', KEYS[1], 'k', 't', 'd', 'f', 'r', 'ca', 'ea')
 local fp, lease, ret = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local function acquire(prev, takeover)
   local tok = next_token(prev)
   local d = now + lease
-  rc('DEL', KEYS[1])
-  rc('HSET', KEYS[1], 'k', 'i', 't', tok, 'd', d, 'f', fp)
-  rc('PEXPIREAT', KEYS[1], d + ret)
+  -- An in-flight record has exactly these fields: no DEL needed, fresh or taken over.
+  redis.call('HSET', KEYS[1], 'k', 'i', 't', tok, 'd', d, 'f', fp)
+  redis.call('PEXPIREAT', KEYS[1], d + ret)
   return {1, tok, d, takeover}
 end
 local k = h[1]
@@ -68,12 +62,12 @@ return {-1, k}
 /// ttl ms (0: none). Returns {1, expires_at} | {-2} stale | {-3, index, current or -1} |
 /// {-4, index, kind}
 pub(crate) const COMPLETE: &str = r#"
-local h = rc('HMGET', KEYS[1], 'k', 't', 'f')
+local h = redis.call('HMGET', KEYS[1], 'k', 't', 'f')
 if (h[1] ~= 'i' and h[1] ~= 'ip') or tonumber(h[2]) ~= tonumber(ARGV[1]) then return {-2} end
 local n = #KEYS - 2
 local current = {}
 for i = 1, n do
-  local w = rc('HMGET', KEYS[i + 2], 'k', 't')
+  local w = redis.call('HMGET', KEYS[i + 2], 'k', 't')
   local cur = nil
   if w[1] then
     if w[1] ~= 'v' then return {-4, i - 1, w[1]} end
@@ -90,65 +84,65 @@ for i = 1, n do
 end
 local ea = now + tonumber(ARGV[3])
 local fp = h[3]
-rc('DEL', KEYS[1])
-rc('HSET', KEYS[1], 'k', 'c', 'r', ARGV[2], 'f', fp, 'ca', now, 'ea', ea)
-rc('PEXPIREAT', KEYS[1], ea)
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'k', 'c', 'r', ARGV[2], 'f', fp, 'ca', now, 'ea', ea)
+redis.call('PEXPIREAT', KEYS[1], ea)
 for i = 1, n do
   local base = 4 + (i - 1) * 4
   local op, ttl = ARGV[base], tonumber(ARGV[base + 3])
   local key = KEYS[i + 2]
   if op == 'd' then
-    rc('DEL', key)
+    redis.call('DEL', key)
   else
     local ver = next_token(current[i])
     local wea = 0
     if ttl > 0 then wea = now + ttl end
-    rc('DEL', key)
-    rc('HSET', key, 'k', 'v', 't', ver, 'r', ARGV[base + 2], 'ea', wea)
-    if wea > 0 then rc('PEXPIREAT', key, wea) end
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'k', 'v', 't', ver, 'r', ARGV[base + 2], 'ea', wea)
+    if wea > 0 then redis.call('PEXPIREAT', key, wea) end
   end
 end
-rc('PUBLISH', KEYS[2], '1')
+redis.call('PUBLISH', KEYS[2], '1')
 return {1, ea}
 "#;
 
 /// KEYS: record, channel. ARGV: token, pending ttl ms. Returns 1 | -2 stale.
 pub(crate) const RELEASE: &str = r#"
-local h = rc('HMGET', KEYS[1], 'k', 't')
+local h = redis.call('HMGET', KEYS[1], 'k', 't')
 if (h[1] ~= 'i' and h[1] ~= 'ip') or tonumber(h[2]) ~= tonumber(ARGV[1]) then return -2 end
 if h[1] == 'ip' then
   local ea = now + tonumber(ARGV[2])
-  rc('HSET', KEYS[1], 'k', 'p', 'ca', now, 'ea', ea)
-  rc('HDEL', KEYS[1], 'd', 'f')
-  rc('PEXPIREAT', KEYS[1], ea)
+  redis.call('HSET', KEYS[1], 'k', 'p', 'ca', now, 'ea', ea)
+  redis.call('HDEL', KEYS[1], 'd', 'f')
+  redis.call('PEXPIREAT', KEYS[1], ea)
 else
-  rc('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
 end
-rc('PUBLISH', KEYS[2], '1')
+redis.call('PUBLISH', KEYS[2], '1')
 return 1
 "#;
 
 /// KEYS: record. ARGV: token, extend ms, retention ms. Returns the new deadline | -2 stale.
 pub(crate) const RENEW: &str = r#"
-local h = rc('HMGET', KEYS[1], 'k', 't')
+local h = redis.call('HMGET', KEYS[1], 'k', 't')
 if (h[1] ~= 'i' and h[1] ~= 'ip') or tonumber(h[2]) ~= tonumber(ARGV[1]) then return -2 end
 local d = now + tonumber(ARGV[2])
-rc('HSET', KEYS[1], 'd', d)
-rc('PEXPIREAT', KEYS[1], d + tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'd', d)
+redis.call('PEXPIREAT', KEYS[1], d + tonumber(ARGV[3]))
 return d
 "#;
 
 /// KEYS: record, channel. Returns 1 if something was removed.
 pub(crate) const REMOVE: &str = r#"
-local n = rc('DEL', KEYS[1])
-if n > 0 then rc('PUBLISH', KEYS[2], '1') end
+local n = redis.call('DEL', KEYS[1])
+if n > 0 then redis.call('PUBLISH', KEYS[2], '1') end
 return n
 "#;
 
 /// KEYS: record. ARGV: op, version, value, ttl ms. Returns {1, version or -1} | {0, current
 /// or -1} | {-1, kind}
 pub(crate) const CAS: &str = r#"
-local w = rc('HMGET', KEYS[1], 'k', 't')
+local w = redis.call('HMGET', KEYS[1], 'k', 't')
 local cur = nil
 if w[1] then
   if w[1] ~= 'v' then return {-1, w[1]} end
@@ -161,28 +155,28 @@ elseif cur ~= ver then
   return {0, cur or -1}
 end
 if op == 'd' then
-  rc('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
   return {1, -1}
 end
 local nv = next_token(cur)
 local ea = 0
 if ttl > 0 then ea = now + ttl end
-rc('DEL', KEYS[1])
-rc('HSET', KEYS[1], 'k', 'v', 't', nv, 'r', ARGV[3], 'ea', ea)
-if ea > 0 then rc('PEXPIREAT', KEYS[1], ea) end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'k', 'v', 't', nv, 'r', ARGV[3], 'ea', ea)
+if ea > 0 then redis.call('PEXPIREAT', KEYS[1], ea) end
 return {1, nv}
 "#;
 
 /// KEYS: record. ARGV: payload, ttl ms. Returns {1} stored | {2, deadline} | {3} completed |
 /// {-1, kind}
 pub(crate) const PUT_PENDING: &str = r#"
-local h = rc('HMGET', KEYS[1], 'k', 'd')
+local h = redis.call('HMGET', KEYS[1], 'k', 'd')
 local k = h[1]
 if not k or k == 'p' then
   local ea = now + tonumber(ARGV[2])
-  rc('DEL', KEYS[1])
-  rc('HSET', KEYS[1], 'k', 'p', 'r', ARGV[1], 'ca', now, 'ea', ea)
-  rc('PEXPIREAT', KEYS[1], ea)
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'k', 'p', 'r', ARGV[1], 'ca', now, 'ea', ea)
+  redis.call('PEXPIREAT', KEYS[1], ea)
   return {1}
 end
 if k == 'ip' then return {2, tonumber(h[2])} end
@@ -194,15 +188,15 @@ return {-1, k}
 /// {1, token, deadline, takeover, payload} | {2, deadline} | {3, response, ca, ea, fp} |
 /// {-1, kind}
 pub(crate) const TAKE_PENDING: &str = r#"
-local h = rc('HMGET', KEYS[1], 'k', 't', 'd', 'r', 'ca', 'ea', 'f')
+local h = redis.call('HMGET', KEYS[1], 'k', 't', 'd', 'r', 'ca', 'ea', 'f')
 local k = h[1]
 if not k then return {0} end
 local function acquire(takeover)
   local tok = next_token(h[2])
   local d = now + tonumber(ARGV[1])
-  rc('HSET', KEYS[1], 'k', 'ip', 't', tok, 'd', d, 'f', ARGV[3])
-  rc('HDEL', KEYS[1], 'ca', 'ea')
-  rc('PEXPIREAT', KEYS[1], d + tonumber(ARGV[2]))
+  redis.call('HSET', KEYS[1], 'k', 'ip', 't', tok, 'd', d, 'f', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'ca', 'ea')
+  redis.call('PEXPIREAT', KEYS[1], d + tonumber(ARGV[2]))
   return {1, tok, d, takeover, h[4]}
 end
 if k == 'p' then return acquire(0) end
