@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use idemkv::http::{EchoLayer, IdempotencyInfo, IdempotencyLayer};
-use idemkv::{Begin, Fingerprint, Key, Store};
+use idemkv::{Begin, Fingerprint, IdempotencyStore, Key, Store};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 type Req = Request<Full<Bytes>>;
@@ -105,12 +105,17 @@ where
 
 #[tokio::test]
 async fn a_repeat_replays_the_stored_response_exactly() {
+    repeat_replays(Store::in_memory(), "").await;
+}
+
+async fn repeat_replays<St: IdempotencyStore + Clone>(store: St, p: &str) {
     let orders = Orders::new();
     let svc = ServiceBuilder::new()
-        .layer(IdempotencyLayer::new(Store::in_memory()))
+        .layer(IdempotencyLayer::new(store))
         .service(orders.service());
-    let (s1, h1, b1) = send(&svc, post(Some("k-1"), "{\"items\":[1]}")).await;
-    let (s2, h2, b2) = send(&svc, post(Some("k-1"), "{\"items\":[1]}")).await;
+    let key = format!("{p}k-1");
+    let (s1, h1, b1) = send(&svc, post(Some(&key), "{\"items\":[1]}")).await;
+    let (s2, h2, b2) = send(&svc, post(Some(&key), "{\"items\":[1]}")).await;
     assert_eq!(s1, StatusCode::CREATED);
     assert_eq!((s1, &b1), (s2, &b2));
     assert_eq!(h1.get("x-order"), h2.get("x-order"));
@@ -120,7 +125,8 @@ async fn a_repeat_replays_the_stored_response_exactly() {
     assert_eq!(h2["idempotent-replayed"], "true");
     assert_eq!(orders.runs(), 1);
     // The IETF draft's quoted form names the same key.
-    let (_, h3, b3) = send(&svc, post(Some("\"k-1\""), "{\"items\":[1]}")).await;
+    let quoted = format!("\"{key}\"");
+    let (_, h3, b3) = send(&svc, post(Some(&quoted), "{\"items\":[1]}")).await;
     assert_eq!(b3, b1);
     assert_eq!(h3["idempotent-replayed"], "true");
     assert_eq!(orders.runs(), 1);
@@ -128,17 +134,22 @@ async fn a_repeat_replays_the_stored_response_exactly() {
 
 #[tokio::test]
 async fn concurrent_duplicates_run_once_and_get_409_or_wait_for_the_replay() {
+    concurrent_duplicates(Store::in_memory(), "").await;
+}
+
+async fn concurrent_duplicates<St: IdempotencyStore + Clone>(store: St, p: &str) {
     let mut orders = Orders::new();
     orders.work = Duration::from_millis(300);
     let svc = ServiceBuilder::new()
-        .layer(IdempotencyLayer::new(Store::in_memory()))
+        .layer(IdempotencyLayer::new(store))
         .service(orders.service());
+    let key = format!("{p}dup");
     let first = tokio::spawn({
-        let svc = svc.clone();
-        async move { send(&svc, post(Some("dup"), "same")).await }
+        let (svc, key) = (svc.clone(), key.clone());
+        async move { send(&svc, post(Some(&key), "same")).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let (s, h, b) = send(&svc, post(Some("dup"), "same")).await;
+    let (s, h, b) = send(&svc, post(Some(&key), "same")).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(h["content-type"], "application/problem+json");
     let retry: u64 = h["retry-after"]
@@ -148,7 +159,7 @@ async fn concurrent_duplicates_run_once_and_get_409_or_wait_for_the_replay() {
         .expect("seconds");
     assert!(retry >= 1);
     assert!(String::from_utf8_lossy(&b).contains("in-progress"));
-    let mut waiting = post(Some("dup"), "same");
+    let mut waiting = post(Some(&key), "same");
     waiting
         .headers_mut()
         .insert("prefer", "wait=10".parse().expect("value"));
@@ -335,13 +346,18 @@ async fn a_dead_holder_is_taken_over_after_its_lease_and_the_handler_knows() {
 
 #[tokio::test]
 async fn echo_headers_on_fresh_and_replayed_responses_from_the_current_request() {
+    echo_headers(Store::in_memory(), "").await;
+}
+
+async fn echo_headers<St: IdempotencyStore + Clone>(store: St, p: &str) {
     let orders = Orders::new();
     let svc = ServiceBuilder::new()
         .layer(EchoLayer::new())
-        .layer(IdempotencyLayer::new(Store::in_memory()))
+        .layer(IdempotencyLayer::new(store))
         .service(orders.service());
+    let key = format!("{p}e-1");
     let with = |id: &str, echo: &[&str]| {
-        let mut r = post(Some("e-1"), "same");
+        let mut r = post(Some(&key), "same");
         r.headers_mut()
             .insert("x-request-id", id.parse().expect("value"));
         for e in echo {
@@ -384,4 +400,48 @@ async fn echo_headers_on_fresh_and_replayed_responses_from_the_current_request()
         before,
         "refused requests never reach the handler"
     );
+}
+
+/// The same behaviour on the Redis backend (`IDEMKV_REDIS_URL`; required under `CI=true`),
+/// with keys of this run's own.
+#[cfg(feature = "redis")]
+mod on_redis {
+    use super::*;
+
+    async fn store() -> Option<(idemkv::redis::RedisStore, String)> {
+        let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "CI needs IDEMKV_REDIS_URL"
+            );
+            return None;
+        };
+        let store = idemkv::redis::RedisStore::builder(url)
+            .connect()
+            .await
+            .expect("redis");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos();
+        Some((store, format!("{}-{nanos}-", std::process::id())))
+    }
+
+    #[tokio::test]
+    async fn a_repeat_replays_the_stored_response_exactly() {
+        let Some((s, p)) = store().await else { return };
+        repeat_replays(s, &p).await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_duplicates_run_once_and_get_409_or_wait_for_the_replay() {
+        let Some((s, p)) = store().await else { return };
+        concurrent_duplicates(s, &p).await;
+    }
+
+    #[tokio::test]
+    async fn echo_headers_on_fresh_and_replayed_responses_from_the_current_request() {
+        let Some((s, p)) = store().await else { return };
+        echo_headers(s, &p).await;
+    }
 }
