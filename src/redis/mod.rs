@@ -477,11 +477,7 @@ impl IdempotencyStore for RedisStore {
         }
         inv.arg(lease.token()).arg(response).arg(ttl_ms);
         for w in writes {
-            let (op, version, value): (&str, u64, &[u8]) = match &w.op {
-                CasOp::PutIfAbsent(v) => ("a", 0, v),
-                CasOp::SetIfVersion { version, value } => ("s", *version, value),
-                CasOp::DeleteIfVersion { version } => ("d", *version, &[]),
-            };
+            let (op, version, value) = cas_args(&w.op);
             inv.arg(op).arg(version).arg(value).arg(w.ttl.map_or(0, ms));
         }
         let reply: Vec<Value> = inv
@@ -586,11 +582,7 @@ impl IdempotencyStore for RedisStore {
         if let Some(d) = write.ttl {
             nonzero(d, "the ttl")?;
         }
-        let (op, version, value): (&str, u64, &[u8]) = match &write.op {
-            CasOp::PutIfAbsent(v) => ("a", 0, v),
-            CasOp::SetIfVersion { version, value } => ("s", *version, value),
-            CasOp::DeleteIfVersion { version } => ("d", *version, &[]),
-        };
+        let (op, version, value) = cas_args(&write.op);
         let reply: Vec<Value> = self
             .inner
             .scripts
@@ -772,6 +764,10 @@ impl Notifier {
 
     async fn unwatch(&self, watch: Option<Watch>) {
         let Some(watch) = watch else { return };
+        // The sink lock is taken first and held through the unsubscribe: a waiter that
+        // registers meanwhile finds the count at zero and subscribes again only after we have
+        // unsubscribed, so its subscription is never undone by ours.
+        let mut sink = self.sink.lock().await;
         let last = {
             let mut w = self.waiters.lock();
             match w.get_mut(&watch.channel) {
@@ -786,10 +782,7 @@ impl Notifier {
                 None => false,
             }
         };
-        if !last {
-            return;
-        }
-        if let Some(s) = self.sink.lock().await.as_mut() {
+        if let (true, Some(s)) = (last, sink.as_mut()) {
             let _ = s.unsubscribe(&watch.channel).await;
         }
     }
@@ -835,6 +828,16 @@ fn unavailable(e: redis::RedisError) -> Error {
 fn protocol(what: &str) -> Error {
     Error::Unavailable {
         reason: format!("unexpected reply from Redis: {what}"),
+    }
+}
+
+/// A versioned write as the scripts take it: op (`a` put if absent, `s` set if version, `d`
+/// delete if version), the expected version, the new value.
+fn cas_args(op: &CasOp) -> (&'static str, u64, &[u8]) {
+    match op {
+        CasOp::PutIfAbsent(v) => ("a", 0, v),
+        CasOp::SetIfVersion { version, value } => ("s", *version, value),
+        CasOp::DeleteIfVersion { version } => ("d", *version, &[]),
     }
 }
 
