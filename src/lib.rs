@@ -83,8 +83,14 @@ pub use store::{
     Stats, Store, StoreBuilder, Take, Versioned, Write,
 };
 pub use traits::IdempotencyStore;
-pub use wal::recovery::{LogError, OnCorruption, RecoveryReport};
-pub use wal::{Durability, LogFaults};
+pub use wal::Durability;
+pub use wal::recovery::{DroppedDamage, LogError, OnCorruption, RecoveryReport, TornTail};
+
+/// The file boundary of the log, for tests that inject faults: a store writes its log through
+/// a [`LogStorage`](storage::LogStorage) ([`StoreBuilder::log_storage`]).
+pub mod storage {
+    pub use crate::wal::io::{LogFile, LogStorage, OsFile, OsStorage};
+}
 
 /// Entry points for the `fuzz/` targets: decoders run on arbitrary bytes. Not a public API.
 #[doc(hidden)]

@@ -15,6 +15,7 @@ use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering};
 use crate::wait::Signal;
 use crate::wal::format::Item;
 use crate::wal::format::{Op, RecordWriter};
+use crate::wal::io::{LogStorage, OsStorage};
 use crate::wal::recovery::{LogError, OnCorruption, RecoveryReport};
 use crate::wal::{Durability, Wal};
 
@@ -377,7 +378,7 @@ pub struct StoreBuilder {
     durability: Durability,
     on_corruption: OnCorruption,
     segment_size: u64,
-    faults: Option<crate::wal::LogFaults>,
+    storage: std::sync::Arc<dyn LogStorage>,
     checkpoint_every: u64,
     checkpoint_interval: Duration,
 }
@@ -399,7 +400,7 @@ impl Default for StoreBuilder {
             durability: Durability::Immediate,
             on_corruption: OnCorruption::Fail,
             segment_size: crate::wal::SEGMENT_SIZE,
-            faults: None,
+            storage: std::sync::Arc::new(OsStorage),
             checkpoint_every: crate::wal::SEGMENT_SIZE,
             checkpoint_interval: Duration::from_secs(300),
         }
@@ -495,10 +496,11 @@ impl StoreBuilder {
         self
     }
 
-    /// Injects disk faults into the log (crash-consistency tests only).
-    #[doc(hidden)]
-    pub fn inject_log_faults(mut self, faults: crate::wal::LogFaults) -> Self {
-        self.faults = Some(faults);
+    /// Where the log's files are written (default: [`OsStorage`], the operating system's
+    /// files). Crash tests pass a storage that fails or loses unsynced writes at a chosen call;
+    /// see [`LogStorage`].
+    pub fn log_storage(mut self, storage: impl LogStorage) -> Self {
+        self.storage = std::sync::Arc::new(storage);
         self
     }
 
@@ -570,12 +572,17 @@ impl StoreBuilder {
             max_token = max_token.max(inner.apply(item));
         })?;
         max_token = max_token.max(loaded.token_high);
-        let mut report =
-            crate::wal::recovery::replay(&wal_dir, loaded.seq, self.on_corruption, |rec| {
+        let mut report = crate::wal::recovery::replay(
+            &wal_dir,
+            loaded.seq,
+            self.on_corruption,
+            self.storage.as_ref(),
+            |rec| {
                 for item in &rec.items {
                     max_token = max_token.max(inner.apply(item));
                 }
-            })?;
+            },
+        )?;
         report.checkpoint_seq = loaded.seq;
         report.checkpoint_records = loaded.records;
         for shard in inner.shards.iter() {
@@ -588,7 +595,7 @@ impl StoreBuilder {
                 report.last_seq + 1,
                 self.durability,
                 self.segment_size,
-                self.faults,
+                std::sync::Arc::clone(&self.storage),
             )
             .map_err(io(&wal_dir))?,
         );
@@ -661,6 +668,7 @@ impl StoreBuilder {
             recovery: None,
             checkpoints: None,
             wal_dir: std::path::PathBuf::new(),
+            storage: std::sync::Arc::clone(&self.storage),
             checkpoint_every: u64::MAX,
             checkpoint_interval: self.checkpoint_interval,
             checkpointing: parking_lot::Mutex::new((0, Instant::now())),
@@ -777,6 +785,8 @@ pub(crate) struct Inner {
     /// The checkpoint database, for a store opened on a directory.
     checkpoints: Option<Checkpoints>,
     wal_dir: std::path::PathBuf,
+    /// Where the log's files are written.
+    storage: std::sync::Arc<dyn LogStorage>,
     /// Checkpoint after this many bytes of log, or this long after the last checkpoint if
     /// anything was logged since.
     checkpoint_every: u64,
@@ -2064,25 +2074,11 @@ impl Inner {
                 reason: e.to_string(),
             })?;
         // The segments wholly covered by the checkpoint go; the newest one always stays.
-        let segments =
-            crate::wal::recovery::list_segments(&self.wal_dir).map_err(|e| Error::Checkpoint {
-                reason: e.to_string(),
-            })?;
-        let mut deleted = 0;
-        for pair in segments.windows(2) {
-            let (next_first, _) = pair[1];
-            if next_first.saturating_sub(1) <= upto {
-                std::fs::remove_file(&pair[0].1).map_err(|e| Error::Checkpoint {
-                    reason: format!("removing {}: {e}", pair[0].1.display()),
+        let deleted =
+            crate::wal::segments::remove_covered(self.storage.as_ref(), &self.wal_dir, upto)
+                .map_err(|e| Error::Checkpoint {
+                    reason: format!("removing log segments in {}: {e}", self.wal_dir.display()),
                 })?;
-                deleted += 1;
-            }
-        }
-        if deleted > 0 {
-            crate::wal::sync_dir(&self.wal_dir).map_err(|e| Error::Checkpoint {
-                reason: format!("syncing {}: {e}", self.wal_dir.display()),
-            })?;
-        }
         *last = (written, Instant::now());
         self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
         Ok(CheckpointStats {

@@ -1,4 +1,4 @@
-//! Crash consistency at the file boundary (after redb's approach): the log's Nth data sync is a
+//! Crash consistency at the file boundary (after redb's approach): the log's Nth sync is a
 //! simulated power cut — every write since the previous sync is lost, the last one possibly
 //! torn — and the store is poisoned. Reopening must show exactly what was acknowledged: a
 //! shadow in-memory store that received only the operations that returned `Ok`.
@@ -7,9 +7,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use idemkv::{
-    Begin, Clock, Error, Fingerprint, Key, LogFaults, ManualClock, OwnedKey, Snapshot, Store, Take,
-    Write,
+    Begin, Clock, Error, Fingerprint, Key, ManualClock, OwnedKey, Snapshot, Store, Take, Write,
 };
+
+#[path = "support/storage.rs"]
+mod storage;
+use storage::PowerCut;
 
 const T0: u64 = 1_700_000_000_000;
 const KEYS: u64 = 6;
@@ -133,10 +136,7 @@ fn run(dir: &Path, cut_at: u64, torn_bytes: usize, steps: u64) -> bool {
         .clock(clock.clone())
         .sweep_interval(None)
         .log_segment_size(1 << 16)
-        .inject_log_faults(LogFaults {
-            power_cut_at_sync: cut_at,
-            torn_bytes,
-        })
+        .log_storage(PowerCut::new(cut_at, torn_bytes))
         .open(dir)
         .expect("open");
     // Two shadows: `shadow` gets the acknowledged steps, `with_failed` also the step that

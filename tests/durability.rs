@@ -312,7 +312,7 @@ fn damage_in_the_middle_is_a_hard_error_unless_dropped() {
         .dropped
         .clone()
         .expect("dropped");
-    assert_eq!((dropped.0, dropped.1), (seg, second as u64));
+    assert_eq!((dropped.path, dropped.offset), (seg, second as u64));
     // Only what came before the damage is there; the store works on.
     assert_eq!(prefix_present(&s, 6), 0);
     assert!(matches!(

@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use idemkv::{Begin, Error, Fingerprint, LogFaults, ManualClock, OwnedKey, Snapshot, Store, Write};
+use idemkv::{Begin, Error, Fingerprint, ManualClock, OwnedKey, Snapshot, Store, Write};
+
+#[path = "../../tests/support/storage.rs"]
+mod storage;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -89,12 +92,12 @@ fn apply(s: &Store, clock: &ManualClock, leases: &mut [Option<idemkv::Lease>; 16
 fuzz_target!(|input: Input| {
     let Ok(dir) = tempfile::tempdir() else { return };
     let clock = ManualClock::new(1_700_000_000_000);
-    let faults = LogFaults { power_cut_at_sync: u64::from(input.cut_at) + 1, torn_bytes: usize::from(input.torn) };
+    let faults = storage::PowerCut::new(u64::from(input.cut_at) + 1, usize::from(input.torn));
     let Ok(durable) = Store::builder()
         .clock(clock.clone())
         .sweep_interval(None)
         .log_segment_size(1 << 14)
-        .inject_log_faults(faults)
+        .log_storage(faults)
         .open(dir.path())
     else {
         return;

@@ -14,6 +14,8 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use super::format::{self, BatchAt, RecordAt, SEGMENT_HEADER_LEN};
+use super::io::LogStorage;
+use super::segments;
 
 /// How recovery treats damage in the middle of the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -39,11 +41,40 @@ pub struct RecoveryReport {
     pub checkpoint_seq: u64,
     /// Records loaded from the checkpoint.
     pub checkpoint_records: u64,
-    /// A torn tail that was cut off: file, offset, bytes.
-    pub torn_tail: Option<(PathBuf, u64, u64)>,
-    /// Damage that was dropped (with `OnCorruption::DropDamaged`): file, offset, reason, and
-    /// the segments removed after it.
-    pub dropped: Option<(PathBuf, u64, String, Vec<PathBuf>)>,
+    /// A torn tail that was cut off.
+    pub torn_tail: Option<TornTail>,
+    /// Damage that was dropped (with `OnCorruption::DropDamaged`).
+    pub dropped: Option<DroppedDamage>,
+    /// Segment files that held no valid batch (their creation was cut short by a crash, or
+    /// their only batch was torn), removed so that the log can be written again.
+    pub empty_segments_removed: Vec<PathBuf>,
+}
+
+/// The end of the log that a crash cut short and recovery cut off: never acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TornTail {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Where the torn batch started.
+    pub offset: u64,
+    /// How many bytes were cut off (preallocated zeros included).
+    pub bytes: u64,
+}
+
+/// Damage in the middle of the log that `OnCorruption::DropDamaged` dropped, with everything
+/// logged after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DroppedDamage {
+    /// The damaged segment file.
+    pub path: PathBuf,
+    /// Where the damaged batch started.
+    pub offset: u64,
+    /// What was wrong with it.
+    pub reason: String,
+    /// The later segments removed with it.
+    pub removed_segments: Vec<PathBuf>,
 }
 
 /// A log that cannot be read back.
@@ -79,24 +110,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// The segment files in `dir`, by first sequence number.
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(stem) = name.strip_suffix(".wal") else {
-            continue;
-        };
-        if let Ok(seq) = stem.parse::<u64>() {
-            out.push((seq, entry.path()));
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 fn map(path: &Path) -> Result<Option<memmap2::Mmap>, LogError> {
@@ -142,24 +155,30 @@ fn cut(path: &Path, at: u64) -> Result<(), LogError> {
     f.sync_all().map_err(io_err(path))
 }
 
-/// Replays every record with a sequence number above `after`, in order, through `apply`.
+/// Replays every record with a sequence number above `after` (the checkpoint's), in order,
+/// through `apply`; cuts a torn tail; removes segment files that hold no valid batch (see
+/// `segments`), so that the writer, which starts a new segment at `last_seq + 1`, finds its
+/// name free.
 pub(crate) fn replay(
     dir: &Path,
     after: u64,
     on_corruption: OnCorruption,
+    storage: &dyn LogStorage,
     mut apply: impl FnMut(&RecordAt<'_>),
 ) -> Result<RecoveryReport, LogError> {
-    let segments = list_segments(dir)?;
+    let segments = segments::list(dir).map_err(io_err(dir))?;
     let mut report = RecoveryReport {
         last_seq: after,
         ..RecoveryReport::default()
     };
     let mut expected: Option<u64> = None;
+    let mut empty: Vec<PathBuf> = Vec::new();
     for (i, (name_seq, path)) in segments.iter().enumerate() {
         report.segments += 1;
         let later = &segments[i + 1..];
         let Some(m) = map(path)? else {
             // A segment whose creation was cut short by a crash (empty): nothing in it.
+            empty.push(path.clone());
             continue;
         };
         let damage = |offset: u64, reason: &str, rest: &[u8]| -> Result<bool, LogError> {
@@ -177,11 +196,10 @@ pub(crate) fn replay(
                 reason: reason.to_owned(),
             })
         };
-        let header_ok = m.len() >= SEGMENT_HEADER_LEN
-            && format::decode_segment_header(&m).is_ok_and(|s| s == *name_seq);
         let mut offset = SEGMENT_HEADER_LEN;
+        let mut batches = 0usize;
         let mut bad: Option<(u64, String)> = None;
-        if !header_ok {
+        if !segments::header_names(&m, *name_seq) {
             bad = Some((0, "bad segment header".to_owned()));
         }
         while bad.is_none() {
@@ -193,7 +211,11 @@ pub(crate) fn replay(
                     records,
                     len,
                 }) => {
-                    if expected.is_some_and(|e| e != first_seq) || count == 0 {
+                    // A gap is damage unless all of it is covered by the checkpoint: removing
+                    // covered segments may reach the disk out of order after a power cut.
+                    let gap_ok =
+                        |e: u64| first_seq == e || (first_seq > e && first_seq <= after + 1);
+                    if expected.is_some_and(|e| !gap_ok(e)) || count == 0 {
                         bad = Some((offset as u64, "sequence numbers do not follow on".into()));
                         break;
                     }
@@ -214,11 +236,17 @@ pub(crate) fn replay(
                     report.last_seq = report.last_seq.max(last);
                     expected = Some(last + 1);
                     offset += len;
+                    batches += 1;
                 }
                 Err(e) => bad = Some((offset as u64, e.0.to_owned())),
             }
         }
-        let Some((at, reason)) = bad else { continue };
+        let Some((at, reason)) = bad else {
+            if batches == 0 {
+                empty.push(path.clone());
+            }
+            continue;
+        };
         let rest = m.get(at as usize + 1..).unwrap_or(&[]);
         let torn = match damage(at, &reason, rest) {
             Ok(torn) => torn,
@@ -229,20 +257,36 @@ pub(crate) fn replay(
         if torn {
             let len = std::fs::metadata(path).map_err(io_err(path))?.len();
             cut(path, at.max(SEGMENT_HEADER_LEN as u64).min(len))?;
-            report.torn_tail = Some((path.clone(), at, len - at));
-            if at < SEGMENT_HEADER_LEN as u64 {
-                std::fs::remove_file(path).map_err(io_err(path))?;
+            report.torn_tail = Some(TornTail {
+                path: path.clone(),
+                offset: at,
+                bytes: len.saturating_sub(at),
+            });
+            if batches == 0 {
+                empty.push(path.clone());
             }
+            // Nothing valid follows a torn tail: later segments (if a crash left any) are empty.
+            empty.extend(later.iter().map(|(_, p)| p.clone()));
         } else {
             cut(path, at)?;
             let removed: Vec<PathBuf> = later.iter().map(|(_, p)| p.clone()).collect();
             for p in &removed {
-                std::fs::remove_file(p).map_err(io_err(p))?;
+                storage.remove(p).map_err(io_err(p))?;
             }
-            report.dropped = Some((path.clone(), at, reason, removed));
+            storage.sync_dir(dir).map_err(io_err(dir))?;
+            report.dropped = Some(DroppedDamage {
+                path: path.clone(),
+                offset: at,
+                reason,
+                removed_segments: removed,
+            });
+            if batches == 0 {
+                empty.push(path.clone());
+            }
         }
-        super::sync_dir(dir).map_err(io_err(dir))?;
         break;
     }
+    segments::remove_empty(storage, dir, &empty).map_err(io_err(dir))?;
+    report.empty_segments_removed = empty;
     Ok(report)
 }
