@@ -6,15 +6,23 @@
 //!   never lost into "absent while the work ran";
 //! - nothing is half-written: whatever is there has exactly the bytes that were written.
 //!
+//! The test cannot go blind: the child's stderr is kept; a child that exits or panics before
+//! it is killed fails the test with that stderr; kills that land before the child finished
+//! opening are counted apart, and every other child must have acknowledged work; the reopened
+//! store must accept a write after every kill.
+//!
 //! 24 kills by default; `IDEMKV_CRASH_KILLS=2000 cargo test --release --test crash` for a soak.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write as _};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use idemkv::{Begin, Fingerprint, Key, Snapshot, Store};
+
+#[path = "support/child.rs"]
+mod child;
 
 const CHILD_ENV: &str = "IDEMKV_CRASH_CHILD_DIR";
 const THREADS: usize = 4;
@@ -43,6 +51,11 @@ fn crash_child() {
         .open(&dir)
         .expect("child open");
     let out = Arc::new(Mutex::new(std::io::stdout()));
+    {
+        let mut o = out.lock().expect("stdout");
+        let _ = writeln!(o, "OPEN");
+        let _ = o.flush();
+    }
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
             let (store, out, inc) = (store.clone(), Arc::clone(&out), incarnation.clone());
@@ -56,8 +69,9 @@ fn crash_child() {
                     } else {
                         Duration::from_secs(60)
                     };
-                    let Ok(Begin::Acquired(l)) = store.begin(key, fp(), lease) else {
-                        panic!("fresh key {id} not acquired");
+                    let l = match store.begin(key, fp(), lease) {
+                        Ok(Begin::Acquired(l)) => l,
+                        other => panic!("fresh key {id} not acquired: {other:?}"),
                     };
                     let say = |what: &str| {
                         let mut o = out.lock().expect("stdout");
@@ -88,6 +102,14 @@ impl Rng {
     }
 }
 
+/// How one incarnation of the child ended.
+enum Killed {
+    /// Before it had printed `OPEN`: the kill landed during open (recovery).
+    DuringOpen,
+    /// After it had opened and acknowledged at least one completion.
+    UnderLoad,
+}
+
 #[test]
 fn sigkill_loses_nothing_acknowledged() {
     let kills: usize = std::env::var("IDEMKV_CRASH_KILLS")
@@ -99,27 +121,53 @@ fn sigkill_loses_nothing_acknowledged() {
     let seed = Instant::now().elapsed().as_nanos() as u64 | 1;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed ^ u64::from(std::process::id()));
     let (mut acked, mut held, mut from_checkpoint) = (0usize, 0usize, 0u64);
+    let (mut during_open, mut per_kill) = (0usize, Vec::new());
     for kill in 0..kills {
         let mut child = Command::new(&exe)
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .env("IDEMKV_CRASH_INCARNATION", kill.to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn child");
+        let stderr = child::Stderr::capture(&mut child, &format!("child {kill}"));
         let stdout = child.stdout.take().expect("stdout");
-        let lines = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<String>>()
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
         });
-        // Let it get going (it must open and replay first), then kill it mid-write.
-        std::thread::sleep(Duration::from_millis(30 + rng.next() % 150));
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
-        let lines = lines.join().expect("reader");
+        let mut lines = Vec::new();
+        // One kill in eight lands during open (recovery, a checkpoint load); the others once
+        // the child has opened and acknowledged a completion, at a random moment after that.
+        let how = if rng.next() % 8 == 0 {
+            std::thread::sleep(Duration::from_millis(rng.next() % 15));
+            Killed::DuringOpen
+        } else {
+            let until = Instant::now() + Duration::from_secs(20);
+            while !lines.iter().any(|l: &String| l.starts_with("ACK ")) {
+                let left = until.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(line) => lines.push(line),
+                    Err(_) => {
+                        child::sigkill(&mut child, &stderr, &format!("child {kill}"));
+                        panic!(
+                            "kill {kill}: the child acknowledged no completion in 20 s; its stderr:\n{}",
+                            stderr.text()
+                        );
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(rng.next() % 120));
+            Killed::UnderLoad
+        };
+        child::sigkill(&mut child, &stderr, &format!("child {kill}"));
+        lines.extend(rx.iter());
+        let opened = lines.iter().any(|l| l.ends_with("OPEN"));
 
         // What the child said: HELD (begin acknowledged) and ACK (completion acknowledged).
         let mut state: HashMap<String, (u64, bool)> = HashMap::new();
@@ -141,11 +189,21 @@ fn sigkill_loses_nothing_acknowledged() {
                 _ => {}
             }
         }
+        match how {
+            Killed::DuringOpen if !opened => during_open += 1,
+            // Killed "during open" but it had opened already: it must have done work too.
+            _ => assert!(
+                state.values().any(|s| s.1),
+                "kill {kill}: the child opened but acknowledged nothing; its stderr:\n{}",
+                stderr.text()
+            ),
+        }
         let store = Store::builder()
             .open(dir.path())
             .expect("reopen after SIGKILL");
         let report = store.recovery_report().expect("report");
         from_checkpoint = from_checkpoint.max(report.checkpoint_records);
+        let mut checked = 0;
         for (id, (token, done)) in &state {
             let found = store.get(Key::new("crash", id)).expect("get");
             match found {
@@ -160,19 +218,42 @@ fn sigkill_loses_nothing_acknowledged() {
             }
             held += 1;
             acked += usize::from(*done);
+            checked += 1;
+        }
+        // The reopened store accepts writes (a crash must never leave it refusing them).
+        let probe = format!("probe-{kill}");
+        match store.begin(
+            Key::new("crash-probe", &probe),
+            fp(),
+            Duration::from_secs(1),
+        ) {
+            Ok(Begin::Acquired(l)) => {
+                store.complete(&l, b"probe", None).unwrap_or_else(|e| {
+                    panic!("kill {kill}: the reopened store refuses writes: {e}")
+                });
+            }
+            other => panic!("kill {kill}: the reopened store refuses writes: {other:?}"),
+        }
+        if opened {
+            per_kill.push(checked);
         }
         drop(store);
     }
+    per_kill.sort_unstable();
+    let median = per_kill.get(per_kill.len() / 2).copied().unwrap_or(0);
+    eprintln!(
+        "{kills} kills ({during_open} during open, {} under load): {held} acknowledged leases \
+         and {acked} acknowledged completions checked, median {median} operations per kill; \
+         up to {from_checkpoint} records recovered from a checkpoint",
+        per_kill.len()
+    );
     assert!(
-        acked > kills,
-        "the child acknowledged too little work to test anything ({acked})"
+        per_kill.len() * 2 > kills,
+        "most kills must land under load, not during open: {} of {kills}",
+        per_kill.len()
     );
     assert!(
         from_checkpoint > 0,
         "no recovery ever started from a checkpoint"
-    );
-    eprintln!(
-        "{kills} kills, {held} acknowledged leases and {acked} acknowledged completions checked; \
-         up to {from_checkpoint} records recovered from a checkpoint"
     );
 }

@@ -191,7 +191,13 @@ fn load_until_killed(
     for c in clients {
         c.join().expect("client");
     }
-    std::mem::take(&mut *received.lock().expect("lock"))
+    let received = std::mem::take(&mut *received.lock().expect("lock"));
+    assert!(
+        !received.is_empty(),
+        "round {round}: the server acknowledged nothing before it was killed; its stderr:\n{}",
+        server.stderr.text()
+    );
+    received
 }
 
 #[test]
@@ -252,6 +258,10 @@ fn sigkill_under_load_then_restart_keeps_every_answer() {
     assert!(
         received.len() > 50,
         "too little load before the kills: {}",
+        received.len()
+    );
+    eprintln!(
+        "5 kills under load, {} acknowledged answers replayed after each restart",
         received.len()
     );
     let addr = &server.addr;

@@ -33,9 +33,13 @@ fn example() -> PathBuf {
     dir.join("examples").join("kafka_orders")
 }
 
+#[path = "support/child.rs"]
+mod child_support;
+
 struct Child_ {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    stderr: child_support::Stderr,
 }
 
 impl Child_ {
@@ -56,9 +60,10 @@ impl Child_ {
             .arg("--data")
             .arg(data)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start the example");
+        let stderr = child_support::Stderr::capture(&mut child, "kafka_orders");
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let sink = lines.clone();
         let out = BufReader::new(child.stdout.take().unwrap());
@@ -67,7 +72,11 @@ impl Child_ {
                 sink.lock().unwrap().push(line);
             }
         });
-        let c = Child_ { child, lines };
+        let c = Child_ {
+            child,
+            lines,
+            stderr,
+        };
         c.wait_for_line("consuming ");
         c
     }
@@ -84,7 +93,11 @@ impl Child_ {
             {
                 return l.clone();
             }
-            assert!(Instant::now() < until, "no line starting with {prefix:?}");
+            assert!(
+                Instant::now() < until,
+                "no line starting with {prefix:?}; stderr:\n{}",
+                self.stderr.text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -204,9 +217,8 @@ async fn killed_before_the_commit_replays_instead_of_running_again() {
     }
     let before = replies(&brokers, 40).await;
     let created_first = first.created();
-    first.child.kill().unwrap(); // SIGKILL
-    first.child.wait().unwrap();
     assert_eq!(created_first.len(), 30, "{created_first:?}");
+    child_support::sigkill(&mut first.child, &first.stderr, "kafka_orders (run 1)");
 
     // Run 2 on the same store: all 40 messages are redelivered; none runs again.
     let second = Child_::start(&brokers, dir.path());

@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[path = "child.rs"]
+pub mod child;
+
 /// The example binary, built now (with `features`) so it is never stale: `cargo test` with a
 /// filter does not rebuild examples; this is a no-op when it is up to date.
 pub fn example(name: &str, features: &str) -> PathBuf {
@@ -34,6 +37,8 @@ pub struct Server {
     pub addr: String,
     /// Its log lines so far.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Its stderr so far.
+    pub stderr: child::Stderr,
 }
 
 impl Server {
@@ -43,15 +48,20 @@ impl Server {
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start the example");
+        let stderr = child::Stderr::capture(&mut child, "http_orders");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let addr = loop {
-            let line = lines
-                .next()
-                .expect("the example exited before listening")
-                .expect("line");
+            let Some(Ok(line)) = lines.next() else {
+                let status = child.wait().expect("reap");
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "the example exited ({status}) before listening; its stderr:\n{}",
+                    stderr.text()
+                );
+            };
             if let Some(a) = line.strip_prefix("listening on http://") {
                 break a.to_owned();
             }
@@ -64,7 +74,12 @@ impl Server {
                 sink.lock().expect("log").push(line);
             }
         });
-        Server { child, addr, log }
+        Server {
+            child,
+            addr,
+            log,
+            stderr,
+        }
     }
 
     /// How many log lines contain `needle`.
@@ -77,15 +92,16 @@ impl Server {
             .count()
     }
 
+    /// `SIGKILL`s it; fails the test (with its stderr) if it had died on its own.
     pub fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
+        child::sigkill(&mut self.child, &self.stderr, "http_orders");
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.kill();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
