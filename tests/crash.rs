@@ -144,7 +144,7 @@ fn sigkill_loses_nothing_acknowledged() {
         let mut lines = Vec::new();
         // One kill in eight lands during open (recovery, a checkpoint load); the others once
         // the child has opened and acknowledged a completion, at a random moment after that.
-        let how = if rng.next() % 8 == 0 {
+        let how = if rng.next().is_multiple_of(8) {
             std::thread::sleep(Duration::from_millis(rng.next() % 15));
             Killed::DuringOpen
         } else {
