@@ -53,6 +53,8 @@
 #![deny(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(any(feature = "http", feature = "kafka"))]
+mod adapter;
 mod checkpoint;
 mod clock;
 pub mod echo;

@@ -85,6 +85,20 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A copy for the crate's own bookkeeping (the lease runner's release-on-drop); a lease is
+    /// not `Clone` for users, so that one attempt holds one lease.
+    #[allow(dead_code)]
+    pub(crate) fn duplicate(&self) -> Lease {
+        Lease {
+            key: self.key.clone(),
+            hash: self.hash,
+            token: self.token,
+            deadline: self.deadline,
+            fingerprint: self.fingerprint,
+            takeover: self.takeover,
+        }
+    }
+
     /// Builds a lease as a backend hands it out. Backends other than the embedded store use this.
     pub fn new(
         key: OwnedKey,

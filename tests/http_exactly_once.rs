@@ -222,3 +222,101 @@ async fn concurrent_payments_on_one_account_each_debit_exactly_once() {
         assert!(b.starts_with("debited 100"));
     }
 }
+
+/// A handler that takes `work` and counts how often it ran.
+#[derive(Clone)]
+struct Slow {
+    work: std::time::Duration,
+    runs: Arc<AtomicU64>,
+}
+
+impl ExactlyOnceHandler for Slow {
+    async fn process(&self, _id: &str, _payload: Bytes) -> Processed {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.work).await;
+        Processed::new(StatusCode::OK, "done")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_running_three_times_its_lease_never_runs_twice() {
+    let store = Store::in_memory();
+    let lease = std::time::Duration::from_millis(150);
+    let slow = Slow {
+        work: lease * 3,
+        runs: Arc::default(),
+    };
+    let svc = ExactlyOnce::new(store.clone(), "slow", slow.clone()).lease(lease);
+    let put = svc
+        .clone()
+        .oneshot(req(Method::PUT, "s1", "payload"))
+        .await
+        .expect("put");
+    assert_eq!(put.status(), StatusCode::ACCEPTED);
+    // POSTs keep arriving all through the handler's run, past its lease's first deadline.
+    let mut posts = Vec::new();
+    for i in 0..12u64 {
+        let svc = svc.clone();
+        posts.push(tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(40 * i)).await;
+            svc.oneshot(req(Method::POST, "s1", ""))
+                .await
+                .expect("post")
+        }));
+    }
+    let mut ok = 0;
+    for p in posts {
+        let res = p.await.expect("task");
+        match res.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(slow.runs.load(Ordering::SeqCst), 1, "the handler ran twice");
+    assert!(ok >= 1, "the first POST got the result");
+    // And afterwards every POST replays.
+    let again = svc
+        .oneshot(req(Method::POST, "s1", ""))
+        .await
+        .expect("post");
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(slow.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_post_frees_its_id_at_once() {
+    let store = Store::in_memory();
+    let slow = Slow {
+        work: std::time::Duration::from_secs(3600),
+        runs: Arc::default(),
+    };
+    // A long lease: only an explicit release can free the id within this test.
+    let svc = ExactlyOnce::new(store.clone(), "slow", slow.clone())
+        .lease(std::time::Duration::from_secs(600));
+    let put = svc
+        .clone()
+        .oneshot(req(Method::PUT, "c1", "payload"))
+        .await
+        .expect("put");
+    assert_eq!(put.status(), StatusCode::ACCEPTED);
+    // The client gives up: the POST's future is dropped mid-handler.
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        svc.clone().oneshot(req(Method::POST, "c1", "")),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the handler cannot have finished");
+    assert_eq!(slow.runs.load(Ordering::SeqCst), 1);
+    // The stored request is pending again at once (not held until the lease's deadline).
+    let key = OwnedKey::new("slow", "c1");
+    let mut pending = false;
+    for _ in 0..100 {
+        if let Some(Snapshot::Pending { .. }) = store.get(key.as_key()).expect("get") {
+            pending = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(pending, "the cancelled POST still holds its id");
+}

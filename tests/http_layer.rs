@@ -445,3 +445,71 @@ mod on_redis {
         echo_headers(s, &p).await;
     }
 }
+
+#[tokio::test]
+async fn a_cloned_layer_keeps_its_own_configuration() {
+    let base = IdempotencyLayer::new(Store::in_memory());
+    let _kept = base.clone(); // a clone alive elsewhere must not make settings vanish
+    let strict = base.clone().max_body(10).require_key(true);
+    let orders = Orders::new();
+    let svc = ServiceBuilder::new()
+        .layer(strict)
+        .service(orders.service());
+    let (s, _, b) = send(&svc, post(Some("k"), &"y".repeat(11))).await;
+    assert_eq!(
+        s,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "max_body on a clone was dropped"
+    );
+    assert!(String::from_utf8_lossy(&b).contains("body-too-large"));
+    let (s, _, _) = send(&svc, post(None, "{}")).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "require_key on a clone was dropped"
+    );
+    // The original keeps the defaults.
+    let svc = ServiceBuilder::new().layer(base).service(orders.service());
+    let (s, _, _) = send(&svc, post(Some("k2"), &"y".repeat(11))).await;
+    assert_eq!(s, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_loses_its_lease_gets_no_silent_completion() {
+    // The handler outlives its lease while something else takes the key: the run ends as
+    // "lease lost" (409, nothing recorded), and the other holder's result stands.
+    let store = Store::in_memory();
+    let mut orders = Orders::new();
+    orders.work = Duration::from_millis(400);
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(store.clone()).lease(Duration::from_millis(90)))
+        .service(orders.service());
+    let req = post(Some("lost"), "{}");
+    let running = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // An operator removes the key; a retry elsewhere takes it and completes first.
+    let key = Key::new("POST /orders -", "lost");
+    assert_eq!(
+        store.scan(b"POST /orders -").len(),
+        1,
+        "the default scope changed"
+    );
+    assert!(store.remove(key).expect("remove"));
+    let Begin::Acquired(other) = store
+        .begin(key, Fingerprint::NONE, Duration::from_secs(60))
+        .expect("begin")
+    else {
+        panic!("the removed key was not free");
+    };
+    store.complete(&other, b"other", None).expect("complete");
+    let (s, _, b) = running.await.expect("task");
+    assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("lease-lost"));
+    match store.get(key).expect("get") {
+        Some(idemkv::Snapshot::Completed(c)) => assert_eq!(c.response, b"other"),
+        other => panic!("{other:?}"),
+    }
+}

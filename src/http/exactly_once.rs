@@ -27,8 +27,9 @@ use http_body_util::{BodyExt, Limited};
 use tower_service::Service;
 
 use super::BoxError;
-use super::problem::{problem, retry_after};
+use super::problem::{problem, retry_after, store_error};
 use super::stored;
+use crate::adapter::lease::{Held, Ran, run};
 use crate::{Error, IdempotencyStore, Key, PutPending, Take, Write};
 
 /// What the handler made of a request.
@@ -125,22 +126,6 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
 }
 
 const RETRIES: usize = 8;
-
-fn store_error<B: From<Bytes>>(e: &Error) -> Response<B> {
-    match e {
-        Error::KeyTooLong { .. } | Error::EmptyKey => {
-            problem(StatusCode::BAD_REQUEST, "invalid-id", &e.to_string())
-        }
-        Error::ValueTooLarge { .. } => {
-            problem(StatusCode::PAYLOAD_TOO_LARGE, "too-large", &e.to_string())
-        }
-        _ => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store-unavailable",
-            &e.to_string(),
-        ),
-    }
-}
 
 /// Responses have a `Full<Bytes>` body (axum takes it through `Router::route_service`).
 type ResB = http_body_util::Full<Bytes>;
@@ -288,33 +273,51 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
             Err(e) => return store_error(&e),
         };
         let payload = Bytes::from(payload);
+        // Held under the shared lease runner: renewed while the handler runs, released at once
+        // if the request is cancelled or the handler panics.
+        let mut held = Held::new(self.store.clone(), lease);
+        let mut conflict = None;
         for _ in 0..RETRIES {
-            let done = self.handler.process(id, payload.clone()).await;
+            let work = self.handler.process(id, payload.clone());
+            let never = std::future::pending::<()>();
+            let done;
+            (done, held) = match run(&self.store, held, self.lease, work, never).await {
+                Ran::Done(done, held) => (done, held),
+                Ran::Lost(e, _) => return store_error(&e),
+                Ran::Cancelled(_) => {
+                    let why = "the request was cancelled";
+                    return problem(StatusCode::SERVICE_UNAVAILABLE, "cancelled", why);
+                }
+            };
             let record = stored::encode(done.status, &done.headers, &done.body, usize::MAX);
             match self
                 .store
-                .complete(&lease, &record, None, &done.writes)
+                .complete(held.lease(), &record, None, &done.writes)
                 .await
             {
                 Ok(_) => {
+                    drop(held.take());
                     let mut r = Response::new(B::from(done.body));
                     *r.status_mut() = done.status;
                     *r.headers_mut() = done.headers;
                     return r;
                 }
                 // The state the handler read changed meanwhile: run it again on fresh state.
-                Err(Error::BatchConflict { .. }) => continue,
+                Err(e @ Error::BatchConflict { .. }) => conflict = Some(e),
                 Err(e) => {
-                    let _ = self.store.release(lease).await;
+                    let _ = self.store.release(held.take()).await;
                     return store_error(&e);
                 }
             }
         }
-        let _ = self.store.release(lease).await;
-        problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "contention",
-            "the state this request changes kept changing; retry later",
-        )
+        let _ = self.store.release(held.take()).await;
+        match conflict {
+            Some(e) => store_error(&e),
+            None => problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "contention",
+                "the state this request changes kept changing; retry later",
+            ),
+        }
     }
 }

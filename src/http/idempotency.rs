@@ -41,9 +41,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::BoxError;
-use super::problem::{problem, retry_after};
+use super::problem::{problem, retry_after, store_error};
 use super::stored;
-use crate::{Begin, Error, Fingerprint, IdempotencyStore, Key, Lease};
+use crate::adapter::lease::{Held, Ran, run};
+use crate::{Begin, Error, Fingerprint, IdempotencyStore, Key};
 
 /// What the handler of a first (or taken-over) request can learn, from its extensions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +69,7 @@ type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
 type FingerprintFn = dyn Fn(&Parts, &[u8]) -> Fingerprint + Send + Sync;
 type KeepFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 
+#[derive(Clone)]
 struct Config {
     header: HeaderName,
     methods: Vec<Method>,
@@ -163,10 +165,9 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
         }
     }
 
+    /// Changes this layer's configuration only: a clone keeps its own (copy on write).
     fn with(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        if let Some(c) = Arc::get_mut(&mut self.config) {
-            f(c);
-        }
+        f(Arc::make_mut(&mut self.config));
         self
     }
 
@@ -316,41 +317,6 @@ fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
         .next()
 }
 
-/// Releases the lease if the handler does not finish (it failed, panicked, or the request was
-/// cancelled).
-struct Held<St: IdempotencyStore + Clone> {
-    store: St,
-    lease: Option<Lease>,
-}
-
-impl<St: IdempotencyStore + Clone> Held<St> {
-    fn finish(mut self) -> Option<Lease> {
-        self.lease.take()
-    }
-}
-
-impl<St: IdempotencyStore + Clone> Drop for Held<St> {
-    fn drop(&mut self) {
-        if let (Some(lease), Ok(rt)) = (self.lease.take(), tokio::runtime::Handle::try_current()) {
-            let store = self.store.clone();
-            rt.spawn(async move {
-                let _ = store.release(lease).await;
-            });
-        }
-    }
-}
-
-fn store_error<B: From<Bytes>>(e: &Error) -> Response<B> {
-    let (status, kind) = match e {
-        Error::KeyTooLong { .. } | Error::ScopeTooLong { .. } | Error::EmptyKey => {
-            (StatusCode::BAD_REQUEST, "invalid-key")
-        }
-        Error::ValueTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
-    };
-    problem(status, kind, &e.to_string())
-}
-
 impl<S, St, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S, St>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -432,34 +398,23 @@ where
                 Ok(Begin::Acquired(lease)) => lease,
             };
 
-            // First request: run the handler under the lease, renewed in the background.
+            // First request: run the handler under the lease (renewed while it runs, released
+            // if it fails, panics or the request is cancelled: dropping this future drops `held`).
             parts.extensions.insert(IdempotencyInfo {
                 key: key.clone(),
                 takeover: lease.is_takeover(),
             });
-            let mut held = Held {
-                store: store.clone(),
-                lease: Some(lease),
-            };
+            let held = Held::new(store.clone(), lease);
             let handler = inner.call(Request::from_parts(parts, ReqB::from(body)));
-            let res = match tokio::runtime::Handle::try_current() {
-                // Renewed every third of the lease while the handler runs, by racing it against
-                // a timer (no task per request).
-                Ok(_) => {
-                    let every = cfg.lease / 3;
-                    let mut handler = std::pin::pin!(handler);
-                    loop {
-                        tokio::select! {
-                            res = &mut handler => break res?,
-                            () = tokio::time::sleep(every) => {
-                                if let Some(l) = held.lease.as_mut() {
-                                    let _ = store.renew(l, cfg.lease).await;
-                                }
-                            }
-                        }
-                    }
+            let never = std::future::pending::<()>();
+            let (res, held) = match run(&store, held, cfg.lease, handler, never).await {
+                Ran::Done(res, held) => (res?, held),
+                Ran::Lost(e, _) => return Ok(store_error(&e)),
+                // `never` does not complete; kept total rather than asserted.
+                Ran::Cancelled(_) => {
+                    let why = "the request was cancelled";
+                    return Ok(problem(StatusCode::SERVICE_UNAVAILABLE, "cancelled", why));
                 }
-                Err(_) => handler.await?,
             };
             let (mut rparts, rbody) = res.into_parts();
             let writes = rparts
@@ -478,16 +433,16 @@ where
                     ));
                 }
             };
-            if let Some(lease) = held.finish() {
+            {
+                let lease = held.take();
                 if (cfg.keep)(rparts.status) {
                     let record =
                         stored::encode(rparts.status, &rparts.headers, &rbytes, cfg.max_stored);
                     match store.complete(&lease, &record, cfg.ttl, &writes).await {
                         Ok(_) => {}
-                        Err(Error::BatchConflict { .. }) => {
+                        Err(e @ Error::BatchConflict { .. }) => {
                             let _ = store.release(lease).await;
-                            let why = "state this request changes was changed by another; retry";
-                            return Ok(problem(StatusCode::CONFLICT, "contention", why));
+                            return Ok(store_error(&e));
                         }
                         Err(e) if !writes.is_empty() => {
                             // The writes were not applied: the response must not claim they were.

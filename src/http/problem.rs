@@ -37,6 +37,47 @@ pub(crate) fn problem<B: From<Bytes>>(status: StatusCode, kind: &str, detail: &s
     res
 }
 
+/// The one mapping from a store error to an HTTP status and problem type, for every HTTP
+/// adapter (the idempotency layer and `ExactlyOnce`):
+///
+/// | error | status | problem type |
+/// |---|---|---|
+/// | empty or too long key id or scope | 400 | `invalid-key` |
+/// | value too large | 413 | `too-large` |
+/// | a completion batch's version check failed | 409 | `contention` (retry) |
+/// | the lease was lost (taken over) | 409 | `lease-lost` (retry: the other holder's result replays) |
+/// | anything else (backend down, log poisoned, full) | 503 | `store-unavailable`, `Retry-After: 1` |
+pub(crate) fn store_error<B: From<Bytes>>(e: &crate::Error) -> Response<B> {
+    use crate::Error as E;
+    let (status, kind, detail) = match e {
+        E::KeyTooLong { .. } | E::ScopeTooLong { .. } | E::EmptyKey => {
+            (StatusCode::BAD_REQUEST, "invalid-key", e.to_string())
+        }
+        E::ValueTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.to_string()),
+        E::BatchConflict { .. } => (
+            StatusCode::CONFLICT,
+            "contention",
+            "state this request changes was changed by another; retry".to_owned(),
+        ),
+        E::StaleLease { .. } => (
+            StatusCode::CONFLICT,
+            "lease-lost",
+            "this attempt lost its lease to another; retry to get that attempt's result".to_owned(),
+        ),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-unavailable",
+            e.to_string(),
+        ),
+    };
+    let mut res = problem(status, kind, &detail);
+    if status == StatusCode::SERVICE_UNAVAILABLE || kind == "lease-lost" {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    res
+}
+
 /// Adds `Retry-After`: whole seconds until `deadline` (at least 1).
 pub(crate) fn retry_after<B>(mut r: Response<B>, deadline: crate::Timestamp) -> Response<B> {
     let now = crate::Clock::now(&crate::SystemClock).as_millis();

@@ -1,25 +1,14 @@
-//! A response as stored in the idempotency record, explicit and versioned:
-//!
-//! ```text
-//! 1      format version (1)
-//! 1      flags (bit 0: the body was too large to keep; it is absent)
-//! 2      status code (little-endian)
-//! 2      number of headers N
-//! N ×    name length (2) | name | value length (4) | value
-//! rest   body
-//! ```
-//! Hop-by-hop headers and `Content-Length` are not stored (the body determines it);
-//! multi-valued headers are stored one entry per value, in order.
+//! A response as stored in the idempotency record, in the shared reply codec
+//! (`adapter::reply`: explicit, versioned). Hop-by-hop headers and `Content-Length` are not
+//! stored (the body determines it); multi-valued headers are stored one entry per value, in
+//! order.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::problem::problem;
 
-use crate::wal::format::Cursor;
-
-const VERSION: u8 = 1;
-const TOO_LARGE: u8 = 1;
+use crate::adapter::reply;
 
 const NOT_STORED: &[&str] = &[
     "connection",
@@ -42,50 +31,28 @@ pub(crate) struct Stored {
 /// Encodes a response; if it would exceed `max` bytes, stores only status and headers with the
 /// too-large flag.
 pub(crate) fn encode(status: StatusCode, headers: &HeaderMap, body: &[u8], max: usize) -> Vec<u8> {
-    let mut out = vec![VERSION, 0];
-    out.extend_from_slice(&status.as_u16().to_le_bytes());
-    let kept: Vec<_> = headers
+    let kept = headers
         .iter()
         .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
-        .collect();
-    out.extend_from_slice(&(kept.len().min(u16::MAX as usize) as u16).to_le_bytes());
-    for (n, v) in kept.iter().take(u16::MAX as usize) {
-        out.extend_from_slice(&(n.as_str().len() as u16).to_le_bytes());
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        out.extend_from_slice(v.as_bytes());
-    }
-    if out.len() + body.len() > max {
-        out[1] = TOO_LARGE;
-    } else {
-        out.extend_from_slice(body);
-    }
-    out
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    reply::encode(status.as_u16(), kept, None, body, max)
 }
 
 /// Decodes a stored response; `None` if the bytes are not one (never panics).
 pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
-    let mut c = Cursor::new(bytes);
-    if c.u8("v").ok()? != VERSION {
-        return None;
+    let r = reply::decode(bytes).ok()?;
+    let status = StatusCode::from_u16(r.status).ok()?;
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    for (n, v) in r.headers {
+        headers.append(
+            HeaderName::from_bytes(n).ok()?,
+            HeaderValue::from_bytes(v).ok()?,
+        );
     }
-    let flags = c.u8("f").ok()?;
-    let status = StatusCode::from_u16(c.u16("s").ok()?).ok()?;
-    let n = c.u16("n").ok()?;
-    let mut headers = HeaderMap::new();
-    for _ in 0..n {
-        let nl = c.u16("h").ok()? as usize;
-        let name = HeaderName::from_bytes(c.take(nl, "h").ok()?).ok()?;
-        let vl = c.u32("h").ok()? as usize;
-        let value = HeaderValue::from_bytes(c.take(vl, "h").ok()?).ok()?;
-        headers.append(name, value);
-    }
-    let rest = c.take(c.remaining(), "b").ok()?;
-    let body = (flags & TOO_LARGE == 0).then(|| Bytes::copy_from_slice(rest));
     Some(Stored {
         status,
         headers,
-        body,
+        body: r.body.map(Bytes::copy_from_slice),
     })
 }
 

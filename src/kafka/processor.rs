@@ -26,6 +26,7 @@ use super::{
     ATTEMPTS, ECHO_SET_HEADER, ERROR, HandlerError, Incoming, KafkaError, KeySource, ORIGIN,
     Outcome, REPLAYED, REPLY_TO, REQUEST_ID,
 };
+use crate::adapter::lease::{Held, Ran, run};
 use crate::{Begin, CasOutcome, Error, Fingerprint, IdempotencyStore, Key, Lease, OwnedKey};
 use crate::{Snapshot, Write};
 
@@ -218,7 +219,7 @@ impl<St> std::fmt::Debug for ProcessorBuilder<St> {
     }
 }
 
-impl<St: IdempotencyStore> ProcessorBuilder<St> {
+impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
     /// Topics to subscribe to (at least one).
     pub fn topics<I, T>(mut self, topics: I) -> Self
     where
@@ -443,7 +444,7 @@ impl<St> ProcessorHandle<St> {
 impl KafkaProcessor<()> {
     /// Starts configuring a processor over `store`. `consumer` must name `bootstrap.servers`
     /// and `group.id`.
-    pub fn builder<St: IdempotencyStore>(
+    pub fn builder<St: IdempotencyStore + Clone>(
         store: St,
         consumer: ClientConfig,
     ) -> ProcessorBuilder<St> {
@@ -471,7 +472,7 @@ impl KafkaProcessor<()> {
     }
 }
 
-impl<St: IdempotencyStore> KafkaProcessor<St> {
+impl<St: IdempotencyStore + Clone> KafkaProcessor<St> {
     /// A handle to stop the processor and read its counters.
     pub fn handle(&self) -> ProcessorHandle<St> {
         ProcessorHandle {
@@ -607,7 +608,7 @@ fn valid_topic(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-impl<St: IdempotencyStore> Shared<St> {
+impl<St: IdempotencyStore + Clone> Shared<St> {
     /// Takes one message from fetch to "offset may be stored".
     async fn process<H: Handler>(
         &self,
@@ -731,33 +732,34 @@ impl<St: IdempotencyStore> Shared<St> {
             msg: msg.clone(),
             attempt: attempts.failed + 1,
         };
-        let result = 'run: {
-            let work = handler.handle(incoming);
-            tokio::pin!(work);
-            // Most handlers of a fast path finish at their first poll: no renewal timer then.
-            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(work.as_mut().poll(cx)));
-            if let std::task::Poll::Ready(r) = first.await {
-                break 'run Some(r);
+        // The shared lease runner: renewed every third of the lease while the handler runs.
+        let held = Held::new(self.store.clone(), lease);
+        let work = handler.handle(incoming);
+        let result = match run(
+            &self.store,
+            held,
+            self.cfg.lease,
+            work,
+            drain_deadline(drain),
+        )
+        .await
+        {
+            Ran::Done(result, held) => {
+                lease = held.take();
+                result
             }
-            let every = self.cfg.lease / 3;
-            let mut renew = tokio::time::interval_at((Instant::now() + every).into(), every);
-            loop {
-                tokio::select! {
-                    r = &mut work => break Some(r),
-                    _ = renew.tick() => match self.store.renew(&mut lease, self.cfg.lease).await {
-                        Ok(_) => {}
-                        // Someone took over (we were too slow to renew): their result wins.
-                        Err(Error::StaleLease { .. }) => return Ok(Step::Again),
-                        Err(e) => break Some(Err(HandlerError::retry(e))),
-                    },
-                    () = drain_deadline(drain) => break None,
-                }
+            // Someone took over (we were too slow to renew): their result wins.
+            Ran::Lost(_, None) => return Ok(Step::Again),
+            // The renewal kept failing: a retryable failure of this attempt.
+            Ran::Lost(e, Some(held)) => {
+                lease = held.take();
+                Err(HandlerError::retry(e))
             }
-        };
-        let Some(result) = result else {
-            // Cancelled by a revoke or shutdown deadline: give the key back.
-            self.release(lease).await?;
-            return Ok(Step::Finished(Disposition::Abandoned));
+            Ran::Cancelled(held) => {
+                // Cancelled by a revoke or shutdown deadline: give the key back.
+                self.release(held.take()).await?;
+                return Ok(Step::Finished(Disposition::Abandoned));
+            }
         };
         let (record, writes) = match result {
             Ok(outcome) => (
@@ -1124,7 +1126,7 @@ struct Pending {
     queue: Option<mpsc::Sender<Vec<Arc<Message>>>>,
 }
 
-fn poll_loop<St: IdempotencyStore, H: Handler>(
+fn poll_loop<St: IdempotencyStore + Clone, H: Handler>(
     shared: &Arc<Shared<St>>,
     consumer: &Arc<BaseConsumer<Ctx>>,
     handler: &Arc<H>,
@@ -1201,7 +1203,7 @@ fn poll_loop<St: IdempotencyStore, H: Handler>(
 /// Hands `p`'s batch to its partition's task (started on first use); returns how many
 /// messages left `p`. When the task's queue is full the batch stays (and grows) unless `wait`,
 /// which blocks until there is room or the processor stops.
-fn hand_over<St: IdempotencyStore, H: Handler>(
+fn hand_over<St: IdempotencyStore + Clone, H: Handler>(
     shared: &Arc<Shared<St>>,
     consumer: &Arc<BaseConsumer<Ctx>>,
     handler: &Arc<H>,
@@ -1232,7 +1234,7 @@ enum Sent {
     Closed,
 }
 
-fn send_batch<St: IdempotencyStore, H: Handler>(
+fn send_batch<St: IdempotencyStore + Clone, H: Handler>(
     shared: &Arc<Shared<St>>,
     consumer: &Arc<BaseConsumer<Ctx>>,
     handler: &Arc<H>,
@@ -1282,7 +1284,7 @@ fn send_batch<St: IdempotencyStore, H: Handler>(
     }
 }
 
-fn start_worker<St: IdempotencyStore, H: Handler>(
+fn start_worker<St: IdempotencyStore + Clone, H: Handler>(
     shared: &Arc<Shared<St>>,
     consumer: &Arc<BaseConsumer<Ctx>>,
     handler: &Arc<H>,
