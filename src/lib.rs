@@ -55,36 +55,38 @@
 
 #[cfg(any(feature = "http", feature = "kafka"))]
 mod adapter;
+mod backend;
 mod checkpoint;
 mod clock;
 pub mod echo;
+mod embedded;
 mod error;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 mod key;
+mod limits;
+mod model;
 #[allow(unsafe_code)]
 mod record;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod shard;
-mod store;
-mod sweeper;
 mod sync;
-mod traits;
 mod wait;
 mod wal;
 
+pub use backend::IdempotencyStore;
 pub use checkpoint::CheckpointError;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use embedded::{OpenError, Store, StoreBuilder};
 pub use error::{Error, RecordKind};
 pub use key::{Fingerprint, Key, MAX_ID_LEN, MAX_SCOPE_LEN, OwnedKey};
-pub use store::{
-    Begin, CasOp, CasOutcome, CheckpointStats, Completed, Lease, OpenError, PutPending, Snapshot,
-    Stats, Store, StoreBuilder, Take, Versioned, Write,
+pub use model::{
+    Begin, CasOp, CasOutcome, CheckpointStats, Completed, Lease, PutPending, Snapshot, Stats, Take,
+    Versioned, Write,
 };
-pub use traits::IdempotencyStore;
 pub use wal::Durability;
 pub use wal::recovery::{DroppedDamage, LogError, OnCorruption, RecoveryReport, TornTail};
 

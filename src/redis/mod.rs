@@ -34,16 +34,14 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::Notify;
 
+use crate::backend::IdempotencyStore;
 use crate::clock::Timestamp;
 use crate::error::{Error, RecordKind};
 use crate::key::{Fingerprint, Key};
-use crate::store::{
-    Begin, CasOp, CasOutcome, Completed, Lease, Limits, PutPending, Snapshot, Take, Versioned,
-    Write, cas_value, ms, nonzero,
+use crate::limits::{DAY, Limits, cas_value, ms, nonzero};
+use crate::model::{
+    Begin, CasOp, CasOutcome, Completed, Lease, PutPending, Snapshot, Take, Versioned, Write,
 };
-use crate::traits::IdempotencyStore;
-
-const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Configures a [`RedisStore`]; from [`RedisStore::builder`].
 #[derive(Clone, Debug)]

@@ -1,14 +1,17 @@
-//! The one async face every backend implements, and the embedded store's implementation.
+//! The one async face every backend implements (the embedded store, Redis), and the embedded
+//! store's implementation of it.
+//!
+//! Invariant: each method has the semantics of the blocking method of the same name on
+//! [`Store`], and never blocks an executor thread.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use crate::clock::Timestamp;
+use crate::embedded::{Round, Settle, Store};
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
-use crate::store::{
-    Begin, CasOutcome, Lease, PutPending, Round, Settle, Snapshot, Store, Take, Write,
-};
+use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
 use crate::wait::Signal;
 
 /// The operations the HTTP and Kafka adapters use, as futures.

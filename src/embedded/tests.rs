@@ -1,6 +1,7 @@
 //! Unit tests of the store's operations, on a manual clock.
 
 use super::*;
+use crate::*;
 use crate::clock::ManualClock;
 
 const LEASE: Duration = Duration::from_secs(10);

@@ -1,0 +1,260 @@
+//! The lease protocol on one key: `begin` (acquire, replay, in progress, mismatch, takeover),
+//! one round of `begin_wait`, `complete` without a batch, `release` and `renew`.
+//!
+//! Invariant: only the holder of the key's current token can complete, release or renew it; a
+//! new token for a key is larger than every token and version the key had before.
+
+use std::time::{Duration, Instant};
+
+use hashbrown::hash_table::Entry;
+
+use super::engine::{Inner, Round, Settle, Waiter, completed_of, kind_of};
+use crate::clock::Timestamp;
+use crate::error::{Error, RecordKind};
+use crate::key::{Fingerprint, Key};
+use crate::limits::nonzero;
+use crate::model::{Begin, Lease, Write};
+use crate::record::{Kind, NewRecord, Record};
+use crate::shard::{eq_key, is_dead};
+use crate::sync::Arc;
+use crate::wait::Signal;
+use crate::wal::format::Op;
+
+impl Inner {
+    pub(crate) fn begin(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        wait: bool,
+        settle: &Settle,
+    ) -> Result<(Begin, Option<Waiter>), Error> {
+        self.check_key(key)?;
+        let lease_ms = nonzero(lease, "the lease duration")?;
+        let hash = self.hash(key);
+        let now = self.now();
+        let deadline = now.saturating_add(lease_ms);
+        let mut guard = self.lock(hash, settle);
+        let shard = &mut *guard;
+        let hasher = |r: &Record| self.hash(r.key());
+        let acquired = |token, takeover| {
+            Begin::Acquired(Lease {
+                key: key.to_owned(),
+                hash: Some(hash),
+                token,
+                deadline: Timestamp::from_millis(deadline),
+                fingerprint,
+                takeover,
+            })
+        };
+        let fresh = |token| NewRecord {
+            kind: Kind::InFlight,
+            a: token,
+            b: deadline,
+            fingerprint,
+            key,
+            value: &[],
+        };
+        let outcome = match shard.table.entry(hash, eq_key(key), hasher) {
+            Entry::Vacant(slot) => {
+                let c = &mut shard.counters;
+                let token = self.next_seq(c, hash);
+                self.insert(c, Op::Begin, slot, fresh(token))?;
+                c.acquired += 1;
+                acquired(token, false)
+            }
+            Entry::Occupied(mut slot) => {
+                let rec = slot.get_mut();
+                if is_dead(rec, now) {
+                    let c = &mut shard.counters;
+                    let token = self.next_seq(c, hash);
+                    self.overwrite(
+                        c,
+                        Op::Begin,
+                        rec,
+                        Kind::InFlight,
+                        token,
+                        deadline,
+                        fingerprint,
+                        &[],
+                    )?;
+                    shard.counters.expirations += 1;
+                    shard.counters.acquired += 1;
+                    acquired(token, false)
+                } else {
+                    match rec.kind() {
+                        Kind::Completed if rec.header().fingerprint != fingerprint => {
+                            shard.counters.mismatches += 1;
+                            Begin::Mismatch
+                        }
+                        Kind::Completed => {
+                            shard.counters.replayed += 1;
+                            Begin::Completed(completed_of(rec))
+                        }
+                        Kind::InFlight if rec.header().fingerprint != fingerprint => {
+                            shard.counters.mismatches += 1;
+                            Begin::Mismatch
+                        }
+                        Kind::InFlight if rec.header().b > now => {
+                            shard.counters.in_progress += 1;
+                            let deadline = rec.header().b;
+                            if wait {
+                                let signal = shard.add_waiter(hash);
+                                return Ok((
+                                    Begin::InProgress {
+                                        deadline: Timestamp::from_millis(deadline),
+                                    },
+                                    Some((hash, signal)),
+                                ));
+                            }
+                            Begin::InProgress {
+                                deadline: Timestamp::from_millis(deadline),
+                            }
+                        }
+                        Kind::InFlight => {
+                            let c = &mut shard.counters;
+                            let token = self.next_seq(c, hash);
+                            self.restamp(c, Op::Begin, rec, Kind::InFlight, token, deadline)?;
+                            shard.counters.acquired += 1;
+                            shard.counters.takeovers += 1;
+                            acquired(token, true)
+                        }
+                        other => {
+                            return Err(Error::WrongKind {
+                                expected: RecordKind::Idempotency,
+                                found: kind_of(other),
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        if let Begin::Acquired(_) = outcome {
+            shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
+        }
+        Ok((outcome, None))
+    }
+    /// One round of `begin_wait`: answers as `begin` would, unless the key is in flight and
+    /// time is left before `until`; then a waiter is registered (under the shard lock that saw
+    /// the key in flight) and the caller waits on it for at most the returned slice: what is
+    /// left of its budget, and no later than the holder's lease deadline, when the key can be
+    /// taken over. Then the caller looks again.
+    pub(crate) fn begin_round(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        until: Instant,
+        settle: &Settle,
+    ) -> Result<Round, Error> {
+        let left = until.saturating_duration_since(Instant::now());
+        let (outcome, waiter) = self.begin(key, fingerprint, lease, !left.is_zero(), settle)?;
+        let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
+            return Ok(Round::Done(outcome));
+        };
+        let lease_left = deadline.as_millis().saturating_sub(self.now()).max(1);
+        let slice = left.min(Duration::from_millis(lease_left));
+        Ok(Round::Wait {
+            hash,
+            signal,
+            slice,
+        })
+    }
+    /// Removes a waiter that timed out (a fired one was removed by whoever fired it).
+    pub(crate) fn forget_waiter(&self, hash: u64, signal: &Arc<Signal>) {
+        self.lock(hash, &Settle::default()).remove_waiter(signal);
+    }
+    pub(crate) fn complete(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+        writes: &[Write],
+        settle: &Settle,
+    ) -> Result<Timestamp, Error> {
+        self.check_value(response)?;
+        let ttl_ms = match ttl {
+            Some(d) => nonzero(d, "the ttl")?,
+            None => self.default_ttl_ms,
+        };
+        if !writes.is_empty() {
+            return self.complete_batch(lease, response, ttl_ms, writes, settle);
+        }
+        let key = lease.key();
+        let hash = self.lease_hash(lease);
+        let now = self.now();
+        let expires = now.saturating_add(ttl_ms);
+        let mut guard = self.lock(hash, settle);
+        let shard = &mut *guard;
+        let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
+            return Err(Error::StaleLease { token: lease.token });
+        };
+        Self::check_holder(rec, lease)?;
+        let fp = rec.header().fingerprint;
+        self.overwrite(
+            &mut shard.counters,
+            Op::Complete,
+            rec,
+            Kind::Completed,
+            now,
+            expires,
+            fp,
+            response,
+        )?;
+        shard.note_reclaim_at(expires);
+        shard.wake(hash);
+        Ok(Timestamp::from_millis(expires))
+    }
+    pub(super) fn check_holder(rec: &Record, lease: &Lease) -> Result<(), Error> {
+        match rec.kind() {
+            Kind::InFlight | Kind::InFlightPending if rec.header().a == lease.token => Ok(()),
+            _ => Err(Error::StaleLease { token: lease.token }),
+        }
+    }
+    pub(super) fn check_batch(&self, lease: &Lease, writes: &[Write]) -> Result<(), Error> {
+        self.limits().check_batch(lease.key(), writes)
+    }
+    pub(crate) fn release(&self, lease: &Lease, settle: &Settle) -> Result<(), Error> {
+        let key = lease.key();
+        let hash = self.lease_hash(lease);
+        let now = self.now();
+        let mut guard = self.lock(hash, settle);
+        let shard = &mut *guard;
+        let Ok(mut entry) = shard.table.find_entry(hash, eq_key(key)) else {
+            return Err(Error::StaleLease { token: lease.token });
+        };
+        Self::check_holder(entry.get(), lease)?;
+        if entry.get().kind() == Kind::InFlightPending {
+            // The stored request goes back to waiting, with a fresh expiry.
+            let b = now.saturating_add(self.pending_ttl_ms);
+            let c = &mut shard.counters;
+            self.restamp(c, Op::Release, entry.get_mut(), Kind::Pending, now, b)?;
+            shard.note_reclaim_at(b);
+        } else {
+            self.delete(&mut shard.counters, Op::Release, entry)?;
+        }
+        shard.wake(hash);
+        Ok(())
+    }
+    pub(crate) fn renew(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+        settle: &Settle,
+    ) -> Result<Timestamp, Error> {
+        let extend_ms = nonzero(extend, "the lease extension")?;
+        let key = lease.key();
+        let hash = self.lease_hash(lease);
+        let deadline = self.now().saturating_add(extend_ms);
+        let mut guard = self.lock(hash, settle);
+        let shard = &mut *guard;
+        let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
+            return Err(Error::StaleLease { token: lease.token });
+        };
+        Self::check_holder(rec, lease)?;
+        let (kind, token) = (rec.kind(), rec.header().a);
+        self.restamp(&mut shard.counters, Op::Renew, rec, kind, token, deadline)?;
+        shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
+        Ok(Timestamp::from_millis(deadline))
+    }
+}

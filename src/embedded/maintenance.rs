@@ -1,0 +1,223 @@
+//! Background maintenance, on one schedule in one thread: reclaiming expired records (one
+//! shard at a time, skipping shards with nothing due) and writing checkpoints when the log has
+//! grown by `checkpoint_every` bytes or `checkpoint_interval` has passed. The thread holds only
+//! a weak reference to the store: dropping the last `Store` stops and joins it.
+//!
+//! Invariant: sweeping and checkpointing are independent settings; turning the sweeper off
+//! (`sweep_interval(None)`) never turns checkpoints off. A checkpoint claims only records that
+//! are durable in the log, and removes only the segments it wholly covers.
+
+use std::sync::{Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::engine::{Inner, Settle};
+use crate::error::Error;
+use crate::model::CheckpointStats;
+use crate::record::Record;
+use crate::shard::{is_dead, reclaim_at};
+use crate::sync::{Arc, Ordering};
+use crate::wal::format::Op;
+
+#[derive(Debug)]
+pub(crate) struct Handle {
+    stop: std::sync::Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[cfg(not(loom))]
+/// How often the thread looks whether a checkpoint is due when no sweeper sets the pace.
+const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+
+/// Starts the maintenance thread: sweeping every `sweep` (if set), and checkpoints when due
+/// (if the store has a log). `None` when there is nothing to do.
+#[cfg(not(loom))]
+pub(crate) fn start(inner: &Arc<Inner>, sweep: Option<Duration>) -> Option<Handle> {
+    let sweep = sweep.filter(|d| !d.is_zero());
+    let checkpoints = inner.has_log();
+    let every = match (sweep, checkpoints) {
+        (Some(d), true) => d.min(CHECKPOINT_POLL),
+        (Some(d), false) => d,
+        (None, true) => CHECKPOINT_POLL,
+        (None, false) => return None,
+    };
+    let weak = Arc::downgrade(inner);
+    let stop = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
+    let stop2 = std::sync::Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
+        .name("idemkv-maintenance".into())
+        .spawn(move || {
+            let (flag, cv) = &*stop2;
+            let mut last_sweep = Instant::now();
+            loop {
+                {
+                    let Ok(guard) = flag.lock() else { return };
+                    let Ok((guard, _)) = cv.wait_timeout_while(guard, every, |stop| !*stop) else {
+                        return;
+                    };
+                    if *guard {
+                        return;
+                    }
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Some(d) = sweep
+                    && last_sweep.elapsed() >= d
+                {
+                    for i in 0..inner.shard_count() {
+                        inner.sweep_shard(i);
+                    }
+                    last_sweep = Instant::now();
+                }
+                if checkpoints {
+                    inner.maybe_checkpoint();
+                }
+            }
+        })
+        .ok()?;
+    Some(Handle {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Under loom the sweeper is not started: loom cannot model a free-running std thread.
+#[cfg(loom)]
+pub(crate) fn start(_inner: &Arc<Inner>, _sweep: Option<Duration>) -> Option<Handle> {
+    None
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let (flag, cv) = &*self.stop;
+        if let Ok(mut stop) = flag.lock() {
+            *stop = true;
+        }
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    /// Drops expired records from shard `i`. Holds only that shard's lock, and skips the shard
+    /// without scanning when nothing in it can have expired yet.
+    pub(crate) fn sweep_shard(&self, i: usize) -> usize {
+        let now = self.now();
+        let settle = Settle::default();
+        let mut guard = self.lock_index(i, &settle);
+        let shard = &mut *guard;
+        if shard.next_reclaim > now {
+            return 0;
+        }
+        let retention = self.lease_retention_ms;
+        // Log the removals first (one record); if the log refuses, remove nothing.
+        let table = &shard.table;
+        let due = |r: &&Record| reclaim_at(r, retention) <= now;
+        if table.iter().any(|r| due(&r)) {
+            let logged = self.log(&mut shard.counters.last_seq, Op::Expire, |w| {
+                for r in table.iter().filter(due) {
+                    w.delete(r.key());
+                }
+            });
+            if logged.is_err() {
+                return 0;
+            }
+        }
+        let (mut n, mut bytes, mut next) = (0u64, 0u64, u64::MAX);
+        shard.table.retain(|r| {
+            let at = reclaim_at(r, retention);
+            if at <= now {
+                n += 1;
+                bytes += r.size() as u64;
+                false
+            } else {
+                next = next.min(at);
+                true
+            }
+        });
+        shard.next_reclaim = next;
+        shard.counters.expirations += n;
+        self.unreserve(&mut shard.counters, n, bytes);
+        n as usize
+    }
+    /// Writes a checkpoint if the log grew by `checkpoint_every` bytes since the last one.
+    pub(crate) fn maybe_checkpoint(&self) {
+        let (Some(wal), Some(_)) = (&self.wal, &self.checkpoints) else {
+            return;
+        };
+        let due = {
+            let (at_bytes, at_time) = *self.checkpointing.lock();
+            let grown = wal.written().saturating_sub(at_bytes);
+            grown >= self.checkpoint_every
+                || (grown > 0 && at_time.elapsed() >= self.checkpoint_interval)
+        };
+        if due {
+            // A failure here is reported by the next explicit checkpoint, and the log (which
+            // still holds everything) keeps the data safe meanwhile.
+            let _ = self.checkpoint();
+        }
+    }
+    /// Writes the live records into the checkpoint database and deletes the log segments it
+    /// covers. Callers are not stopped: shards are copied one at a time under their own locks.
+    ///
+    /// Correct for any interleaving with writers because log records are redo images: the
+    /// checkpoint reflects at least every record up to `upto` (taken before the copy), and
+    /// replaying records after `upto` over it — some of them already reflected — gives the
+    /// same state as replaying them over the exact state at `upto`.
+    pub(crate) fn checkpoint(&self) -> Result<CheckpointStats, Error> {
+        let (Some(wal), Some(checkpoints)) = (&self.wal, &self.checkpoints) else {
+            return Ok(CheckpointStats::default());
+        };
+        let mut last = self.checkpointing.lock();
+        wal.check()?;
+        let written = wal.written();
+        let upto = wal.appended();
+        let now = self.now();
+        let retention = self.lease_retention_ms;
+        let mut records = Vec::new();
+        let mut token_high = 0;
+        for shard in self.shards.iter() {
+            let s = shard.0.lock();
+            token_high = token_high.max(s.counters.seq);
+            for r in s.table.iter() {
+                // Expired records are not carried into checkpoints.
+                if is_dead(r, now) || reclaim_at(r, retention) <= now {
+                    continue;
+                }
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                let h = r.header();
+                crate::checkpoint::encode_key(r.key(), &mut k);
+                crate::checkpoint::encode_value(
+                    r.kind(),
+                    h.a,
+                    h.b,
+                    h.fingerprint,
+                    r.value(),
+                    &mut v,
+                );
+                records.push((k, v));
+            }
+        }
+        // Everything copied is durable in the log before the checkpoint can claim it.
+        wal.wait(wal.appended())?;
+        checkpoints
+            .write(upto, token_high, &records)
+            .map_err(|e| Error::Checkpoint {
+                reason: e.to_string(),
+            })?;
+        // The segments wholly covered by the checkpoint go; the newest one always stays.
+        let deleted =
+            crate::wal::segments::remove_covered(self.storage.as_ref(), &self.wal_dir, upto)
+                .map_err(|e| Error::Checkpoint {
+                    reason: format!("removing log segments in {}: {e}", self.wal_dir.display()),
+                })?;
+        *last = (written, Instant::now());
+        self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
+        Ok(CheckpointStats {
+            records: records.len() as u64,
+            covers_seq: upto,
+            segments_deleted: deleted,
+        })
+    }
+}
