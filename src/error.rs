@@ -1,4 +1,53 @@
-//! The store's error type.
+//! The store's error type, shared by every backend.
+//!
+//! Invariant: every variant says what the caller can do, and an infrastructure failure keeps
+//! its cause (an `io::Error`, redb's or Redis's error) as its `source()`.
+
+use std::sync::Arc;
+
+/// The underlying error of an infrastructure failure ([`Error::Poisoned`],
+/// [`Error::Checkpoint`], [`Error::Unavailable`]): shared, so that [`Error`] stays `Clone`; its
+/// `source()` is the original error, for an operator's error chain. Two causes are equal when
+/// they read the same.
+#[derive(Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub(crate) fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Cause(Arc::new(e))
+    }
+
+    /// The original error, to downcast (for example to `std::io::Error`).
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for Cause {}
 
 /// What kind of record a key holds; named in [`Error::WrongKind`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,20 +155,29 @@ pub enum Error {
     Poisoned {
         /// What failed.
         reason: String,
+        /// The I/O error that poisoned it.
+        #[source]
+        source: Cause,
     },
     /// Writing a checkpoint failed; the log still holds everything, nothing was lost.
     #[error("checkpoint failed: {reason}")]
     Checkpoint {
         /// What failed.
         reason: String,
+        /// The underlying error (redb's, or the file system's).
+        #[source]
+        source: Cause,
     },
     /// A remote backend (Redis) could not be reached, timed out, or answered an error. The
     /// operation may or may not have been applied; the lease protocol stays safe either way
     /// (a retry of `begin` sees the outcome). The connection reconnects on its own.
     #[error("the store's backend is unavailable: {reason}")]
     Unavailable {
-        /// The client's error.
+        /// The client's error, as text.
         reason: String,
+        /// The client's error itself, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
     /// An async method was called outside a Tokio runtime with its time driver.
     #[error("idemkv's async API needs a Tokio runtime with time enabled")]

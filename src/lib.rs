@@ -81,7 +81,7 @@ pub use backend::IdempotencyStore;
 pub use checkpoint::CheckpointError;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use embedded::{OpenError, Store, StoreBuilder};
-pub use error::{Error, RecordKind};
+pub use error::{Cause, Error, RecordKind};
 pub use key::{Fingerprint, Key, MAX_ID_LEN, MAX_SCOPE_LEN, OwnedKey};
 pub use model::{
     Begin, CasOp, CasOutcome, CheckpointStats, Completed, Lease, PutPending, Snapshot, Stats, Take,

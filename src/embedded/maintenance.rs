@@ -205,12 +205,14 @@ impl Inner {
             .write(upto, token_high, &records)
             .map_err(|e| Error::Checkpoint {
                 reason: e.to_string(),
+                source: crate::error::Cause::new(e),
             })?;
         // The segments wholly covered by the checkpoint go; the newest one always stays.
         let deleted =
             crate::wal::segments::remove_covered(self.storage.as_ref(), &self.wal_dir, upto)
                 .map_err(|e| Error::Checkpoint {
                     reason: format!("removing log segments in {}: {e}", self.wal_dir.display()),
+                    source: crate::error::Cause::new(e),
                 })?;
         *last = (written, Instant::now());
         self.checkpoints_written.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,8 @@
 //! Unit tests of the store's operations, on a manual clock.
 
 use super::*;
-use crate::*;
 use crate::clock::ManualClock;
+use crate::*;
 
 const LEASE: Duration = Duration::from_secs(10);
 const T0: u64 = 1_700_000_000_000;

@@ -64,7 +64,7 @@ impl MockKafka {
             .owner
             .client()
             .mock_cluster()
-            .ok_or_else(|| KafkaError::Config("the mock cluster is gone".into()))?;
+            .ok_or_else(|| KafkaError::runtime("the mock cluster is gone"))?;
         cluster.create_topic(topic, partitions, 1)?;
         Ok(())
     }

@@ -92,6 +92,15 @@ fn from_headers(headers: Option<&rdkafka::message::BorrowedHeaders>) -> Vec<(Str
         .unwrap_or_default()
 }
 
+impl KafkaError {
+    pub(crate) fn runtime(what: impl Into<String>) -> Self {
+        KafkaError::Runtime {
+            what: what.into(),
+            source: None,
+        }
+    }
+}
+
 /// Errors of the Kafka adapter.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -102,9 +111,20 @@ pub enum KafkaError {
     /// The idempotency store failed; nothing was acknowledged past the failure.
     #[error("idempotency store: {0}")]
     Store(#[from] crate::Error),
-    /// The adapter was configured inconsistently.
+    /// The adapter was configured inconsistently (found when it is built or started).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The adapter failed while running, for a reason that is neither the client's nor the
+    /// store's: a thread that could not start, the mock cluster gone, a reply topic missing, a
+    /// store record that kept changing under a held lease.
+    #[error("{what}")]
+    Runtime {
+        /// What failed.
+        what: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// The store holds a record under a message's key that this adapter did not write.
     #[error("the record stored for key {key:?} is not a Kafka result: {reason}")]
     CorruptRecord {
@@ -114,12 +134,13 @@ pub enum KafkaError {
         reason: &'static str,
     },
     /// A message (a dead letter or a request) could not be delivered.
-    #[error("could not deliver to topic {topic:?}: {reason}")]
+    #[error("could not deliver to topic {topic:?}: {source}")]
     Delivery {
         /// The destination topic.
         topic: String,
         /// The client's error.
-        reason: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
     },
     /// No reply arrived in time.
     #[error("no reply within {0:?}")]

@@ -497,7 +497,10 @@ impl<St: IdempotencyStore + Clone> KafkaProcessor<St> {
                 let _ = shared.producer.flush(Duration::from_secs(10));
                 let _ = done_tx.send(());
             })
-            .map_err(|e| KafkaError::Config(format!("could not start the polling thread: {e}")))?;
+            .map_err(|e| KafkaError::Runtime {
+                what: "could not start the polling thread".into(),
+                source: Some(Box::new(e)),
+            })?;
         self.shared.stop.wait().await;
         let _ = done_rx.await;
         let _ = tokio::task::spawn_blocking(move || poller.join()).await;
@@ -894,8 +897,8 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 CasOutcome::Conflict { .. } => self.load_attempts(key, attempts).await?,
             }
         }
-        Err(KafkaError::Config(
-            "the attempt counter keeps changing under a held lease".into(),
+        Err(KafkaError::runtime(
+            "the attempt counter keeps changing under a held lease",
         ))
     }
 
@@ -939,7 +942,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             let _ = self.store.release(lease).await;
             return Err(KafkaError::Delivery {
                 topic: dlq.clone(),
-                reason: e.to_string(),
+                source: e,
             });
         }
         bump(&self.stats.dead_lettered);

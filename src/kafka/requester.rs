@@ -142,7 +142,7 @@ impl Requester {
                 .flat_map(|t| t.partitions().iter().map(|p| p.id()))
                 .collect();
             if partitions.is_empty() {
-                return Err(KafkaError::Config(format!(
+                return Err(KafkaError::runtime(format!(
                     "reply topic {topic:?} does not exist"
                 )));
             }
@@ -235,7 +235,7 @@ impl Requester {
             .await
             .map_err(|(e, _)| KafkaError::Delivery {
                 topic: topic.to_owned(),
-                reason: e.to_string(),
+                source: e,
             })?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),

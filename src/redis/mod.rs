@@ -820,12 +820,14 @@ impl Notifier {
 fn unavailable(e: redis::RedisError) -> Error {
     Error::Unavailable {
         reason: e.to_string(),
+        source: Some(crate::error::Cause::new(e)),
     }
 }
 
 fn protocol(what: &str) -> Error {
     Error::Unavailable {
         reason: format!("unexpected reply from Redis: {what}"),
+        source: None,
     }
 }
 

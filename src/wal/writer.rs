@@ -50,7 +50,7 @@ struct Shared {
     sync_cv: Condvar,
     /// Async waiters: the sequence number each waits for, and its task's waker.
     async_waiters: Mutex<Vec<(u64, Waker)>>,
-    poisoned: OnceLock<String>,
+    poisoned: OnceLock<(String, crate::error::Cause)>,
 }
 
 /// The log of one open store.
@@ -158,9 +158,13 @@ impl Wal {
     }
 
     fn poisoned_error(&self) -> Option<Error> {
-        self.shared.poisoned.get().map(|reason| Error::Poisoned {
-            reason: reason.clone(),
-        })
+        self.shared
+            .poisoned
+            .get()
+            .map(|(reason, source)| Error::Poisoned {
+                reason: reason.clone(),
+                source: source.clone(),
+            })
     }
 
     /// Fails if the log can no longer be written.
@@ -327,9 +331,8 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
             }
             Err(e) => {
                 // fsync errors are not retryable: the page cache may have dropped the pages.
-                let _ = shared
-                    .poisoned
-                    .set(format!("writing or syncing the log failed: {e}"));
+                let reason = format!("writing or syncing the log failed: {e}");
+                let _ = shared.poisoned.set((reason, crate::error::Cause::new(e)));
             }
         }
         let poisoned = shared.poisoned.get().is_some();
