@@ -23,6 +23,7 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
+    #[inline]
     pub(crate) fn check_key(&self, key: Key<'_>) -> Result<(), Error> {
         if key.scope().len() > MAX_SCOPE_LEN {
             return Err(Error::ScopeTooLong {
@@ -42,6 +43,7 @@ impl Limits {
         Ok(())
     }
 
+    #[inline]
     pub(crate) fn check_value(&self, value: &[u8]) -> Result<(), Error> {
         if value.len() > self.max_value_len {
             return Err(Error::ValueTooLarge {
@@ -83,10 +85,12 @@ impl Limits {
     }
 }
 
+#[inline]
 pub(crate) fn ms(d: Duration) -> u64 {
     duration_to_millis_ceil(d)
 }
 
+#[inline]
 pub(crate) fn nonzero(d: Duration, what: &'static str) -> Result<u64, Error> {
     if d.is_zero() {
         Err(Error::ZeroDuration { what })
@@ -95,6 +99,7 @@ pub(crate) fn nonzero(d: Duration, what: &'static str) -> Result<u64, Error> {
     }
 }
 
+#[inline]
 pub(crate) fn cas_value(op: &CasOp) -> Option<&[u8]> {
     match op {
         CasOp::PutIfAbsent(v) | CasOp::SetIfVersion { value: v, .. } => Some(v),

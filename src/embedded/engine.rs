@@ -182,14 +182,17 @@ pub(super) fn cas_holds(op: &CasOp, current: Option<u64>) -> bool {
 
 impl Inner {
     /// Whether the store logs its changes (opened on a directory with durability).
+    #[inline]
     pub(super) fn has_log(&self) -> bool {
         self.wal.is_some()
     }
 
+    #[inline]
     pub(super) fn now(&self) -> u64 {
         self.clock.now().as_millis()
     }
     /// Hashes scope and id with a length prefix, so `("ab","c")` and `("a","bc")` differ.
+    #[inline]
     pub(crate) fn hash(&self, key: Key<'_>) -> u64 {
         let mut h = self.hasher.build_hasher();
         h.write_u8(key.scope().len() as u8);
@@ -198,6 +201,7 @@ impl Inner {
         h.finish()
     }
     /// The hash of a lease's key: cached by the store that granted it.
+    #[inline]
     pub(super) fn lease_hash(&self, lease: &Lease) -> u64 {
         lease.hash.unwrap_or_else(|| self.hash(lease.key()))
     }
@@ -206,14 +210,17 @@ impl Inner {
     /// bits 40..56, which neither use (shards ≤ 2^16, shard tables < 2^40 buckets). Taking
     /// the top bits instead would leave every key in a shard with nearly the same tag, and
     /// the low bits would leave every shard's table a quarter full of collisions.
+    #[inline]
     pub(super) fn shard_index(&self, hash: u64) -> usize {
         ((hash >> 40) & self.shard_mask) as usize
     }
     /// Locks the shard of `hash`. On unlock, the shard's last log sequence number is noted in
     /// `settle`: what the caller must wait for before answering (see `Inner::settle`).
+    #[inline]
     pub(super) fn lock<'a>(&'a self, hash: u64, settle: &'a Settle) -> ShardGuard<'a> {
         self.lock_index(self.shard_index(hash), settle)
     }
+    #[inline]
     pub(super) fn lock_index<'a>(&'a self, i: usize, settle: &'a Settle) -> ShardGuard<'a> {
         ShardGuard {
             guard: self.shards[i].0.lock(),
@@ -223,6 +230,7 @@ impl Inner {
     /// Appends a record of a change to the log (if the store has one), under the shard lock(s)
     /// of the keys it changes; `last` is the shard's `last_seq`. Refused, changing nothing,
     /// if the log is poisoned.
+    #[inline]
     pub(super) fn log(
         &self,
         last: &mut u64,
@@ -236,6 +244,7 @@ impl Inner {
     }
     /// Blocks until everything a caller saw or did is durable, if the caller's durability
     /// (`mode`, else the store's) is `Immediate`.
+    #[inline]
     pub(crate) fn settle(&self, settle: &Settle, mode: Option<Durability>) -> Result<(), Error> {
         match &self.wal {
             Some(wal)
@@ -247,6 +256,7 @@ impl Inner {
         }
     }
     /// [`settle`](Self::settle) for async callers.
+    #[inline]
     pub(crate) async fn settle_async(
         &self,
         seq: u64,
@@ -259,9 +269,11 @@ impl Inner {
             _ => Ok(()),
         }
     }
+    #[inline]
     pub(crate) fn shard_count(&self) -> usize {
         self.shards.len()
     }
+    #[inline]
     pub(super) fn limits(&self) -> Limits {
         Limits {
             max_key_len: self.max_key_len,
@@ -269,15 +281,18 @@ impl Inner {
             max_batch: self.max_batch,
         }
     }
+    #[inline]
     pub(super) fn check_key(&self, key: Key<'_>) -> Result<(), Error> {
         self.limits().check_key(key)
     }
+    #[inline]
     pub(super) fn check_value(&self, value: &[u8]) -> Result<(), Error> {
         self.limits().check_value(value)
     }
     /// Admits `records` more records and `bytes` more bytes to the store-wide totals, or
     /// fails leaving them as they were. The totals are kept (in atomics) only when a limit is
     /// configured: without one, accounting costs no atomic operation.
+    #[inline]
     pub(super) fn admit(&self, records: u64, bytes: u64) -> Result<(), Error> {
         if !self.limited {
             return Ok(());
@@ -305,6 +320,7 @@ impl Inner {
         Ok(())
     }
     /// Returns records and bytes to the store-wide totals.
+    #[inline]
     pub(super) fn give_back(&self, records: u64, bytes: u64) {
         if self.limited {
             self.used_records.fetch_sub(records, Ordering::Relaxed);
@@ -312,6 +328,7 @@ impl Inner {
         }
     }
     /// Accounts a growth to a shard (and the store), or fails changing nothing.
+    #[inline]
     pub(super) fn reserve(&self, c: &mut Counters, records: u64, bytes: u64) -> Result<(), Error> {
         self.admit(records, bytes)?;
         c.records += records;
@@ -319,12 +336,14 @@ impl Inner {
         Ok(())
     }
     /// Accounts a shrink to a shard (and the store).
+    #[inline]
     pub(super) fn unreserve(&self, c: &mut Counters, records: u64, bytes: u64) {
         self.give_back(records, bytes);
         c.records -= records;
         c.bytes -= bytes;
     }
     /// Accounts for a record changing size from `old` to `new` bytes.
+    #[inline]
     pub(super) fn resize(&self, c: &mut Counters, old: usize, new: usize) -> Result<(), Error> {
         if new > old {
             self.reserve(c, 0, (new - old) as u64)
@@ -336,6 +355,7 @@ impl Inner {
     /// A new fencing token or version for a key whose hash is `hash`: the shard's counter in
     /// the high 48 bits, the shard's index in the low 16. So tokens are unique store-wide and
     /// increase for every key (a key never changes shard), with no shared atomic counter.
+    #[inline]
     pub(super) fn next_seq(&self, c: &mut Counters, hash: u64) -> u64 {
         c.seq += 1;
         (c.seq << 16) | self.shard_index(hash) as u64

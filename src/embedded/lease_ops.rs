@@ -21,6 +21,7 @@ use crate::wait::Signal;
 use crate::wal::format::Op;
 
 impl Inner {
+    #[inline]
     pub(crate) fn begin(
         &self,
         key: Key<'_>,
@@ -139,6 +140,7 @@ impl Inner {
     /// the key in flight) and the caller waits on it for at most the returned slice: what is
     /// left of its budget, and no later than the holder's lease deadline, when the key can be
     /// taken over. Then the caller looks again.
+    #[inline]
     pub(crate) fn begin_round(
         &self,
         key: Key<'_>,
@@ -164,6 +166,7 @@ impl Inner {
     pub(crate) fn forget_waiter(&self, hash: u64, signal: &Arc<Signal>) {
         self.lock(hash, &Settle::default()).remove_waiter(signal);
     }
+    #[inline]
     pub(crate) fn complete(
         &self,
         lease: &Lease,
@@ -205,15 +208,18 @@ impl Inner {
         shard.wake(hash);
         Ok(Timestamp::from_millis(expires))
     }
+    #[inline]
     pub(super) fn check_holder(rec: &Record, lease: &Lease) -> Result<(), Error> {
         match rec.kind() {
             Kind::InFlight | Kind::InFlightPending if rec.header().a == lease.token => Ok(()),
             _ => Err(Error::StaleLease { token: lease.token }),
         }
     }
+    #[inline]
     pub(super) fn check_batch(&self, lease: &Lease, writes: &[Write]) -> Result<(), Error> {
         self.limits().check_batch(lease.key(), writes)
     }
+    #[inline]
     pub(crate) fn release(&self, lease: &Lease, settle: &Settle) -> Result<(), Error> {
         let key = lease.key();
         let hash = self.lease_hash(lease);
@@ -236,6 +242,7 @@ impl Inner {
         shard.wake(hash);
         Ok(())
     }
+    #[inline]
     pub(crate) fn renew(
         &self,
         lease: &Lease,

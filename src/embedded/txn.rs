@@ -20,6 +20,7 @@ impl Inner {
         clippy::too_many_arguments,
         reason = "the header fields, spelled out at each call"
     )]
+    #[inline]
     pub(super) fn overwrite(
         &self,
         c: &mut Counters,
@@ -49,6 +50,7 @@ impl Inner {
         Ok(())
     }
     /// Changes a record's kind and `a`/`b` fields (a takeover, a renew, a release): logs, applies.
+    #[inline]
     pub(super) fn restamp(
         &self,
         c: &mut Counters,
@@ -69,6 +71,7 @@ impl Inner {
         Ok(())
     }
     /// Inserts a new record into a vacant slot: reserves, logs, applies.
+    #[inline]
     pub(super) fn insert(
         &self,
         c: &mut Counters,
@@ -96,6 +99,7 @@ impl Inner {
         Ok(())
     }
     /// Removes the record at `entry`: logs, applies.
+    #[inline]
     pub(super) fn delete(
         &self,
         c: &mut Counters,
@@ -109,6 +113,7 @@ impl Inner {
     }
     /// Drops an expired record found at a key. If the log refuses, the record stays (it is
     /// invisible anyway) and the caller's own change will be refused with the same error.
+    #[inline]
     pub(super) fn expire(
         &self,
         c: &mut Counters,

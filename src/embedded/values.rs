@@ -19,6 +19,7 @@ use crate::shard::{Counters, eq_key, is_dead};
 use crate::wal::format::Op;
 
 impl Inner {
+    #[inline]
     pub(crate) fn get(&self, key: Key<'_>, settle: &Settle) -> Result<Option<Snapshot>, Error> {
         self.check_key(key)?;
         let hash = self.hash(key);
@@ -35,6 +36,7 @@ impl Inner {
         }
         Ok(Some(snapshot_of(rec)))
     }
+    #[inline]
     pub(crate) fn remove(&self, key: Key<'_>, settle: &Settle) -> Result<bool, Error> {
         self.check_key(key)?;
         let hash = self.hash(key);
@@ -52,6 +54,7 @@ impl Inner {
         shard.wake(hash);
         Ok(true)
     }
+    #[inline]
     pub(crate) fn cas(&self, write: &Write, settle: &Settle) -> Result<CasOutcome, Error> {
         let key = write.key.as_key();
         self.check_key(key)?;
@@ -125,6 +128,7 @@ impl Inner {
         shard.note_reclaim_at(b);
         Ok(outcome)
     }
+    #[inline]
     pub(crate) fn put_pending(
         &self,
         key: Key<'_>,
@@ -205,6 +209,7 @@ impl Inner {
         shard.note_reclaim_at(b);
         Ok(outcome)
     }
+    #[inline]
     pub(crate) fn take_pending(
         &self,
         key: Key<'_>,
