@@ -29,7 +29,7 @@ pub struct Lease {
 impl Lease {
     /// A copy for the crate's own bookkeeping (the lease runner's release-on-drop); a lease is
     /// not `Clone` for users, so that one attempt holds one lease.
-    #[allow(dead_code)]
+    #[cfg(any(feature = "http", feature = "kafka"))]
     pub(crate) fn duplicate(&self) -> Lease {
         Lease {
             key: self.key.clone(),

@@ -70,8 +70,8 @@ impl<St: IdempotencyStore + Clone> Drop for Held<St> {
     }
 }
 
-/// How a leased run ended.
-pub(crate) enum Ran<T, St: IdempotencyStore + Clone> {
+/// How a leased run ended; `X` is what the cancel future gives.
+pub(crate) enum Ran<T, St: IdempotencyStore + Clone, X = ()> {
     /// The work finished while the lease was held; here is the lease, to record the result.
     Done(T, Held<St>),
     /// The lease was lost while the work ran: taken over (`Error::StaleLease`, and no lease
@@ -81,7 +81,27 @@ pub(crate) enum Ran<T, St: IdempotencyStore + Clone> {
     Lost(Error, Option<Held<St>>),
     /// `cancel` fired first: the work was dropped; the lease is handed back to be released
     /// (dropping it releases it in the background).
-    Cancelled(Held<St>),
+    Cancelled(Held<St>, X),
+}
+
+/// [`run`] with nothing to cancel it but dropping the whole future (an HTTP request): the
+/// work's output and the held lease, or the error that lost the lease.
+pub(crate) async fn run_to_end<St, F>(
+    store: &St,
+    held: Held<St>,
+    lease: Duration,
+    work: F,
+) -> Result<(F::Output, Held<St>), Error>
+where
+    St: IdempotencyStore + Clone,
+    F: Future,
+{
+    let never = std::future::pending::<std::convert::Infallible>();
+    match run(store, held, lease, work, never).await {
+        Ran::Done(out, held) => Ok((out, held)),
+        Ran::Lost(e, _) => Err(e),
+        Ran::Cancelled(_, never) => match never {},
+    }
 }
 
 /// Runs `work` under `held`, renewing it by `lease` every `lease / 3`, until the work finishes,
@@ -93,11 +113,11 @@ pub(crate) async fn run<St, F, C>(
     lease: Duration,
     work: F,
     cancel: C,
-) -> Ran<F::Output, St>
+) -> Ran<F::Output, St, C::Output>
 where
     St: IdempotencyStore + Clone,
     F: Future,
-    C: Future<Output = ()>,
+    C: Future,
 {
     let mut work = std::pin::pin!(work);
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(work.as_mut().poll(cx)));
@@ -115,7 +135,7 @@ where
     loop {
         tokio::select! {
             out = &mut work => return Ran::Done(out, held),
-            () = &mut cancel => return Ran::Cancelled(held),
+            x = &mut cancel => return Ran::Cancelled(held, x),
             _ = tick.tick() => {
                 let asked = Instant::now();
                 match store.renew(&mut held.lease, lease).await {
@@ -153,7 +173,7 @@ mod tests {
         let lease = Duration::from_millis(90);
         let held = Held::new(store.clone(), acquire(&store, "long", lease));
         let work = tokio::time::sleep(lease * 4);
-        match run(&store, held, lease, work, std::future::pending()).await {
+        match run(&store, held, lease, work, std::future::pending::<()>()).await {
             Ran::Done((), held) => {
                 let l = held.take();
                 store.complete(&l, b"done", None).expect("still the holder");
@@ -180,7 +200,7 @@ mod tests {
         };
         let thief = tokio::spawn(thief);
         let work = tokio::time::sleep(Duration::from_secs(5));
-        let ran = run(&store, held, lease, work, std::future::pending()).await;
+        let ran = run(&store, held, lease, work, std::future::pending::<()>()).await;
         assert!(matches!(ran, Ran::Lost(Error::StaleLease { .. }, None)));
         let new = thief.await.expect("thief");
         assert!(new.token() > first_token);
@@ -199,7 +219,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)),
         )
         .await;
-        assert!(matches!(ran, Ran::Cancelled(_)));
+        assert!(matches!(ran, Ran::Cancelled(_, ())));
         drop(ran);
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;

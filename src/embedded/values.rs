@@ -164,7 +164,10 @@ impl Inner {
                 let rec = e.get_mut();
                 let dead = is_dead(rec, now);
                 match rec.kind() {
-                    Kind::Pending | Kind::Completed | Kind::Value if dead => {
+                    // A stored request is replaced; an expired record of another kind too.
+                    k @ (Kind::Pending | Kind::Completed | Kind::Value)
+                        if dead || k == Kind::Pending =>
+                    {
                         let c = &mut shard.counters;
                         self.overwrite(
                             c,
@@ -176,21 +179,9 @@ impl Inner {
                             Fingerprint::NONE,
                             payload,
                         )?;
-                        c.expirations += 1;
-                        PutPending::Stored
-                    }
-                    Kind::Pending => {
-                        let c = &mut shard.counters;
-                        self.overwrite(
-                            c,
-                            Op::PutPending,
-                            rec,
-                            Kind::Pending,
-                            now,
-                            b,
-                            Fingerprint::NONE,
-                            payload,
-                        )?;
+                        if dead {
+                            c.expirations += 1;
+                        }
                         PutPending::Stored
                     }
                     Kind::InFlightPending => PutPending::InProgress {

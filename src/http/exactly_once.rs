@@ -29,7 +29,7 @@ use tower_service::Service;
 use super::BoxError;
 use super::problem::{problem, retry_after, store_error};
 use super::stored;
-use crate::adapter::lease::{Held, Ran, run};
+use crate::adapter::lease::{Held, run_to_end};
 use crate::{Error, IdempotencyStore, Key, PutPending, Take, Write};
 
 /// What the handler made of a request.
@@ -276,18 +276,14 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
         // Held under the shared lease runner: renewed while the handler runs, released at once
         // if the request is cancelled or the handler panics.
         let mut held = Held::new(self.store.clone(), lease);
-        let mut conflict = None;
-        for _ in 0..RETRIES {
+        let mut runs = 0;
+        loop {
+            runs += 1;
             let work = self.handler.process(id, payload.clone());
-            let never = std::future::pending::<()>();
             let done;
-            (done, held) = match run(&self.store, held, self.lease, work, never).await {
-                Ran::Done(done, held) => (done, held),
-                Ran::Lost(e, _) => return store_error(&e),
-                Ran::Cancelled(_) => {
-                    let why = "the request was cancelled";
-                    return problem(StatusCode::SERVICE_UNAVAILABLE, "cancelled", why);
-                }
+            (done, held) = match run_to_end(&self.store, held, self.lease, work).await {
+                Ok(ran) => ran,
+                Err(e) => return store_error(&e),
             };
             let record = stored::encode(done.status, &done.headers, &done.body, usize::MAX);
             match self
@@ -303,21 +299,13 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
                     return r;
                 }
                 // The state the handler read changed meanwhile: run it again on fresh state.
-                Err(e @ Error::BatchConflict { .. }) => conflict = Some(e),
+                Err(Error::BatchConflict { .. }) if runs < RETRIES => {}
+                // Still conflicting after RETRIES runs (409 contention), or another failure.
                 Err(e) => {
                     let _ = self.store.release(held.take()).await;
                     return store_error(&e);
                 }
             }
-        }
-        let _ = self.store.release(held.take()).await;
-        match conflict {
-            Some(e) => store_error(&e),
-            None => problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "contention",
-                "the state this request changes kept changing; retry later",
-            ),
         }
     }
 }

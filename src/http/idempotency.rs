@@ -43,7 +43,7 @@ use tower_service::Service;
 use super::BoxError;
 use super::problem::{problem, retry_after, store_error};
 use super::stored;
-use crate::adapter::lease::{Held, Ran, run};
+use crate::adapter::lease::{Held, run_to_end};
 use crate::{Begin, Error, Fingerprint, IdempotencyStore, Key};
 
 /// What the handler of a first (or taken-over) request can learn, from its extensions.
@@ -406,15 +406,9 @@ where
             });
             let held = Held::new(store.clone(), lease);
             let handler = inner.call(Request::from_parts(parts, ReqB::from(body)));
-            let never = std::future::pending::<()>();
-            let (res, held) = match run(&store, held, cfg.lease, handler, never).await {
-                Ran::Done(res, held) => (res?, held),
-                Ran::Lost(e, _) => return Ok(store_error(&e)),
-                // `never` does not complete; kept total rather than asserted.
-                Ran::Cancelled(_) => {
-                    let why = "the request was cancelled";
-                    return Ok(problem(StatusCode::SERVICE_UNAVAILABLE, "cancelled", why));
-                }
+            let (res, held) = match run_to_end(&store, held, cfg.lease, handler).await {
+                Ok((res, held)) => (res?, held),
+                Err(e) => return Ok(store_error(&e)),
             };
             let (mut rparts, rbody) = res.into_parts();
             let writes = rparts

@@ -49,29 +49,38 @@ pub(crate) fn problem<B: From<Bytes>>(status: StatusCode, kind: &str, detail: &s
 /// | anything else (backend down, log poisoned, full) | 503 | `store-unavailable`, `Retry-After: 1` |
 pub(crate) fn store_error<B: From<Bytes>>(e: &crate::Error) -> Response<B> {
     use crate::Error as E;
-    let (status, kind, detail) = match e {
+    // The last field: whether a retry soon is worth it (`Retry-After: 1`).
+    let (status, kind, detail, retry_soon) = match e {
         E::KeyTooLong { .. } | E::ScopeTooLong { .. } | E::EmptyKey => {
-            (StatusCode::BAD_REQUEST, "invalid-key", e.to_string())
+            (StatusCode::BAD_REQUEST, "invalid-key", e.to_string(), false)
         }
-        E::ValueTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.to_string()),
+        E::ValueTooLarge { .. } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            e.to_string(),
+            false,
+        ),
         E::BatchConflict { .. } => (
             StatusCode::CONFLICT,
             "contention",
             "state this request changes was changed by another; retry".to_owned(),
+            false,
         ),
         E::StaleLease { .. } => (
             StatusCode::CONFLICT,
             "lease-lost",
             "this attempt lost its lease to another; retry to get that attempt's result".to_owned(),
+            true,
         ),
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
             "store-unavailable",
             e.to_string(),
+            true,
         ),
     };
     let mut res = problem(status, kind, &detail);
-    if status == StatusCode::SERVICE_UNAVAILABLE || kind == "lease-lost" {
+    if retry_soon {
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

@@ -758,7 +758,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 lease = held.take();
                 Err(HandlerError::retry(e))
             }
-            Ran::Cancelled(held) => {
+            Ran::Cancelled(held, ()) => {
                 // Cancelled by a revoke or shutdown deadline: give the key back.
                 self.release(held.take()).await?;
                 return Ok(Step::Finished(Disposition::Abandoned));

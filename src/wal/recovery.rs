@@ -241,12 +241,11 @@ pub(crate) fn replay(
                 Err(e) => bad = Some((offset as u64, e.0.to_owned())),
             }
         }
-        let Some((at, reason)) = bad else {
-            if batches == 0 {
-                empty.push(path.clone());
-            }
-            continue;
-        };
+        if batches == 0 {
+            // Whether it ends cleanly, torn or damaged: nothing in it was ever acknowledged.
+            empty.push(path.clone());
+        }
+        let Some((at, reason)) = bad else { continue };
         let rest = m.get(at as usize + 1..).unwrap_or(&[]);
         let torn = match damage(at, &reason, rest) {
             Ok(torn) => torn,
@@ -262,9 +261,6 @@ pub(crate) fn replay(
                 offset: at,
                 bytes: len.saturating_sub(at),
             });
-            if batches == 0 {
-                empty.push(path.clone());
-            }
             // Nothing valid follows a torn tail: later segments (if a crash left any) are empty.
             empty.extend(later.iter().map(|(_, p)| p.clone()));
         } else {
@@ -280,9 +276,6 @@ pub(crate) fn replay(
                 reason,
                 removed_segments: removed,
             });
-            if batches == 0 {
-                empty.push(path.clone());
-            }
         }
         break;
     }
