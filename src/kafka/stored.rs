@@ -14,6 +14,15 @@ pub(crate) struct StoredReply {
 }
 
 impl StoredReply {
+    /// A recorded final failure: no headers, no payload, the reason.
+    pub fn failure(why: String) -> Self {
+        StoredReply {
+            headers: Vec::new(),
+            payload: Vec::new(),
+            error: Some(why),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Header names and values are bounded when the reply is built (`Outcome::header`).
         let headers = self

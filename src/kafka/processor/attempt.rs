@@ -1,0 +1,324 @@
+//! The per-message state machine: begin (or wait for the holder, or replay), run the handler
+//! under the shared lease runner, record the result with the handler's writes and the attempt
+//! counter in one completion, or count a failure and back off.
+//!
+//! Invariant: a message's result is recorded at most once, by the holder of the key's current
+//! lease; the offset is stored for commit only after that (or after a replay).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+impl<St: IdempotencyStore + Clone> Shared<St> {
+    /// Takes one message from fetch to "offset may be stored".
+    pub(super) async fn process<H: Handler>(
+        &self,
+        handler: &H,
+        msg: Arc<Message>,
+        drain: &mut Drain,
+    ) -> Result<Disposition, KafkaError> {
+        let echo = match echo_headers(&msg) {
+            Ok(echo) => echo,
+            Err(why) => {
+                bump(&self.stats.rejected);
+                self.reply(&msg, &[], &StoredReply::failure(why), false)
+                    .await;
+                return Ok(Disposition::Done);
+            }
+        };
+        let key = Key::new(&self.scope, &msg.id);
+        let fingerprint = Fingerprint::of(msg.payload.as_deref().unwrap_or_default());
+        let mut attempts = Attempts::default();
+        // The first look does not wait: most keys are new, and a plain `begin` is cheaper.
+        let mut first = true;
+        loop {
+            let begin = if std::mem::take(&mut first) {
+                self.store.begin(key, fingerprint, self.cfg.lease).await
+            } else {
+                tokio::select! {
+                    biased;
+                    r = self.store.begin_wait(key, fingerprint, self.cfg.lease, self.cfg.wait_for_holder) => r,
+                    () = drain_requested(drain) => return Ok(Disposition::Abandoned),
+                }
+            };
+            let begin = match begin {
+                Ok(begin) => begin,
+                // The message's key is one the store refuses: bad input, not a broken store.
+                Err(e @ (Error::EmptyKey | Error::KeyTooLong { .. })) => {
+                    bump(&self.stats.rejected);
+                    let why = format!("unusable idempotency key: {e}");
+                    self.reply(&msg, &echo, &StoredReply::failure(why), false)
+                        .await;
+                    return Ok(Disposition::Done);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let lease = match begin {
+                Begin::Acquired(lease) => lease,
+                Begin::Completed(done) => {
+                    let record = StoredReply::decode(&done.response).map_err(|e| {
+                        KafkaError::CorruptRecord {
+                            key: String::from_utf8_lossy(&msg.id).into_owned(),
+                            reason: e.0,
+                        }
+                    })?;
+                    bump(&self.stats.replayed);
+                    self.reply(&msg, &echo, &record, true).await;
+                    return Ok(Disposition::Done);
+                }
+                // The holder is alive (it renews): keep waiting, checking for a drain.
+                Begin::InProgress { .. } => continue,
+                Begin::Mismatch => {
+                    bump(&self.stats.rejected);
+                    let why = "the idempotency key was already used for a different payload";
+                    self.reply(&msg, &echo, &StoredReply::failure(why.into()), false)
+                        .await;
+                    return Ok(Disposition::Done);
+                }
+            };
+            match self
+                .attempt(handler, &msg, &echo, lease, &mut attempts, drain)
+                .await?
+            {
+                Step::Finished(d) => return Ok(d),
+                Step::Again => {}
+                Step::Backoff => {
+                    let wait = backoff(
+                        self.cfg.retry_backoff,
+                        self.cfg.max_backoff,
+                        attempts.failed,
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = drain_requested(drain) => return Ok(Disposition::Abandoned),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt under `lease`.
+    pub(super) async fn attempt<H: Handler>(
+        &self,
+        handler: &H,
+        msg: &Arc<Message>,
+        echo: &[(String, Vec<u8>)],
+        mut lease: Lease,
+        attempts: &mut Attempts,
+        drain: &mut Drain,
+    ) -> Result<Step, KafkaError> {
+        let attempts_key = OwnedKey::new(&self.attempts_scope, &msg.id);
+        // The counter is only read when something went wrong before: a takeover, or a failed
+        // attempt in this process. (A counter left by a process that died during a backoff is
+        // found when the next attempt fails, and expires with its TTL.)
+        if lease.is_takeover() || attempts.failed > 0 {
+            self.load_attempts(&attempts_key, attempts).await?;
+        }
+        if lease.is_takeover() {
+            // The previous holder died holding the lease: that was an attempt too (a message
+            // that crashes its consumer must not crash it forever).
+            self.count_failure(&attempts_key, attempts).await?;
+        }
+        if attempts.failed >= self.cfg.max_attempts {
+            let why = attempts
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the consumer stopped while processing it".into());
+            return self
+                .give_up(msg, echo, lease, &attempts_key, attempts, why)
+                .await
+                .map(Step::Finished);
+        }
+        let incoming = Incoming {
+            msg: msg.clone(),
+            attempt: attempts.failed + 1,
+        };
+        // The shared lease runner: renewed every third of the lease while the handler runs.
+        let held = Held::new(self.store.clone(), lease);
+        let work = handler.handle(incoming);
+        let result = match run(
+            &self.store,
+            held,
+            self.cfg.lease,
+            work,
+            drain_deadline(drain),
+        )
+        .await
+        {
+            Ran::Done(result, held) => {
+                lease = held.take();
+                result
+            }
+            // Someone took over (we were too slow to renew): their result wins.
+            Ran::Lost(_, None) => return Ok(Step::Again),
+            // The renewal kept failing: a retryable failure of this attempt.
+            Ran::Lost(e, Some(held)) => {
+                lease = held.take();
+                Err(HandlerError::retry(e))
+            }
+            Ran::Cancelled(held, ()) => {
+                // Cancelled by a revoke or shutdown deadline: give the key back.
+                self.release(held.take()).await?;
+                return Ok(Step::Finished(Disposition::Abandoned));
+            }
+        };
+        let (record, writes) = match result {
+            Ok(outcome) => (
+                StoredReply {
+                    headers: outcome.headers,
+                    payload: outcome.payload,
+                    error: None,
+                },
+                outcome.writes,
+            ),
+            Err(HandlerError::Fail(why)) => (StoredReply::failure(why), Vec::new()),
+            Err(HandlerError::Retry(e)) => {
+                bump(&self.stats.retried);
+                attempts.last_error = Some(e.to_string());
+                self.count_failure(&attempts_key, attempts).await?;
+                if attempts.failed >= self.cfg.max_attempts {
+                    let why = e.to_string();
+                    return self
+                        .give_up(msg, echo, lease, &attempts_key, attempts, why)
+                        .await
+                        .map(Step::Finished);
+                }
+                self.release(lease).await?;
+                return Ok(Step::Backoff);
+            }
+        };
+        let failed = record.error.is_some();
+        match self
+            .record(&lease, &record, writes, &attempts_key, attempts)
+            .await
+        {
+            Ok(()) => {}
+            Err(Error::StaleLease { .. }) => return Ok(Step::Again),
+            Err(e @ (Error::BatchConflict { .. } | Error::InvalidBatch { .. })) => {
+                // The handler's writes lost a race (or are malformed): not recorded; retry.
+                bump(&self.stats.retried);
+                attempts.last_error = Some(e.to_string());
+                self.count_failure(&attempts_key, attempts).await?;
+                self.release(lease).await?;
+                return Ok(Step::Backoff);
+            }
+            Err(e @ (Error::ValueTooLarge { .. } | Error::KeyTooLong { .. })) => {
+                let failure = StoredReply::failure(format!("result not recorded: {e}"));
+                self.record(&lease, &failure, Vec::new(), &attempts_key, attempts)
+                    .await?;
+                bump(&self.stats.failed);
+                self.reply(msg, echo, &failure, false).await;
+                return Ok(Step::Finished(Disposition::Done));
+            }
+            Err(e) => {
+                let _ = self.store.release(lease).await;
+                return Err(e.into());
+            }
+        }
+        bump(if failed {
+            &self.stats.failed
+        } else {
+            &self.stats.processed
+        });
+        self.reply(msg, echo, &record, false).await;
+        Ok(Step::Finished(Disposition::Done))
+    }
+
+    /// Records `record` as the key's result, clearing the attempt counter in the same batch.
+    pub(super) async fn record(
+        &self,
+        lease: &Lease,
+        record: &StoredReply,
+        mut writes: Vec<Write>,
+        attempts_key: &OwnedKey,
+        attempts: &Attempts,
+    ) -> Result<(), Error> {
+        if let Some(version) = attempts.version {
+            writes.push(Write::delete_if_version(attempts_key.clone(), version));
+        }
+        self.store
+            .complete(lease, &record.encode(), self.cfg.result_ttl, &writes)
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn release(&self, lease: Lease) -> Result<(), KafkaError> {
+        match self.store.release(lease).await {
+            Ok(()) | Err(Error::StaleLease { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(super) async fn load_attempts(
+        &self,
+        key: &OwnedKey,
+        attempts: &mut Attempts,
+    ) -> Result<(), KafkaError> {
+        match self.store.get(key.as_key()).await? {
+            Some(Snapshot::Value(v)) => {
+                attempts.version = Some(v.version);
+                let stored = v
+                    .value
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u32::from_le_bytes);
+                attempts.failed = attempts.failed.max(stored);
+            }
+            _ => attempts.version = None,
+        }
+        Ok(())
+    }
+
+    /// Counts a failed attempt in the store, so it survives a crash of this process.
+    pub(super) async fn count_failure(
+        &self,
+        key: &OwnedKey,
+        attempts: &mut Attempts,
+    ) -> Result<(), KafkaError> {
+        for _ in 0..8 {
+            let next = attempts.failed + 1;
+            let value = next.to_le_bytes().to_vec();
+            let write = match attempts.version {
+                None => Write::put_if_absent(key.clone(), value),
+                Some(v) => Write::set_if_version(key.clone(), v, value),
+            };
+            let write = match self.cfg.result_ttl {
+                Some(ttl) => write.with_ttl(ttl),
+                None => write,
+            };
+            match self.store.cas(&write).await? {
+                CasOutcome::Applied { version } => {
+                    attempts.version = version;
+                    attempts.failed = next;
+                    return Ok(());
+                }
+                CasOutcome::Conflict { .. } => self.load_attempts(key, attempts).await?,
+            }
+        }
+        Err(KafkaError::runtime(
+            "the attempt counter keeps changing under a held lease",
+        ))
+    }
+}
+
+/// Failed attempts of one message, mirrored in the store under the attempts scope.
+#[derive(Default)]
+pub(super) struct Attempts {
+    pub(super) failed: u32,
+    pub(super) version: Option<u64>,
+    pub(super) last_error: Option<String>,
+}
+
+pub(super) enum Step {
+    Finished(Disposition),
+    /// Lost the lease to someone else: start over (their result will be replayed).
+    Again,
+    /// A retryable failure: the lease is released; wait, then start over.
+    Backoff,
+}
+
+pub(super) fn backoff(first: Duration, max: Duration, failed: u32) -> Duration {
+    let factor = 1u32 << failed.saturating_sub(1).min(16);
+    first.saturating_mul(factor).min(max)
+}

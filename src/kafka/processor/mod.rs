@@ -1,0 +1,538 @@
+//! The consumer side: one polling thread, one task per assigned partition.
+//!
+//! The polling thread owns the librdkafka consumer's event loop: it fetches messages, routes
+//! each to its partition's task through a bounded queue, and runs the rebalance callbacks.
+//! A partition's task processes its messages one at a time, in order; partitions run
+//! concurrently. After a message is recorded (or replayed) its offset is *stored*; librdkafka
+//! commits stored offsets every `auto.commit.interval.ms`, and we commit synchronously when
+//! partitions are revoked and at shutdown.
+//!
+//! This module holds the public face (the builder, the processor, its handle and statistics)
+//! and the state the parts share; the parts, one job each: `message` (a consumed message and
+//! its id), `attempt` (the per-message state machine), `outbound` (replies and dead letters),
+//! `poller` (the polling thread, partition tasks, rebalance). The children read this module's
+//! items through `use super::*`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, ClientContext, Message as _};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::stored::StoredReply;
+use super::to_headers;
+use super::{
+    ATTEMPTS, ECHO_SET_HEADER, ERROR, HandlerError, Incoming, KafkaError, KeySource, ORIGIN,
+    Outcome, REPLAYED, REPLY_TO, REQUEST_ID,
+};
+use crate::adapter::lease::{Held, Ran, run};
+use crate::{Begin, CasOutcome, Error, Fingerprint, IdempotencyStore, Key, Lease, OwnedKey};
+use crate::{Snapshot, Write};
+
+/// Processes one message. Implemented for every `Fn(Incoming) -> impl Future<Output =
+/// Result<Outcome, HandlerError>>`, so an async closure is a handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Does the work of `msg` and says what to reply, or why it failed.
+    fn handle(&self, msg: Incoming) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Incoming) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Outcome, HandlerError>> + Send,
+{
+    fn handle(&self, msg: Incoming) -> impl Future<Output = Result<Outcome, HandlerError>> + Send {
+        self(msg)
+    }
+}
+
+mod attempt;
+mod message;
+mod outbound;
+mod poller;
+
+use attempt::Attempts;
+pub(crate) use message::Message;
+use message::{echo_headers, valid_topic};
+use poller::{Ctx, Partitions, poll_loop};
+
+/// What the processor has done since it started. Counters only grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProcessorStats {
+    /// Messages whose handler ran and whose result was recorded.
+    pub processed: u64,
+    /// Redeliveries answered from the store without running the handler.
+    pub replayed: u64,
+    /// Handler runs that asked to be retried.
+    pub retried: u64,
+    /// Final failures recorded (from the handler, or attempts exhausted with no dead-letter
+    /// topic).
+    pub failed: u64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Messages refused before running: malformed echo headers, or an idempotency key reused
+    /// with a different payload.
+    pub rejected: u64,
+    /// Replies delivered.
+    pub replies: u64,
+    /// Replies that could not be delivered (the result stays recorded: a retried request
+    /// replays it).
+    pub reply_failures: u64,
+    /// Offsets stored for commit.
+    pub offsets_stored: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    processed: AtomicU64,
+    replayed: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
+    dead_lettered: AtomicU64,
+    rejected: AtomicU64,
+    replies: AtomicU64,
+    reply_failures: AtomicU64,
+    offsets_stored: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A one-way "stop" flag that async code can wait for.
+#[derive(Default)]
+struct StopFlag {
+    stopped: AtomicBool,
+    notify: Notify,
+}
+
+impl StopFlag {
+    fn trigger(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+    fn is_set(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct Config {
+    topics: Vec<String>,
+    key_sources: Vec<KeySource>,
+    lease: Duration,
+    wait_for_holder: Duration,
+    result_ttl: Option<Duration>,
+    max_attempts: u32,
+    retry_backoff: Duration,
+    max_backoff: Duration,
+    dead_letter: Option<String>,
+    queue: usize,
+    revoke_timeout: Duration,
+    shutdown_timeout: Duration,
+    reply_timeout: Duration,
+}
+
+/// Configures a [`KafkaProcessor`]; from [`KafkaProcessor::builder`].
+pub struct ProcessorBuilder<St> {
+    store: St,
+    consumer: ClientConfig,
+    producer: Option<ClientConfig>,
+    scope: Option<String>,
+    cfg: Config,
+}
+
+impl<St> std::fmt::Debug for ProcessorBuilder<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorBuilder")
+            .field("topics", &self.cfg.topics)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
+    /// Topics to subscribe to (at least one).
+    pub fn topics<I, T>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.cfg.topics = topics.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The store scope of this processor's keys. Default: `kafka:` and the `group.id`, so two
+    /// consumer groups reading one topic each process every message.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// Where idempotency keys come from (default [`KeySource::defaults`]).
+    pub fn key_sources(mut self, sources: Vec<KeySource>) -> Self {
+        self.cfg.key_sources = sources;
+        self
+    }
+
+    /// The lease taken while a handler runs; renewed every third of it (default 30 s). A
+    /// crashed consumer's message is taken over this long after its last renewal.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.cfg.lease = d;
+        self
+    }
+
+    /// How long one wait for another holder of the same key lasts before checking again for
+    /// shutdown (default 5 s; the partition waits as long as the holder lives).
+    pub fn wait_for_holder(mut self, d: Duration) -> Self {
+        self.cfg.wait_for_holder = d;
+        self
+    }
+
+    /// How long results are kept (default: the store's default TTL).
+    pub fn result_ttl(mut self, d: Duration) -> Self {
+        self.cfg.result_ttl = Some(d);
+        self
+    }
+
+    /// Attempts before a message that keeps asking to be retried is dead-lettered (default 5,
+    /// counted across restarts).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.cfg.max_attempts = n;
+        self
+    }
+
+    /// First backoff between attempts; it doubles up to `max` (default 100 ms and 5 s).
+    pub fn retry_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.cfg.retry_backoff = first;
+        self.cfg.max_backoff = max;
+        self
+    }
+
+    /// Dead-letter topic for messages whose attempts are exhausted. Without one they are
+    /// recorded as final failures instead.
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.cfg.dead_letter = Some(topic.into());
+        self
+    }
+
+    /// Messages the polling thread holds back while partition tasks are behind (default
+    /// 1024); past it, fetching waits. Each task also queues up to 8 batches of up to 64.
+    pub fn queue_per_partition(mut self, n: usize) -> Self {
+        self.cfg.queue = n;
+        self
+    }
+
+    /// How long in-flight work may take to finish when its partition is revoked (default
+    /// 10 s); after that the handler is cancelled and its lease released.
+    pub fn revoke_timeout(mut self, d: Duration) -> Self {
+        self.cfg.revoke_timeout = d;
+        self
+    }
+
+    /// The same, for a graceful shutdown (default 30 s).
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.cfg.shutdown_timeout = d;
+        self
+    }
+
+    /// Producer configuration for replies and dead letters. Default: the consumer's
+    /// `bootstrap.servers` (and security settings) with `enable.idempotence=true`.
+    pub fn producer_config(mut self, config: ClientConfig) -> Self {
+        self.producer = Some(config);
+        self
+    }
+
+    /// Creates the clients and subscribes. Overrides two consumer properties:
+    /// `enable.auto.offset.store=false` (offsets are stored only after a result is recorded)
+    /// and `enable.auto.commit=true` (stored offsets are committed in the background).
+    pub fn build(self) -> Result<KafkaProcessor<St>, KafkaError> {
+        let ProcessorBuilder {
+            store,
+            mut consumer,
+            producer,
+            scope,
+            cfg,
+        } = self;
+        if cfg.topics.is_empty() {
+            return Err(KafkaError::Config("no topics to consume".into()));
+        }
+        let group = consumer
+            .get("group.id")
+            .map(str::to_owned)
+            .ok_or_else(|| KafkaError::Config("the consumer config needs a group.id".into()))?;
+        let scope = scope.unwrap_or_else(|| format!("kafka:{group}"));
+        let attempts_scope = format!("{scope}#attempts");
+        if attempts_scope.len() > crate::MAX_SCOPE_LEN {
+            return Err(KafkaError::Config(format!(
+                "scope {scope:?} is too long (at most {} bytes)",
+                crate::MAX_SCOPE_LEN - "#attempts".len()
+            )));
+        }
+        if cfg.lease < Duration::from_millis(30) {
+            return Err(KafkaError::Config(
+                "the lease must be at least 30 ms".into(),
+            ));
+        }
+        if cfg.max_attempts == 0 || cfg.queue == 0 || cfg.key_sources.is_empty() {
+            return Err(KafkaError::Config(
+                "max_attempts, queue_per_partition and key_sources must not be zero or empty"
+                    .into(),
+            ));
+        }
+        let producer_config = producer.unwrap_or_else(|| {
+            let mut p = ClientConfig::new();
+            // `config_map` hides secrets' values, so it only lists the keys to copy.
+            for k in consumer.config_map().keys() {
+                let copied = *k == "bootstrap.servers"
+                    || ["security.", "sasl.", "ssl."]
+                        .iter()
+                        .any(|pre| k.starts_with(pre));
+                if let (true, Some(v)) = (copied, consumer.get(k)) {
+                    p.set(*k, v);
+                }
+            }
+            p.set("enable.idempotence", "true").set("linger.ms", "1");
+            p
+        });
+        let producer: FutureProducer = producer_config.create()?;
+        consumer
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true");
+        let partitions = Arc::new(Partitions::default());
+        let context = Ctx {
+            partitions: partitions.clone(),
+            revoke_timeout: cfg.revoke_timeout,
+        };
+        let consumer: BaseConsumer<Ctx> = consumer.create_with_context(context)?;
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(KafkaProcessor {
+            shared: Arc::new(Shared {
+                store,
+                producer,
+                scope,
+                attempts_scope,
+                cfg,
+                stats: Counters::default(),
+                stop: StopFlag::default(),
+                fatal: Mutex::new(None),
+            }),
+            consumer: Arc::new(consumer),
+        })
+    }
+}
+
+/// Consumes topics and processes each message's effect once; see the [module docs](super).
+pub struct KafkaProcessor<St> {
+    shared: Arc<Shared<St>>,
+    consumer: Arc<BaseConsumer<Ctx>>,
+}
+
+impl<St> std::fmt::Debug for KafkaProcessor<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaProcessor")
+            .field("scope", &self.shared.scope)
+            .field("topics", &self.shared.cfg.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a running [`KafkaProcessor`] and reads its counters. Cheap to clone.
+pub struct ProcessorHandle<St> {
+    shared: Arc<Shared<St>>,
+}
+
+impl<St> Clone for ProcessorHandle<St> {
+    fn clone(&self) -> Self {
+        ProcessorHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<St> std::fmt::Debug for ProcessorHandle<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorHandle")
+            .field("stopping", &self.shared.stop.is_set())
+            .finish()
+    }
+}
+
+impl<St> ProcessorHandle<St> {
+    /// Graceful shutdown: stop fetching, let in-flight handlers finish (or cancel them at the
+    /// shutdown timeout and release their leases), commit, close. [`KafkaProcessor::run`]
+    /// returns when it is done.
+    pub fn shutdown(&self) {
+        self.shared.stop.trigger();
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> ProcessorStats {
+        self.shared.stats()
+    }
+}
+
+impl KafkaProcessor<()> {
+    /// Starts configuring a processor over `store`. `consumer` must name `bootstrap.servers`
+    /// and `group.id`.
+    pub fn builder<St: IdempotencyStore + Clone>(
+        store: St,
+        consumer: ClientConfig,
+    ) -> ProcessorBuilder<St> {
+        ProcessorBuilder {
+            store,
+            consumer,
+            producer: None,
+            scope: None,
+            cfg: Config {
+                topics: Vec::new(),
+                key_sources: KeySource::defaults(),
+                lease: Duration::from_secs(30),
+                wait_for_holder: Duration::from_secs(5),
+                result_ttl: None,
+                max_attempts: 5,
+                retry_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                dead_letter: None,
+                queue: 1024,
+                revoke_timeout: Duration::from_secs(10),
+                shutdown_timeout: Duration::from_secs(30),
+                reply_timeout: Duration::from_secs(30),
+            },
+        }
+    }
+}
+
+impl<St: IdempotencyStore + Clone> KafkaProcessor<St> {
+    /// A handle to stop the processor and read its counters.
+    pub fn handle(&self) -> ProcessorHandle<St> {
+        ProcessorHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Processes messages with `handler` until [`ProcessorHandle::shutdown`] or a fatal error
+    /// (the store failing, a dead letter that cannot be delivered). Either way it stops
+    /// gracefully first; a fatal error is then returned. Needs a Tokio runtime.
+    pub async fn run<H: Handler>(self, handler: H) -> Result<ProcessorStats, KafkaError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let shared = self.shared.clone();
+        let consumer = self.consumer;
+        let handler = Arc::new(handler);
+        let poller = std::thread::Builder::new()
+            .name("idemkv-kafka-poll".into())
+            .spawn(move || {
+                poll_loop(&shared, &consumer, &handler, &runtime);
+                drop(consumer);
+                let _ = shared.producer.flush(Duration::from_secs(10));
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| KafkaError::Runtime {
+                what: "could not start the polling thread".into(),
+                source: Some(Box::new(e)),
+            })?;
+        self.shared.stop.wait().await;
+        let _ = done_rx.await;
+        let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+        match self.shared.fatal.lock().take() {
+            Some(e) => Err(e),
+            None => Ok(self.shared.stats()),
+        }
+    }
+}
+
+struct Shared<St> {
+    store: St,
+    producer: FutureProducer,
+    scope: String,
+    attempts_scope: String,
+    cfg: Config,
+    stats: Counters,
+    stop: StopFlag,
+    fatal: Mutex<Option<KafkaError>>,
+}
+
+/// A partition task's instructions: `None` while running; `Some(deadline)` once it must finish
+/// its in-flight message by `deadline` and take no more.
+type Drain = watch::Receiver<Option<Instant>>;
+
+/// How processing of one message ended.
+enum Disposition {
+    /// Recorded or replayed (or refused): store its offset.
+    Done,
+    /// Stopped before it was done (revoked, shutdown): leave the offset for redelivery.
+    Abandoned,
+}
+
+impl<St> Shared<St> {
+    fn stats(&self) -> ProcessorStats {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProcessorStats {
+            processed: get(&s.processed),
+            replayed: get(&s.replayed),
+            retried: get(&s.retried),
+            failed: get(&s.failed),
+            dead_lettered: get(&s.dead_lettered),
+            rejected: get(&s.rejected),
+            replies: get(&s.replies),
+            reply_failures: get(&s.reply_failures),
+            offsets_stored: get(&s.offsets_stored),
+        }
+    }
+
+    fn fail(&self, e: KafkaError) {
+        let mut fatal = self.fatal.lock();
+        if fatal.is_none() {
+            *fatal = Some(e);
+        }
+        drop(fatal);
+        self.stop.trigger();
+    }
+}
+
+/// Waits until the partition is told to drain.
+async fn drain_requested(drain: &mut Drain) {
+    loop {
+        if drain.borrow_and_update().is_some() {
+            return;
+        }
+        if drain.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Waits until the drain deadline has passed.
+async fn drain_deadline(drain: &mut Drain) {
+    loop {
+        let deadline = *drain.borrow_and_update();
+        if let Some(deadline) = deadline {
+            tokio::time::sleep_until(deadline.into()).await;
+            return;
+        }
+        if drain.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The polling thread and the partition tasks: fetching, routing each message to its
+//! partition's bounded queue (back-pressure), rebalance callbacks that drain revoked partitions
+//! and commit, and starting a partition's task.
+//!
+//! Invariant: a partition's messages are processed one at a time in offset order; after a
+//! revoke, nothing held back for that partition is handed to a task.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// The partition tasks, shared by the polling thread (which starts them) and the rebalance
+/// callback (which drains them).
+#[derive(Default)]
+pub(super) struct Partitions {
+    pub(super) map: Mutex<HashMap<(String, i32), Worker>>,
+    /// Partitions revoked since the polling thread last looked: it drops what it holds back
+    /// for them (their new owner fetches them again from the committed offset).
+    pub(super) revoked: Mutex<Vec<(String, i32)>>,
+}
+
+pub(super) struct Worker {
+    pub(super) queue: mpsc::Sender<Vec<Arc<Message>>>,
+    pub(super) drain: watch::Sender<Option<Instant>>,
+    /// Disconnected when the task has ended.
+    pub(super) done: std::sync::mpsc::Receiver<()>,
+    /// Offsets may be stored while open; closed once the partition is revoked.
+    pub(super) gate: Arc<Mutex<bool>>,
+}
+
+impl Partitions {
+    /// Tells the tasks of `which` (all if `None`) to finish by `deadline`, waits for them (a
+    /// second longer at most: a cancelled handler still releases its lease), and closes their
+    /// offset gates.
+    pub(super) fn drain(&self, which: Option<&[(String, i32)]>, deadline: Instant) {
+        let workers: Vec<Worker> = {
+            let mut map = self.map.lock();
+            match which {
+                None => map.drain().map(|(_, w)| w).collect(),
+                Some(list) => {
+                    self.revoked.lock().extend_from_slice(list);
+                    list.iter().filter_map(|k| map.remove(k)).collect()
+                }
+            }
+        };
+        for w in &workers {
+            let _ = w.drain.send(Some(deadline));
+        }
+        let limit = deadline + Duration::from_secs(1);
+        for w in workers {
+            drop(w.queue);
+            let _ = w
+                .done
+                .recv_timeout(limit.saturating_duration_since(Instant::now()));
+            *w.gate.lock() = false;
+        }
+    }
+}
+
+/// The consumer's context: drains revoked partitions before librdkafka unassigns them.
+pub(super) struct Ctx {
+    pub(super) partitions: Arc<Partitions>,
+    pub(super) revoke_timeout: Duration,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            // This runs on the polling thread, never on the runtime: blocking here for the
+            // partition tasks is safe, and keeps the partitions ours until they are done.
+            self.partitions
+                .drain(Some(&revoked), Instant::now() + self.revoke_timeout);
+            if !consumer.assignment_lost() {
+                let _ = consumer.commit_consumer_state(CommitMode::Sync);
+            }
+        }
+    }
+}
+
+/// Most messages handed to a partition task at once.
+pub(super) const BATCH: usize = 64;
+
+/// Messages fetched but not yet handed to their partition's task.
+pub(super) struct Pending {
+    pub(super) topic: Arc<str>,
+    pub(super) partition: i32,
+    pub(super) batch: Vec<Arc<Message>>,
+    /// The partition task's queue, once looked up.
+    pub(super) queue: Option<mpsc::Sender<Vec<Arc<Message>>>>,
+}
+
+pub(super) fn poll_loop<St: IdempotencyStore + Clone, H: Handler>(
+    shared: &Arc<Shared<St>>,
+    consumer: &Arc<BaseConsumer<Ctx>>,
+    handler: &Arc<H>,
+    runtime: &tokio::runtime::Handle,
+) {
+    let partitions = consumer.context().partitions.clone();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut held = 0usize;
+    while !shared.stop.is_set() {
+        // Block only when nothing is held back; otherwise take what is already fetched and
+        // hand the batches over as soon as the local queue runs dry.
+        let wait = if held == 0 {
+            Duration::from_millis(50)
+        } else {
+            Duration::ZERO
+        };
+        let polled = consumer.poll(wait);
+        // A revoke runs inside `poll`, on this thread: forget what was held for those
+        // partitions before handing anything else over.
+        let revoked = std::mem::take(&mut *partitions.revoked.lock());
+        if !revoked.is_empty() {
+            pending.retain(|p| {
+                let gone = revoked
+                    .iter()
+                    .any(|(t, q)| *q == p.partition && **t == *p.topic);
+                if gone {
+                    held -= p.batch.len();
+                }
+                !gone
+            });
+        }
+        // Errors (broker down, partition EOF) are transient and retried by librdkafka.
+        if let Some(Ok(m)) = polled {
+            let at = match pending
+                .iter()
+                .position(|p| p.partition == m.partition() && *p.topic == *m.topic())
+            {
+                Some(at) => at,
+                None => {
+                    pending.push(Pending {
+                        topic: Arc::from(m.topic()),
+                        partition: m.partition(),
+                        batch: Vec::with_capacity(BATCH),
+                        queue: None,
+                    });
+                    pending.len() - 1
+                }
+            };
+            let p = &mut pending[at];
+            let msg = Message::from_kafka(&m, p.topic.clone(), &shared.cfg.key_sources);
+            drop(m);
+            p.batch.push(Arc::new(msg));
+            held += 1;
+            if p.batch.len() < BATCH {
+                continue;
+            }
+        }
+        for p in pending.iter_mut().filter(|p| !p.batch.is_empty()) {
+            held -= hand_over(shared, consumer, handler, runtime, &partitions, p, false);
+        }
+        // Back-pressure: past the bound, wait for the fullest partition's task to take a batch.
+        while held > shared.cfg.queue && !shared.stop.is_set() {
+            let Some(p) = pending.iter_mut().max_by_key(|p| p.batch.len()) else {
+                break;
+            };
+            held -= hand_over(shared, consumer, handler, runtime, &partitions, p, true);
+        }
+    }
+    partitions.drain(None, Instant::now() + shared.cfg.shutdown_timeout);
+    let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    consumer.unsubscribe();
+}
+
+/// Hands `p`'s batch to its partition's task (started on first use); returns how many
+/// messages left `p`. When the task's queue is full the batch stays (and grows) unless `wait`,
+/// which blocks until there is room or the processor stops.
+pub(super) fn hand_over<St: IdempotencyStore + Clone, H: Handler>(
+    shared: &Arc<Shared<St>>,
+    consumer: &Arc<BaseConsumer<Ctx>>,
+    handler: &Arc<H>,
+    runtime: &tokio::runtime::Handle,
+    partitions: &Partitions,
+    p: &mut Pending,
+    wait: bool,
+) -> usize {
+    let n = p.batch.len();
+    for _ in 0..2 {
+        match send_batch(shared, consumer, handler, runtime, partitions, p, wait) {
+            Sent::Taken => return n,
+            Sent::Full => return 0,
+            // The task ended (its partition was revoked and perhaps assigned to us again):
+            // look it up afresh, once.
+            Sent::Closed => p.queue = None,
+        }
+    }
+    // Still closed: the processor is stopping. Its offsets are not stored; they will be
+    // redelivered.
+    p.batch.clear();
+    n
+}
+
+pub(super) enum Sent {
+    Taken,
+    Full,
+    Closed,
+}
+
+pub(super) fn send_batch<St: IdempotencyStore + Clone, H: Handler>(
+    shared: &Arc<Shared<St>>,
+    consumer: &Arc<BaseConsumer<Ctx>>,
+    handler: &Arc<H>,
+    runtime: &tokio::runtime::Handle,
+    partitions: &Partitions,
+    p: &mut Pending,
+    wait: bool,
+) -> Sent {
+    let queue = p.queue.get_or_insert_with(|| {
+        let mut map = partitions.map.lock();
+        let worker = map
+            .entry((p.topic.to_string(), p.partition))
+            .or_insert_with(|| {
+                start_worker(
+                    shared,
+                    consumer,
+                    handler,
+                    runtime,
+                    p.topic.clone(),
+                    p.partition,
+                )
+            });
+        worker.queue.clone()
+    });
+    let batch = std::mem::take(&mut p.batch);
+    let result = if wait {
+        // The polling thread is not a runtime thread, so it may block on a send.
+        runtime.block_on(async {
+            tokio::select! {
+                r = queue.send(batch) => r.map_err(|e| mpsc::error::TrySendError::Closed(e.0)),
+                () = shared.stop.wait() => Ok(()),
+            }
+        })
+    } else {
+        queue.try_send(batch)
+    };
+    match result {
+        Ok(()) => Sent::Taken,
+        Err(mpsc::error::TrySendError::Full(batch)) => {
+            p.batch = batch;
+            Sent::Full
+        }
+        Err(mpsc::error::TrySendError::Closed(batch)) => {
+            p.batch = batch;
+            Sent::Closed
+        }
+    }
+}
+
+pub(super) fn start_worker<St: IdempotencyStore + Clone, H: Handler>(
+    shared: &Arc<Shared<St>>,
+    consumer: &Arc<BaseConsumer<Ctx>>,
+    handler: &Arc<H>,
+    runtime: &tokio::runtime::Handle,
+    topic: Arc<str>,
+    partition: i32,
+) -> Worker {
+    // Batches, not messages: the polling thread bounds the messages it holds back.
+    let (queue, mut rx) = mpsc::channel::<Vec<Arc<Message>>>(8);
+    let (drain, mut drain_rx) = watch::channel(None);
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(true));
+    let (shared, consumer, handler, task_gate) = (
+        shared.clone(),
+        consumer.clone(),
+        handler.clone(),
+        gate.clone(),
+    );
+    runtime.spawn(async move {
+        let _done = done_tx;
+        // Stores the offset of the last message done; librdkafka commits it later.
+        let store_offset = |offset: Option<i64>| {
+            let Some(offset) = offset else { return };
+            let open = task_gate.lock();
+            if *open && consumer.store_offset(&topic, partition, offset).is_ok() {
+                bump(&shared.stats.offsets_stored);
+            }
+        };
+        'run: loop {
+            let batch = tokio::select! {
+                biased;
+                () = drain_requested(&mut drain_rx) => break,
+                b = rx.recv() => match b { Some(b) => b, None => break },
+            };
+            let mut last_done = None;
+            for msg in batch {
+                if drain_rx.borrow().is_some() {
+                    store_offset(last_done);
+                    break 'run;
+                }
+                let offset = msg.offset;
+                match shared.process(&*handler, msg, &mut drain_rx).await {
+                    Ok(Disposition::Done) => last_done = Some(offset),
+                    Ok(Disposition::Abandoned) => {
+                        store_offset(last_done);
+                        break 'run;
+                    }
+                    Err(e) => {
+                        store_offset(last_done);
+                        shared.fail(e);
+                        break 'run;
+                    }
+                }
+            }
+            store_offset(last_done);
+        }
+    });
+    Worker {
+        queue,
+        drain,
+        done,
+        gate,
+    }
+}
