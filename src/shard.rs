@@ -47,16 +47,31 @@ pub(crate) struct Shard {
     pub(crate) next_reclaim: u64,
 }
 
+/// What a change to a shard's table also updates: its counters and its next reclaim time.
+/// Borrowed beside the table (see [`Shard::parts`]), so a change can hold an entry of the
+/// table and update both.
+pub(crate) struct Book<'s> {
+    pub(crate) counters: &'s mut Counters,
+    pub(crate) next_reclaim: &'s mut u64,
+}
+
 impl Shard {
+    /// The table and the book, borrowed apart.
+    pub(crate) fn parts(&mut self) -> (&mut HashTable<Record>, Book<'_>) {
+        (
+            &mut self.table,
+            Book {
+                counters: &mut self.counters,
+                next_reclaim: &mut self.next_reclaim,
+            },
+        )
+    }
+
     pub(crate) fn new() -> Self {
         Shard {
             next_reclaim: u64::MAX,
             ..Shard::default()
         }
-    }
-
-    pub(crate) fn note_reclaim_at(&mut self, at: u64) {
-        self.next_reclaim = self.next_reclaim.min(at);
     }
 
     /// Registers a waiter for the key with `hash`.

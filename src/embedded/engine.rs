@@ -289,69 +289,6 @@ impl Inner {
     pub(super) fn check_value(&self, value: &[u8]) -> Result<(), Error> {
         self.limits().check_value(value)
     }
-    /// Admits `records` more records and `bytes` more bytes to the store-wide totals, or
-    /// fails leaving them as they were. The totals are kept (in atomics) only when a limit is
-    /// configured: without one, accounting costs no atomic operation.
-    #[inline]
-    pub(super) fn admit(&self, records: u64, bytes: u64) -> Result<(), Error> {
-        if !self.limited {
-            return Ok(());
-        }
-        if records > 0 {
-            let before = self.used_records.fetch_add(records, Ordering::Relaxed);
-            if before.saturating_add(records) > self.max_records {
-                self.used_records.fetch_sub(records, Ordering::Relaxed);
-                return Err(Error::RecordLimit {
-                    max: self.max_records,
-                });
-            }
-        }
-        if bytes > 0 {
-            let before = self.used_bytes.fetch_add(bytes, Ordering::Relaxed);
-            if before.saturating_add(bytes) > self.max_bytes {
-                self.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                self.used_records.fetch_sub(records, Ordering::Relaxed);
-                return Err(Error::ByteLimit {
-                    needed: bytes,
-                    max: self.max_bytes,
-                });
-            }
-        }
-        Ok(())
-    }
-    /// Returns records and bytes to the store-wide totals.
-    #[inline]
-    pub(super) fn give_back(&self, records: u64, bytes: u64) {
-        if self.limited {
-            self.used_records.fetch_sub(records, Ordering::Relaxed);
-            self.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        }
-    }
-    /// Accounts a growth to a shard (and the store), or fails changing nothing.
-    #[inline]
-    pub(super) fn reserve(&self, c: &mut Counters, records: u64, bytes: u64) -> Result<(), Error> {
-        self.admit(records, bytes)?;
-        c.records += records;
-        c.bytes += bytes;
-        Ok(())
-    }
-    /// Accounts a shrink to a shard (and the store).
-    #[inline]
-    pub(super) fn unreserve(&self, c: &mut Counters, records: u64, bytes: u64) {
-        self.give_back(records, bytes);
-        c.records -= records;
-        c.bytes -= bytes;
-    }
-    /// Accounts for a record changing size from `old` to `new` bytes.
-    #[inline]
-    pub(super) fn resize(&self, c: &mut Counters, old: usize, new: usize) -> Result<(), Error> {
-        if new > old {
-            self.reserve(c, 0, (new - old) as u64)
-        } else {
-            self.unreserve(c, 0, (old - new) as u64);
-            Ok(())
-        }
-    }
     /// A new fencing token or version for a key whose hash is `hash`: the shard's counter in
     /// the high 48 bits, the shard's index in the low 16. So tokens are unique store-wide and
     /// increase for every key (a key never changes shard), with no shared atomic counter.

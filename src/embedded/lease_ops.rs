@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_table::Entry;
 
 use super::engine::{Inner, Round, Settle, Waiter, completed_of, kind_of};
+use super::txn::Change;
 use crate::clock::Timestamp;
 use crate::error::{Error, RecordKind};
 use crate::key::{Fingerprint, Key};
 use crate::limits::nonzero;
 use crate::model::{Begin, Lease, Write};
-use crate::record::{Kind, NewRecord, Record};
+use crate::record::{Kind, Record};
 use crate::shard::{eq_key, is_dead};
 use crate::sync::Arc;
 use crate::wait::Signal;
@@ -37,7 +38,6 @@ impl Inner {
         let deadline = now.saturating_add(lease_ms);
         let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
-        let hasher = |r: &Record| self.hash(r.key());
         let acquired = |token, takeover| {
             Begin::Acquired(Lease {
                 key: key.to_owned(),
@@ -48,91 +48,73 @@ impl Inner {
                 takeover,
             })
         };
-        let fresh = |token| NewRecord {
+        let fresh = |token| Change::Put {
             kind: Kind::InFlight,
             a: token,
             b: deadline,
             fingerprint,
-            key,
             value: &[],
         };
-        let outcome = match shard.table.entry(hash, eq_key(key), hasher) {
-            Entry::Vacant(slot) => {
-                let c = &mut shard.counters;
+        let (table, mut book) = shard.parts();
+        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        let found = match &slot {
+            Entry::Occupied(o) => Some(o.get()),
+            Entry::Vacant(_) => None,
+        };
+        let c = &mut *book.counters;
+        // Decide first (from what the key holds), then make the one change through `commit`.
+        let outcome = match found {
+            None => {
                 let token = self.next_seq(c, hash);
-                self.insert(c, Op::Begin, slot, fresh(token))?;
-                c.acquired += 1;
+                self.commit(&mut book, slot, key, Some(Op::Begin), fresh(token))?;
+                book.counters.acquired += 1;
                 acquired(token, false)
             }
-            Entry::Occupied(mut slot) => {
-                let rec = slot.get_mut();
-                if is_dead(rec, now) {
-                    let c = &mut shard.counters;
-                    let token = self.next_seq(c, hash);
-                    self.overwrite(
-                        c,
-                        Op::Begin,
-                        rec,
-                        Kind::InFlight,
-                        token,
-                        deadline,
-                        fingerprint,
-                        &[],
-                    )?;
-                    shard.counters.expirations += 1;
-                    shard.counters.acquired += 1;
-                    acquired(token, false)
-                } else {
-                    match rec.kind() {
-                        Kind::Completed if rec.header().fingerprint != fingerprint => {
-                            shard.counters.mismatches += 1;
-                            Begin::Mismatch
-                        }
-                        Kind::Completed => {
-                            shard.counters.replayed += 1;
-                            Begin::Completed(completed_of(rec))
-                        }
-                        Kind::InFlight if rec.header().fingerprint != fingerprint => {
-                            shard.counters.mismatches += 1;
-                            Begin::Mismatch
-                        }
-                        Kind::InFlight if rec.header().b > now => {
-                            shard.counters.in_progress += 1;
-                            let deadline = rec.header().b;
-                            if wait {
-                                let signal = shard.add_waiter(hash);
-                                return Ok((
-                                    Begin::InProgress {
-                                        deadline: Timestamp::from_millis(deadline),
-                                    },
-                                    Some((hash, signal)),
-                                ));
-                            }
-                            Begin::InProgress {
-                                deadline: Timestamp::from_millis(deadline),
-                            }
-                        }
-                        Kind::InFlight => {
-                            let c = &mut shard.counters;
-                            let token = self.next_seq(c, hash);
-                            self.restamp(c, Op::Begin, rec, Kind::InFlight, token, deadline)?;
-                            shard.counters.acquired += 1;
-                            shard.counters.takeovers += 1;
-                            acquired(token, true)
-                        }
-                        other => {
-                            return Err(Error::WrongKind {
-                                expected: RecordKind::Idempotency,
-                                found: kind_of(other),
-                            });
-                        }
-                    }
-                }
+            Some(rec) if is_dead(rec, now) => {
+                let token = self.next_seq(c, hash);
+                self.commit(&mut book, slot, key, Some(Op::Begin), fresh(token))?;
+                book.counters.expirations += 1;
+                book.counters.acquired += 1;
+                acquired(token, false)
             }
+            Some(rec) => match rec.kind() {
+                Kind::Completed | Kind::InFlight if rec.header().fingerprint != fingerprint => {
+                    c.mismatches += 1;
+                    Begin::Mismatch
+                }
+                Kind::Completed => {
+                    c.replayed += 1;
+                    Begin::Completed(completed_of(rec))
+                }
+                Kind::InFlight if rec.header().b > now => {
+                    c.in_progress += 1;
+                    let deadline = Timestamp::from_millis(rec.header().b);
+                    if wait {
+                        let signal = shard.add_waiter(hash);
+                        return Ok((Begin::InProgress { deadline }, Some((hash, signal))));
+                    }
+                    Begin::InProgress { deadline }
+                }
+                Kind::InFlight => {
+                    let token = self.next_seq(c, hash);
+                    let takeover = Change::Restamp {
+                        kind: Kind::InFlight,
+                        a: token,
+                        b: deadline,
+                    };
+                    self.commit(&mut book, slot, key, Some(Op::Begin), takeover)?;
+                    book.counters.acquired += 1;
+                    book.counters.takeovers += 1;
+                    acquired(token, true)
+                }
+                other => {
+                    return Err(Error::WrongKind {
+                        expected: RecordKind::Idempotency,
+                        found: kind_of(other),
+                    });
+                }
+            },
         };
-        if let Begin::Acquired(_) = outcome {
-            shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
-        }
         Ok((outcome, None))
     }
     /// One round of `begin_wait`: answers as `begin` would, unless the key is in flight and
@@ -189,22 +171,25 @@ impl Inner {
         let expires = now.saturating_add(ttl_ms);
         let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
-        let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
+        let (table, mut book) = shard.parts();
+        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
             return Err(Error::StaleLease { token: lease.token });
         };
-        Self::check_holder(rec, lease)?;
-        let fp = rec.header().fingerprint;
-        self.overwrite(
-            &mut shard.counters,
-            Op::Complete,
-            rec,
-            Kind::Completed,
-            now,
-            expires,
-            fp,
-            response,
+        Self::check_holder(slot.get(), lease)?;
+        let done = Change::Put {
+            kind: Kind::Completed,
+            a: now,
+            b: expires,
+            fingerprint: slot.get().header().fingerprint,
+            value: response,
+        };
+        self.commit(
+            &mut book,
+            Entry::Occupied(slot),
+            key,
+            Some(Op::Complete),
+            done,
         )?;
-        shard.note_reclaim_at(expires);
         shard.wake(hash);
         Ok(Timestamp::from_millis(expires))
     }
@@ -226,19 +211,28 @@ impl Inner {
         let now = self.now();
         let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
-        let Ok(mut entry) = shard.table.find_entry(hash, eq_key(key)) else {
+        let (table, mut book) = shard.parts();
+        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
             return Err(Error::StaleLease { token: lease.token });
         };
-        Self::check_holder(entry.get(), lease)?;
-        if entry.get().kind() == Kind::InFlightPending {
+        Self::check_holder(slot.get(), lease)?;
+        let change = if slot.get().kind() == Kind::InFlightPending {
             // The stored request goes back to waiting, with a fresh expiry.
-            let b = now.saturating_add(self.pending_ttl_ms);
-            let c = &mut shard.counters;
-            self.restamp(c, Op::Release, entry.get_mut(), Kind::Pending, now, b)?;
-            shard.note_reclaim_at(b);
+            Change::Restamp {
+                kind: Kind::Pending,
+                a: now,
+                b: now.saturating_add(self.pending_ttl_ms),
+            }
         } else {
-            self.delete(&mut shard.counters, Op::Release, entry)?;
-        }
+            Change::Delete
+        };
+        self.commit(
+            &mut book,
+            Entry::Occupied(slot),
+            key,
+            Some(Op::Release),
+            change,
+        )?;
         shard.wake(hash);
         Ok(())
     }
@@ -255,13 +249,23 @@ impl Inner {
         let deadline = self.now().saturating_add(extend_ms);
         let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
-        let Some(rec) = shard.table.find_mut(hash, eq_key(key)) else {
+        let (table, mut book) = shard.parts();
+        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
             return Err(Error::StaleLease { token: lease.token });
         };
-        Self::check_holder(rec, lease)?;
-        let (kind, token) = (rec.kind(), rec.header().a);
-        self.restamp(&mut shard.counters, Op::Renew, rec, kind, token, deadline)?;
-        shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
+        Self::check_holder(slot.get(), lease)?;
+        let renewed = Change::Restamp {
+            kind: slot.get().kind(),
+            a: slot.get().header().a,
+            b: deadline,
+        };
+        self.commit(
+            &mut book,
+            Entry::Occupied(slot),
+            key,
+            Some(Op::Renew),
+            renewed,
+        )?;
         Ok(Timestamp::from_millis(deadline))
     }
 }

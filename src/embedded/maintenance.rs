@@ -12,9 +12,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::engine::{Inner, Settle};
+use super::txn::Change;
 use crate::error::Error;
+use crate::key::OwnedKey;
 use crate::model::CheckpointStats;
-use crate::record::Record;
 use crate::shard::{is_dead, reclaim_at};
 use crate::sync::{Arc, Ordering};
 use crate::wal::format::Op;
@@ -106,39 +107,39 @@ impl Inner {
         let now = self.now();
         let settle = Settle::default();
         let mut guard = self.lock_index(i, &settle);
-        let shard = &mut *guard;
-        if shard.next_reclaim > now {
+        if guard.next_reclaim > now {
             return 0;
         }
         let retention = self.lease_retention_ms;
-        // Log the removals first (one record); if the log refuses, remove nothing.
-        let table = &shard.table;
-        let due = |r: &&Record| reclaim_at(r, retention) <= now;
-        if table.iter().any(|r| due(&r)) {
-            let logged = self.log(&mut shard.counters.last_seq, Op::Expire, |w| {
-                for r in table.iter().filter(due) {
-                    w.delete(r.key());
-                }
-            });
-            if logged.is_err() {
+        // The records due, copied out (the table changes under them), and the next time
+        // anything left can be due.
+        let mut next = u64::MAX;
+        let mut due: Vec<(u64, OwnedKey)> = Vec::new();
+        for r in guard.table.iter() {
+            let at = reclaim_at(r, retention);
+            if at <= now {
+                due.push((self.hash(r.key()), r.key().to_owned()));
+            } else {
+                next = next.min(at);
+            }
+        }
+        let n = due.len() as u64;
+        if n > 0 {
+            // One log record for all of them, through the one mutation path; if the log
+            // refuses, nothing is removed.
+            let changes: Vec<_> = due
+                .iter()
+                .map(|(h, k)| (0, *h, k.as_key(), Change::Delete))
+                .collect();
+            if self
+                .commit_many(std::slice::from_mut(&mut guard), Op::Expire, &changes)
+                .is_err()
+            {
                 return 0;
             }
         }
-        let (mut n, mut bytes, mut next) = (0u64, 0u64, u64::MAX);
-        shard.table.retain(|r| {
-            let at = reclaim_at(r, retention);
-            if at <= now {
-                n += 1;
-                bytes += r.size() as u64;
-                false
-            } else {
-                next = next.min(at);
-                true
-            }
-        });
-        shard.next_reclaim = next;
-        shard.counters.expirations += n;
-        self.unreserve(&mut shard.counters, n, bytes);
+        guard.next_reclaim = next;
+        guard.counters.expirations += n;
         n as usize
     }
     /// Writes a checkpoint if the log grew by `checkpoint_every` bytes since the last one.

@@ -782,3 +782,48 @@ fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
         Poll::Pending => panic!("future waited"),
     }
 }
+
+#[test]
+fn limits_hold_across_reopen_removal_and_sweeping() {
+    // Replay re-accounts what it loads (one mutation path, limits off), so a reopened store
+    // is as full as the one that was closed; removals and sweeps give room back.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let open = || {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .max_records(3)
+            .open(dir.path())
+            .unwrap()
+    };
+    {
+        let s = open();
+        for id in ["a", "b"] {
+            let l = acquire(&s, Key::new("t", id), "x");
+            s.complete(&l, b"done", Some(Duration::from_secs(10)))
+                .unwrap();
+        }
+        let _held = acquire(&s, Key::new("t", "c"), "x");
+    }
+    let s = open();
+    assert_eq!(s.stats().records, 3);
+    assert_eq!(
+        s.begin(Key::new("t", "d"), fp("x"), LEASE).unwrap_err(),
+        Error::RecordLimit { max: 3 }
+    );
+    assert!(s.remove(Key::new("t", "a")).unwrap());
+    let _d = acquire(&s, Key::new("t", "d"), "x");
+    // "b" expires; the sweeper's removal (logged, through the same path) frees its place.
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(s.sweep_expired(), 1);
+    let _e = acquire(&s, Key::new("t", "e"), "x");
+    assert_eq!(s.stats().records, 3);
+    drop(s);
+    let s = open();
+    assert_eq!(s.stats().records, 3);
+    assert_eq!(
+        s.begin(Key::new("t", "f"), fp("x"), LEASE).unwrap_err(),
+        Error::RecordLimit { max: 3 }
+    );
+}

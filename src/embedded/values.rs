@@ -9,13 +9,14 @@ use std::time::Duration;
 use hashbrown::hash_table::Entry;
 
 use super::engine::{Inner, Settle, cas_holds, cas_version, completed_of, kind_of, snapshot_of};
+use super::txn::Change;
 use crate::clock::Timestamp;
 use crate::error::{Error, RecordKind};
 use crate::key::{Fingerprint, Key};
 use crate::limits::{cas_value, nonzero};
 use crate::model::{CasOutcome, Lease, PutPending, Snapshot, Take, Write};
-use crate::record::{Kind, NewRecord, Record};
-use crate::shard::{Counters, eq_key, is_dead};
+use crate::record::Kind;
+use crate::shard::{eq_key, is_dead};
 use crate::wal::format::Op;
 
 impl Inner {
@@ -25,16 +26,15 @@ impl Inner {
         let hash = self.hash(key);
         let now = self.now();
         let mut guard = self.lock(hash, settle);
-        let shard = &mut *guard;
-        let Ok(entry) = shard.table.find_entry(hash, eq_key(key)) else {
+        let (table, mut book) = guard.parts();
+        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
             return Ok(None);
         };
-        let rec = entry.get();
-        if is_dead(rec, now) {
-            self.expire(&mut shard.counters, entry);
+        if is_dead(slot.get(), now) {
+            self.expire(&mut book, Entry::Occupied(slot), key);
             return Ok(None);
         }
-        Ok(Some(snapshot_of(rec)))
+        Ok(Some(snapshot_of(slot.get())))
     }
     #[inline]
     pub(crate) fn remove(&self, key: Key<'_>, settle: &Settle) -> Result<bool, Error> {
@@ -43,14 +43,16 @@ impl Inner {
         let now = self.now();
         let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
-        let Ok(entry) = shard.table.find_entry(hash, eq_key(key)) else {
+        let (table, mut book) = shard.parts();
+        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
             return Ok(false);
         };
-        if is_dead(entry.get(), now) {
-            self.expire(&mut shard.counters, entry);
+        if is_dead(slot.get(), now) {
+            self.expire(&mut book, Entry::Occupied(slot), key);
             return Ok(false);
         }
-        self.delete(&mut shard.counters, Op::Remove, entry)?;
+        let slot = Entry::Occupied(slot);
+        self.commit(&mut book, slot, key, Some(Op::Remove), Change::Delete)?;
         shard.wake(hash);
         Ok(true)
     }
@@ -68,65 +70,41 @@ impl Inner {
         };
         let hash = self.hash(key);
         let mut guard = self.lock(hash, settle);
-        let shard = &mut *guard;
-        let entry = shard.table.entry(hash, eq_key(key), |r| self.hash(r.key()));
-        let live = match &entry {
-            Entry::Occupied(e) if !is_dead(e.get(), now) => Some(e.get()),
-            _ => None,
+        let (table, mut book) = guard.parts();
+        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        let (found, live) = match &slot {
+            Entry::Occupied(e) => (true, Some(e.get()).filter(|r| !is_dead(r, now))),
+            Entry::Vacant(_) => (false, None),
         };
         let current = cas_version(live)?;
         if !cas_holds(&write.op, current) {
             return Ok(CasOutcome::Conflict { current });
         }
-        let was_dead = matches!(&entry, Entry::Occupied(_)) && current.is_none();
-        let c = &mut shard.counters;
-        let outcome = match (cas_value(&write.op), entry) {
-            (None, Entry::Occupied(e)) => {
-                self.delete(c, Op::Cas, e)?;
-                CasOutcome::Applied { version: None }
+        let was_dead = found && current.is_none();
+        let version = match cas_value(&write.op) {
+            // Deleting what is not there changes nothing, and logs nothing.
+            None if !found => None,
+            None => {
+                self.commit(&mut book, slot, key, Some(Op::Cas), Change::Delete)?;
+                None
             }
-            (None, Entry::Vacant(_)) => CasOutcome::Applied { version: None },
-            (Some(v), Entry::Occupied(mut e)) => {
-                let version = self.next_seq(c, hash);
-                self.overwrite(
-                    c,
-                    Op::Cas,
-                    e.get_mut(),
-                    Kind::Value,
-                    version,
+            Some(value) => {
+                let version = self.next_seq(book.counters, hash);
+                let put = Change::Put {
+                    kind: Kind::Value,
+                    a: version,
                     b,
-                    Fingerprint::NONE,
-                    v,
-                )?;
-                CasOutcome::Applied {
-                    version: Some(version),
-                }
-            }
-            (Some(v), Entry::Vacant(slot)) => {
-                let version = self.next_seq(c, hash);
-                self.insert(
-                    c,
-                    Op::Cas,
-                    slot,
-                    NewRecord {
-                        kind: Kind::Value,
-                        a: version,
-                        b,
-                        fingerprint: Fingerprint::NONE,
-                        key,
-                        value: v,
-                    },
-                )?;
-                CasOutcome::Applied {
-                    version: Some(version),
-                }
+                    fingerprint: Fingerprint::NONE,
+                    value,
+                };
+                self.commit(&mut book, slot, key, Some(Op::Cas), put)?;
+                Some(version)
             }
         };
         if was_dead {
-            shard.counters.expirations += 1;
+            book.counters.expirations += 1;
         }
-        shard.note_reclaim_at(b);
-        Ok(outcome)
+        Ok(CasOutcome::Applied { version })
     }
     #[inline]
     pub(crate) fn put_pending(
@@ -144,61 +122,43 @@ impl Inner {
         };
         let hash = self.hash(key);
         let now = self.now();
-        let b = now.saturating_add(ttl_ms);
         let mut guard = self.lock(hash, settle);
-        let shard = &mut *guard;
-        let parts = NewRecord {
+        let (table, mut book) = guard.parts();
+        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        let stored = Change::Put {
             kind: Kind::Pending,
             a: now,
-            b,
+            b: now.saturating_add(ttl_ms),
             fingerprint: Fingerprint::NONE,
-            key,
             value: payload,
         };
-        let outcome = match shard.table.entry(hash, eq_key(key), |r| self.hash(r.key())) {
-            Entry::Vacant(slot) => {
-                self.insert(&mut shard.counters, Op::PutPending, slot, parts)?;
-                PutPending::Stored
-            }
-            Entry::Occupied(mut e) => {
-                let rec = e.get_mut();
-                let dead = is_dead(rec, now);
-                match rec.kind() {
-                    // A stored request is replaced; an expired record of another kind too.
-                    k @ (Kind::Pending | Kind::Completed | Kind::Value)
-                        if dead || k == Kind::Pending =>
-                    {
-                        let c = &mut shard.counters;
-                        self.overwrite(
-                            c,
-                            Op::PutPending,
-                            rec,
-                            Kind::Pending,
-                            now,
-                            b,
-                            Fingerprint::NONE,
-                            payload,
-                        )?;
-                        if dead {
-                            c.expirations += 1;
-                        }
-                        PutPending::Stored
-                    }
-                    Kind::InFlightPending => PutPending::InProgress {
-                        deadline: Timestamp::from_millis(rec.header().b),
-                    },
-                    Kind::Completed => PutPending::Completed,
-                    other => {
-                        return Err(Error::WrongKind {
-                            expected: RecordKind::Pending,
-                            found: kind_of(other),
-                        });
-                    }
-                }
-            }
+        let found = match &slot {
+            Entry::Occupied(e) => Some(e.get()),
+            Entry::Vacant(_) => None,
         };
-        shard.note_reclaim_at(b);
-        Ok(outcome)
+        let Some(rec) = found else {
+            self.commit(&mut book, slot, key, Some(Op::PutPending), stored)?;
+            return Ok(PutPending::Stored);
+        };
+        let dead = is_dead(rec, now);
+        match rec.kind() {
+            // A stored request is replaced; an expired record of another kind too.
+            k @ (Kind::Pending | Kind::Completed | Kind::Value) if dead || k == Kind::Pending => {
+                self.commit(&mut book, slot, key, Some(Op::PutPending), stored)?;
+                if dead {
+                    book.counters.expirations += 1;
+                }
+                Ok(PutPending::Stored)
+            }
+            Kind::InFlightPending => Ok(PutPending::InProgress {
+                deadline: Timestamp::from_millis(rec.header().b),
+            }),
+            Kind::Completed => Ok(PutPending::Completed),
+            other => Err(Error::WrongKind {
+                expected: RecordKind::Pending,
+                found: kind_of(other),
+            }),
+        }
     }
     #[inline]
     pub(crate) fn take_pending(
@@ -213,56 +173,27 @@ impl Inner {
         let now = self.now();
         let deadline = now.saturating_add(lease_ms);
         let mut guard = self.lock(hash, settle);
-        let shard = &mut *guard;
-        let Ok(mut entry) = shard.table.find_entry(hash, eq_key(key)) else {
+        let (table, mut book) = guard.parts();
+        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
             return Ok(Take::NotFound);
         };
-        if is_dead(entry.get(), now) {
-            self.expire(&mut shard.counters, entry);
+        let rec = slot.get();
+        if is_dead(rec, now) {
+            self.expire(&mut book, Entry::Occupied(slot), key);
             return Ok(Take::NotFound);
         }
-        let rec = entry.get_mut();
-        let acquire = |c: &mut Counters, rec: &mut Record, takeover: bool| -> Result<Take, Error> {
-            let token = self.next_seq(c, hash);
-            self.restamp(
-                c,
-                Op::TakePending,
-                rec,
-                Kind::InFlightPending,
-                token,
-                deadline,
-            )?;
-            Ok(Take::Acquired {
-                lease: Lease {
-                    key: key.to_owned(),
-                    hash: Some(hash),
-                    token,
-                    deadline: Timestamp::from_millis(deadline),
-                    fingerprint: Fingerprint::NONE,
-                    takeover,
-                },
-                payload: rec.value().to_vec(),
-            })
-        };
-        let outcome = match rec.kind() {
-            Kind::Pending => {
-                shard.counters.acquired += 1;
-                acquire(&mut shard.counters, rec, false)?
-            }
+        let takeover = match rec.kind() {
+            Kind::Pending => false,
             Kind::InFlightPending if rec.header().b > now => {
-                shard.counters.in_progress += 1;
-                Take::InProgress {
+                book.counters.in_progress += 1;
+                return Ok(Take::InProgress {
                     deadline: Timestamp::from_millis(rec.header().b),
-                }
+                });
             }
-            Kind::InFlightPending => {
-                shard.counters.acquired += 1;
-                shard.counters.takeovers += 1;
-                acquire(&mut shard.counters, rec, true)?
-            }
+            Kind::InFlightPending => true,
             Kind::Completed => {
-                shard.counters.replayed += 1;
-                Take::Completed(completed_of(rec))
+                book.counters.replayed += 1;
+                return Ok(Take::Completed(completed_of(rec)));
             }
             other => {
                 return Err(Error::WrongKind {
@@ -271,9 +202,32 @@ impl Inner {
                 });
             }
         };
-        if let Take::Acquired { .. } = outcome {
-            shard.note_reclaim_at(deadline.saturating_add(self.lease_retention_ms));
-        }
-        Ok(outcome)
+        let payload = rec.value().to_vec();
+        let token = self.next_seq(book.counters, hash);
+        let taken = Change::Restamp {
+            kind: Kind::InFlightPending,
+            a: token,
+            b: deadline,
+        };
+        self.commit(
+            &mut book,
+            Entry::Occupied(slot),
+            key,
+            Some(Op::TakePending),
+            taken,
+        )?;
+        book.counters.acquired += 1;
+        book.counters.takeovers += u64::from(takeover);
+        Ok(Take::Acquired {
+            lease: Lease {
+                key: key.to_owned(),
+                hash: Some(hash),
+                token,
+                deadline: Timestamp::from_millis(deadline),
+                fingerprint: Fingerprint::NONE,
+                takeover,
+            },
+            payload,
+        })
     }
 }
