@@ -104,6 +104,8 @@ pub(crate) struct Inner {
     /// Checkpoint after this many bytes of log, or this long after the last checkpoint if
     /// anything was logged since.
     pub(super) checkpoint_every: u64,
+    // Read by the maintenance thread, which loom models do not start.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(super) checkpoint_interval: Duration,
     /// One checkpoint at a time; holds the log size and the time at the last one.
     pub(super) checkpointing: parking_lot::Mutex<(u64, Instant)>,
@@ -183,6 +185,7 @@ pub(super) fn cas_holds(op: &CasOp, current: Option<u64>) -> bool {
 impl Inner {
     /// Whether the store logs its changes (opened on a directory with durability).
     #[inline]
+    #[cfg_attr(loom, allow(dead_code))]
     pub(super) fn has_log(&self) -> bool {
         self.wal.is_some()
     }

@@ -143,6 +143,7 @@ impl Inner {
         n as usize
     }
     /// Writes a checkpoint if the log grew by `checkpoint_every` bytes since the last one.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn maybe_checkpoint(&self) {
         let (Some(wal), Some(_)) = (&self.wal, &self.checkpoints) else {
             return;

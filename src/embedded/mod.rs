@@ -10,6 +10,7 @@
 //! return (linearizable), and returns only once its change — and every change it could have
 //! observed — is as durable as the handle's [`Durability`] promises.
 
+mod async_face;
 mod batch;
 mod builder;
 mod engine;

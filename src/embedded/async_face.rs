@@ -1,0 +1,156 @@
+//! The embedded store's implementation of [`IdempotencyStore`], the async face the adapters
+//! use: the same operations as the blocking API, waiting for the disk and for a holder by
+//! `.await` instead of blocking the thread.
+//!
+//! Invariant: no method here blocks an executor thread; each has the semantics of the blocking
+//! method of the same name.
+
+use std::time::{Duration, Instant};
+
+use super::{Round, Settle, Store};
+use crate::backend::IdempotencyStore;
+use crate::clock::Timestamp;
+use crate::error::Error;
+use crate::key::{Fingerprint, Key};
+use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
+use crate::wait::Signal;
+
+/// Each method runs the operation (in memory, under its shard lock: no waiting there), then
+/// awaits durability of what it did or saw, without blocking the executor.
+impl IdempotencyStore for Store {
+    async fn begin(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, Error> {
+        let settle = Settle::default();
+        let (outcome, _) = self
+            .inner()
+            .begin(key, fingerprint, lease, false, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn begin_wait(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        max_wait: Duration,
+    ) -> Result<Begin, Error> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::NoRuntime);
+        }
+        let inner = self.inner();
+        let until = Instant::now() + max_wait;
+        loop {
+            let settle = Settle::default();
+            match inner.begin_round(key, fingerprint, lease, until, &settle)? {
+                Round::Done(outcome) => {
+                    inner
+                        .settle_async(settle.get(), self.durability_override())
+                        .await?;
+                    return Ok(outcome);
+                }
+                Round::Wait {
+                    hash,
+                    signal,
+                    slice,
+                } => {
+                    let fired = tokio::time::timeout(slice, Signal::fired(&signal)).await;
+                    if fired.is_err() {
+                        inner.forget_waiter(hash, &signal);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+        writes: &[Write],
+    ) -> Result<Timestamp, Error> {
+        let settle = Settle::default();
+        let expires = self
+            .inner()
+            .complete(lease, response, ttl, writes, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(expires)
+    }
+
+    async fn release(&self, lease: Lease) -> Result<(), Error> {
+        let settle = Settle::default();
+        self.inner().release(&lease, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await
+    }
+
+    async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
+        let settle = Settle::default();
+        let deadline = self.inner().renew(lease, extend, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        lease.set_deadline(deadline);
+        Ok(deadline)
+    }
+
+    async fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
+        let settle = Settle::default();
+        let found = self.inner().get(key, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(found)
+    }
+
+    async fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
+        let settle = Settle::default();
+        let removed = self.inner().remove(key, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(removed)
+    }
+
+    async fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
+        let settle = Settle::default();
+        let outcome = self.inner().cas(write, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn put_pending(
+        &self,
+        key: Key<'_>,
+        payload: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<PutPending, Error> {
+        let settle = Settle::default();
+        let outcome = self.inner().put_pending(key, payload, ttl, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
+        let settle = Settle::default();
+        let outcome = self.inner().take_pending(key, lease, &settle)?;
+        self.inner()
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(outcome)
+    }
+}
