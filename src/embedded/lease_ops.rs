@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_table::Entry;
 
 use super::engine::{Inner, Round, Settle, Waiter, completed_of, kind_of};
-use super::txn::Change;
+use super::txn::{Change, held};
 use crate::clock::Timestamp;
 use crate::error::{Error, RecordKind};
 use crate::key::{Fingerprint, Key};
@@ -57,10 +57,7 @@ impl Inner {
         };
         let (table, mut book) = shard.parts();
         let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
-        let found = match &slot {
-            Entry::Occupied(o) => Some(o.get()),
-            Entry::Vacant(_) => None,
-        };
+        let found = held(&slot);
         let c = &mut *book.counters;
         // Decide first (from what the key holds), then make the one change through `commit`.
         let outcome = match found {

@@ -46,6 +46,15 @@ pub(super) enum Change<'a> {
     Delete,
 }
 
+/// The record a slot holds, if any.
+#[inline]
+pub(super) fn held<'s>(slot: &'s Entry<'_, Record>) -> Option<&'s Record> {
+    match slot {
+        Entry::Occupied(o) => Some(o.get()),
+        Entry::Vacant(_) => None,
+    }
+}
+
 /// Records and bytes a change adds (positive) or frees (negative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Delta {
@@ -288,10 +297,7 @@ impl Inner {
         op: Option<Op>,
         change: Change<'_>,
     ) -> Result<(), Error> {
-        let old = match &slot {
-            Entry::Occupied(o) => Some(o.get()),
-            Entry::Vacant(_) => None,
-        };
+        let old = held(&slot);
         let d = change.delta(key, old);
         self.account(d, op.is_some())?;
         if let Some(op) = op {

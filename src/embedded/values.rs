@@ -9,7 +9,7 @@ use std::time::Duration;
 use hashbrown::hash_table::Entry;
 
 use super::engine::{Inner, Settle, cas_holds, cas_version, completed_of, kind_of, snapshot_of};
-use super::txn::Change;
+use super::txn::{Change, held};
 use crate::clock::Timestamp;
 use crate::error::{Error, RecordKind};
 use crate::key::{Fingerprint, Key};
@@ -132,10 +132,7 @@ impl Inner {
             fingerprint: Fingerprint::NONE,
             value: payload,
         };
-        let found = match &slot {
-            Entry::Occupied(e) => Some(e.get()),
-            Entry::Vacant(_) => None,
-        };
+        let found = held(&slot);
         let Some(rec) = found else {
             self.commit(&mut book, slot, key, Some(Op::PutPending), stored)?;
             return Ok(PutPending::Stored);
