@@ -1,6 +1,9 @@
 //! Checkpoints into redb: the live records, written in the background, so that the log
 //! segments they cover can be deleted and recovery replays only the log written since.
 //!
+//! Invariant: a checkpoint claims `checkpoint_seq` only for records durable in the log, and is
+//! committed whole (one redb transaction) before any segment it covers is removed.
+//!
 //! ```text
 //! checkpoint.redb
 //!   table "meta"    (&str -> u64)

@@ -1,5 +1,8 @@
 //! Time, injected: the store never reads the system clock directly, so tests advance a
 //! [`ManualClock`] instead of sleeping.
+//!
+//! Invariant: every timestamp the store compares (expiry, lease deadlines) comes from one
+//! injected `Clock`, in milliseconds.
 
 use std::fmt;
 use std::time::Duration;

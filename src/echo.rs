@@ -3,6 +3,9 @@
 //! response or reply carry the header `Name: value` — so a reply can be matched to its request
 //! without touching the payload. Framing, hop-by-hop and security-sensitive names are refused,
 //! and so are malformed names and values.
+//!
+//! Invariant: the HTTP layer and the Kafka adapter accept and refuse exactly the same names
+//! (one rule, here).
 
 /// Why an echo request is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

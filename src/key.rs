@@ -1,4 +1,7 @@
 //! Keys (a scope plus the caller's key bytes) and request fingerprints.
+//!
+//! Invariant: two keys are equal only if both scope and id are; the scope is length-prefixed
+//! wherever it is hashed or encoded, so no (scope, id) split can collide with another.
 
 use std::fmt;
 

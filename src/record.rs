@@ -1,6 +1,9 @@
 //! One record = one heap allocation: a 40-byte header followed by the scope, the id and the
 //! value bytes. The shard's hash table holds only the 8-byte thin pointer.
 //!
+//! Invariant: a `Record` owns exactly one allocation, whose layout only this module knows;
+//! every `unsafe` block states why it is sound, and Miri runs the tests.
+//!
 //! This is the one module with `unsafe` code. It exists for memory: a `Box<[u8]>` per part plus
 //! a header inline in the table would cost more than 100 bytes a record at the table's typical
 //! load; a thin pointer to a single block costs the header plus about 9 / load bytes of table.

@@ -1,5 +1,8 @@
 //! One shard: a Swiss table of thin record pointers, the waiters on its keys, and its counters.
 //! Everything here is touched only under the shard's lock.
+//!
+//! Invariant: everything here is touched only under the shard's lock; `is_dead` and
+//! `reclaim_at` are the only two functions that decide expiry.
 
 use hashbrown::HashTable;
 

@@ -1,5 +1,8 @@
 //! The one place the crate takes its synchronisation primitives from.
 //!
+//! Invariant: the shard locks, waiter signals and atomics of the lease protocol come from here,
+//! so the loom models exercise the real code.
+//!
 //! Under `cfg(loom)` every lock, condition variable, atomic and `Arc` the lease protocol touches
 //! comes from loom, so the loom tests explore all interleavings of the real code; otherwise they
 //! are `parking_lot`'s and `std`'s. The wrappers give both the same small API.

@@ -1,5 +1,8 @@
 //! A one-shot wake-up that both blocking and async waiters can use.
 //!
+//! Invariant: a signal is registered under the same shard lock that saw the key in flight, and
+//! fired under it: no lost wake-up.
+//!
 //! A caller that finds a key in flight registers a [`Signal`] in the key's shard *while it
 //! still holds the shard lock* it used to see the key in flight; whoever completes, releases or
 //! removes the key fires every signal registered for it under the same lock. So a wake-up can

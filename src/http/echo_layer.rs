@@ -4,6 +4,8 @@
 //! hop-by-hop, security-sensitive: see [`crate::echo`]) and malformed values are answered with
 //! 400 and problem+json, and the handler does not run.
 //!
+//! Invariant: the handler never runs for a request whose echo headers are refused.
+//!
 //! Placed outside [`IdempotencyLayer`](super::IdempotencyLayer), replays carry the headers the
 //! *current* request asked for.
 

@@ -1,6 +1,9 @@
 //! The exactly-once protocol on one URL (token-based deduplication), for endpoints like
 //! `/payments/authorize/{id}` where only the processing is user code:
 //!
+//! Invariant: the handler runs only under the stored request's lease, held through the shared
+//! lease runner, and its writes commit atomically with "processed".
+//!
 //! | method | effect | answers |
 //! |---|---|---|
 //! | `PUT` | stores the request body under the id (repeatable until processed) | 202; 409 once processing started or done |

@@ -1,6 +1,9 @@
 //! HTTP adapter (feature `http`, on by default): tower layers, so they work with axum, hyper
 //! and tonic alike.
 //!
+//! Invariant: no handler runs without a lease, and every store error is answered through the
+//! one mapping in `problem.rs`.
+//!
 //! - [`IdempotencyLayer`]: the `Idempotency-Key` header (IETF httpapi draft, Stripe's
 //!   behaviour): the first request runs, repeats get the stored response with
 //!   `Idempotent-Replayed: true`, a repeat while the first runs gets 409 (or waits, with

@@ -1,4 +1,7 @@
 //! RFC 9457 `application/problem+json` responses.
+//!
+//! Invariant: every problem body is valid JSON (strings escaped here), and every store error
+//! maps to one status and problem type, in `store_error`.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};

@@ -2,6 +2,9 @@
 //! (`adapter::reply`: explicit, versioned). Hop-by-hop headers and `Content-Length` are not
 //! stored (the body determines it); multi-valued headers are stored one entry per value, in
 //! order.
+//!
+//! Invariant: a replay answers the status, headers and body as they were stored; hop-by-hop
+//! headers and `Content-Length` are never stored.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};

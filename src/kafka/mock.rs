@@ -1,4 +1,6 @@
 //! librdkafka's in-process mock cluster, set up for fast tests and for the `--mock` example.
+//!
+//! Invariant: test and example support only; no production path uses it.
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};

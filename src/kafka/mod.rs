@@ -1,5 +1,8 @@
 //! Exactly-once message processing and request-reply over Kafka (feature `kafka`).
 //!
+//! Invariant: an offset is stored for commit only after its message's result is recorded in the
+//! store (or it was refused as bad input).
+//!
 //! Kafka delivers at least once. [`KafkaProcessor`] makes the *effect* of each message happen
 //! once: for every message it derives an idempotency key, runs your async handler under a lease
 //! of the store (renewed while it runs), records the result — atomically with any versioned

@@ -1,5 +1,8 @@
 //! The requesting side of request-reply: send a request, await the reply with its
 //! `x-request-id`.
+//!
+//! Invariant: a reply is handed to the request whose `x-request-id` it carries, and to no
+//! other.
 
 use std::collections::HashMap;
 use std::sync::Arc;

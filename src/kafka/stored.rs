@@ -1,6 +1,8 @@
 //! A Kafka result as recorded in the idempotency store, so that a redelivery can replay the
 //! reply without running the handler: an owned view of the shared reply codec
 //! (`adapter::reply`, which documents the bytes), with status 0.
+//!
+//! Invariant: `decode(encode(r)) == r`, through the shared codec.
 
 use crate::adapter::reply::{self, DecodeError};
 

@@ -1,5 +1,8 @@
 //! The Lua scripts: one per operation, each atomic on the server. A record is a hash:
 //!
+//! Invariant: each operation is one script, atomic on the server; in cluster mode every key a
+//! script touches is in one slot (checked before it is sent).
+//!
 //! | field | meaning |
 //! |---|---|
 //! | `k` | kind: `i` in flight, `ip` in flight from a pending request, `c` completed, `p` pending, `v` value |

@@ -2,6 +2,8 @@
 //! little-endian; every decoder is total (any input gives a value or a `Malformed`, never a
 //! panic), which the `fuzz/` targets check.
 //!
+//! Invariant: every decoder is total: any bytes give a value or a `Malformed`, never a panic.
+//!
 //! ```text
 //! segment header (32 bytes, at offset 0 of every segment file)
 //!   0  8  magic "IDEMKVWL"

@@ -2,6 +2,9 @@
 //! it is applied in memory; one writer thread batches the records of all callers into one
 //! write and one `fdatasync` (group commit).
 //!
+//! Invariant: a change is in the log before it is visible in memory, and acknowledged
+//! (`Immediate`) only once durable.
+//!
 //! Write path:
 //! 1. The operation, under its shard lock, decides the change and reserves the limits.
 //! 2. It encodes the change as a record into the shared buffer (taking a sequence number) —

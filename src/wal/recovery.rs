@@ -1,5 +1,8 @@
 //! Reading the log back on open.
 //!
+//! Invariant: recovery never drops a record that a synced batch holds, unless told to drop
+//! damage (`OnCorruption::DropDamaged`), and then reports it.
+//!
 //! Segments are read in order of their first sequence number, batch by batch. A batch that does
 //! not decode is either
 //! - a **torn tail**: it is in the last segment with data and nothing valid follows it anywhere
