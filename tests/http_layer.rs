@@ -68,7 +68,9 @@ impl Orders {
                         .status(me.status)
                         .header("x-order", format!("o-{n}"))
                         .header("set-cookie", "a=1")
+                        .header("link", "</a>; rel=next")
                         .header("set-cookie", "b=2")
+                        .header("link", "</b>; rel=prev")
                         .body(Full::new(Bytes::from(text)))
                         .expect("response"),
                 )
@@ -119,8 +121,14 @@ async fn repeat_replays<St: IdempotencyStore + Clone>(store: St, p: &str) {
     assert_eq!(s1, StatusCode::CREATED);
     assert_eq!((s1, &b1), (s2, &b2));
     assert_eq!(h1.get("x-order"), h2.get("x-order"));
-    let cookies: Vec<_> = h2.get_all("set-cookie").iter().collect();
+    // Multi-valued headers replay in order; the first client's cookies go to it alone.
+    let links: Vec<_> = h2.get_all("link").iter().collect();
+    assert_eq!(links, ["</a>; rel=next", "</b>; rel=prev"]);
+    let cookies: Vec<_> = h1.get_all("set-cookie").iter().collect();
     assert_eq!(cookies, ["a=1", "b=2"]);
+    assert!(h2.get("set-cookie").is_none(), "{h2:?}");
+    assert_eq!(h1["idempotency-ttl"], "86400");
+    assert_eq!(h2["idempotency-ttl"], "86400");
     assert!(h1.get("idempotent-replayed").is_none());
     assert_eq!(h2["idempotent-replayed"], "true");
     assert_eq!(orders.runs(), 1);

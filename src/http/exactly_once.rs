@@ -31,7 +31,7 @@ use tower_service::Service;
 
 use super::BoxError;
 use super::problem::{problem, retry_after, store_error};
-use super::stored;
+use super::stored::{self, DefaultStoredHeaders, StoredHeaders};
 use crate::adapter::lease::{Held, run_to_end};
 use crate::{Error, IdempotencyStore, Key, PutPending, Take, Write};
 
@@ -87,6 +87,7 @@ pub struct ExactlyOnce<St, H> {
     handler: Arc<H>,
     lease: Duration,
     max_body: usize,
+    stored_headers: Arc<dyn StoredHeaders>,
 }
 
 impl<St: Clone, H> Clone for ExactlyOnce<St, H> {
@@ -97,6 +98,7 @@ impl<St: Clone, H> Clone for ExactlyOnce<St, H> {
             handler: Arc::clone(&self.handler),
             lease: self.lease,
             max_body: self.max_body,
+            stored_headers: Arc::clone(&self.stored_headers),
         }
     }
 }
@@ -118,7 +120,21 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
             handler: Arc::new(handler),
             lease: Duration::from_secs(30),
             max_body: 1 << 20,
+            stored_headers: Arc::new(DefaultStoredHeaders),
         }
+    }
+
+    /// Largest stored request body (default 1 MiB); a larger PUT gets 413.
+    pub fn max_body(mut self, n: usize) -> Self {
+        self.max_body = n;
+        self
+    }
+
+    /// Which response headers are stored for GET and replays (default
+    /// [`DefaultStoredHeaders`]: no `Set-Cookie` or other per-client credentials).
+    pub fn stored_headers(mut self, policy: impl StoredHeaders) -> Self {
+        self.stored_headers = Arc::new(policy);
+        self
     }
 
     /// The lease a running handler holds (default 30 s).
@@ -288,7 +304,13 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
                 Ok(ran) => ran,
                 Err(e) => return store_error(&e),
             };
-            let record = stored::encode(done.status, &done.headers, &done.body, usize::MAX);
+            let record = stored::encode(
+                done.status,
+                &done.headers,
+                &done.body,
+                usize::MAX,
+                &*self.stored_headers,
+            );
             match self
                 .store
                 .complete(held.lease(), &record, None, &done.writes)

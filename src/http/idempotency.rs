@@ -5,17 +5,28 @@
 //!   the key header (default `Idempotency-Key`; a quoted value, as the IETF draft writes it, is
 //!   unquoted). Without a key the request passes through, or gets 400 when a key is required.
 //! - A key is 1–255 visible ASCII characters (optionally a UUID only); anything else is 400.
-//! - **Scope**: the key only matches requests with the same method, path and credentials (a
-//!   SHA-256 digest of the `Authorization` header); replace it with [`IdempotencyLayer::scope_with`].
+//! - **Scope**: the key only matches requests with the same method, path and credentials: a
+//!   SHA-256 digest of the `Authorization` **and** `Cookie` headers, so two clients with
+//!   different sessions never share a key. The trade-off: a cookie that changes between a
+//!   request and its retry (a rotated session, an analytics cookie a script rewrites) starts a
+//!   new scope, and the retry runs again. Cookie-session applications should scope by the
+//!   authenticated principal instead, with [`IdempotencyLayer::scope_by_extension`]; any other
+//!   rule is [`IdempotencyLayer::scope_with`]. [`IdempotencyLayer::require_credentials`]
+//!   refuses requests that carry none (401), instead of scoping them all together.
 //! - **Fingerprint**: method, path and query, content type and body; another payload under the
 //!   same key is 422. Replace it with [`IdempotencyLayer::fingerprint_with`].
 //! - First request: the handler runs under a lease, renewed in the background while it runs;
 //!   it can read [`IdempotencyInfo`] from the request extensions (was this a takeover of an
 //!   attempt whose process died?). Its response (status, headers except hop-by-hop ones,
-//!   multi-valued headers in order, body) is stored and returned.
+//!   multi-valued headers in order, body) is returned, and stored without per-client
+//!   credentials: no `Set-Cookie` or `Authentication-Info` is stored or replayed (see
+//!   [`StoredHeaders`]; [`IdempotencyLayer::stored_headers`] changes it).
 //! - Repeat after completion: the stored response, plus `Idempotent-Replayed: true`.
 //! - Repeat while the first runs: 409 with `Retry-After`, or — with `Prefer: wait=N` (RFC 7240)
 //!   or [`IdempotencyLayer::wait`] — it waits up to that long (at most 60 s) and replays.
+//! - **Retention is advertised**: every response to a request with a key carries
+//!   `Idempotency-TTL: <seconds>`, how long a completed key is kept (default 86400, set with
+//!   [`IdempotencyLayer::ttl`]); the 409 and 422 bodies say what the client can do.
 //! - Kept outcomes: every status except 408, 409, 425, 429 and 5xx ([`IdempotencyLayer::keep_if`]
 //!   changes it). For those, and when the handler panics, fails or is cancelled, the lease is
 //!   released so a retry runs again.
@@ -23,7 +34,9 @@
 //!   [`IdempotencyLayer::max_stored_response`] is still recorded as done (never run again), and
 //!   a replay answers **410 Gone** (problem type `response-too-large`) with
 //!   `Idempotency-Original-Status` — the documented way to say the original was not kept.
-//! - Store failures are 503 with problem+json; no handler runs without a lease.
+//! - Store failures are 503 with problem+json and no internal error text (it is logged through
+//!   `tracing`); a full store (record or byte budget) is 503 `store-full` with `Retry-After`,
+//!   and nothing stored is evicted. No handler runs without a lease.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,7 +46,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use sha2::Digest;
@@ -42,7 +55,7 @@ use tower_service::Service;
 
 use super::BoxError;
 use super::problem::{problem, retry_after, store_error};
-use super::stored;
+use super::stored::{self, DefaultStoredHeaders, StoredHeaders};
 use crate::adapter::lease::{Held, run_to_end};
 use crate::{Begin, Error, Fingerprint, IdempotencyStore, Key};
 
@@ -66,6 +79,18 @@ pub struct IdempotencyInfo {
 pub struct CompleteWith(pub Vec<crate::Write>);
 
 type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
+type PrincipalFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+
+/// How a request's scope is made.
+#[derive(Clone)]
+enum ScopeRule {
+    /// Method, path and a digest of `Authorization` and `Cookie`.
+    Credentials,
+    /// Method, path and a digest of the principal an earlier layer put in the extensions.
+    Principal(Arc<PrincipalFn>),
+    /// The user's function.
+    Custom(Arc<ScopeFn>),
+}
 type FingerprintFn = dyn Fn(&Parts, &[u8]) -> Fingerprint + Send + Sync;
 type KeepFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 
@@ -76,12 +101,14 @@ struct Config {
     required: bool,
     uuid_only: bool,
     lease: Duration,
-    ttl: Option<Duration>,
+    ttl: Duration,
     wait: Option<Duration>,
     max_body: usize,
     max_stored: usize,
     keep: Arc<KeepFn>,
-    scope: Arc<ScopeFn>,
+    scope: ScopeRule,
+    require_credentials: Option<HeaderValue>,
+    stored_headers: Arc<dyn StoredHeaders>,
     fingerprint: Arc<FingerprintFn>,
 }
 
@@ -109,13 +136,39 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Method, path, and a digest of the `Authorization` header; hashed if over 255 bytes.
-fn default_scope(parts: &Parts) -> Vec<u8> {
-    let creds = parts.headers.get(http::header::AUTHORIZATION).map_or_else(
-        || "-".to_owned(),
-        |v| hex(&sha2::Sha256::digest(v.as_bytes())[..16]),
-    );
-    let scope = format!("{} {} {}", parts.method, parts.uri.path(), creds);
+/// The request's credentials as digest input: every `Authorization` and `Cookie` value, in
+/// order (HTTP/2 may split cookies over several fields); `None` when it carries neither.
+fn credentials(parts: &Parts) -> Option<Vec<u8>> {
+    let mut material = Vec::new();
+    for (tag, name) in [
+        (b'a', http::header::AUTHORIZATION),
+        (b'c', http::header::COOKIE),
+    ] {
+        for v in parts.headers.get_all(name) {
+            material.push(tag);
+            material.extend_from_slice(&(v.len() as u64).to_be_bytes());
+            material.extend_from_slice(v.as_bytes());
+        }
+    }
+    (!material.is_empty()).then_some(material)
+}
+
+/// Who is asking, as digest input, by the layer's rule; `None` for an anonymous request.
+fn principal(rule: &ScopeRule, parts: &Parts) -> Option<Vec<u8>> {
+    match rule {
+        ScopeRule::Credentials | ScopeRule::Custom(_) => credentials(parts),
+        ScopeRule::Principal(f) => f(parts).map(|p| {
+            let mut m = b"p".to_vec();
+            m.extend_from_slice(p.as_bytes());
+            m
+        }),
+    }
+}
+
+/// Method, path, and a digest of who is asking (`-` for nobody); hashed if over 255 bytes.
+fn scoped(parts: &Parts, who: Option<&[u8]>) -> Vec<u8> {
+    let who = who.map_or_else(|| "-".to_owned(), |m| hex(&sha2::Sha256::digest(m)[..16]));
+    let scope = format!("{} {} {}", parts.method, parts.uri.path(), who);
     if scope.len() <= crate::MAX_SCOPE_LEN {
         scope.into_bytes()
     } else {
@@ -154,12 +207,14 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
                 required: false,
                 uuid_only: false,
                 lease: Duration::from_secs(30),
-                ttl: None,
+                ttl: crate::limits::DAY,
                 wait: None,
                 max_body: 1 << 20,
                 max_stored: 1 << 20,
                 keep: Arc::new(default_keep),
-                scope: Arc::new(default_scope),
+                scope: ScopeRule::Credentials,
+                require_credentials: None,
+                stored_headers: Arc::new(DefaultStoredHeaders),
                 fingerprint: Arc::new(default_fingerprint),
             }),
         }
@@ -193,9 +248,10 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
     pub fn lease(self, d: Duration) -> Self {
         self.with(|c| c.lease = d)
     }
-    /// How long stored responses are kept (default: the store's, 24 h).
+    /// How long completed keys and their responses are kept (default 24 h), advertised on
+    /// every keyed response as `Idempotency-TTL` (whole seconds). Zero is refused by the store.
     pub fn ttl(self, d: Duration) -> Self {
-        self.with(|c| c.ttl = Some(d))
+        self.with(|c| c.ttl = d)
     }
     /// Wait this long for a running original before answering 409 (default: don't; a request
     /// can still ask with `Prefer: wait=N`).
@@ -215,8 +271,53 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
         self.with(|c| c.keep = Arc::new(f))
     }
     /// The scope of a request's key (at most 255 bytes; longer ones are refused by the store).
+    /// With [`require_credentials`](Self::require_credentials), a request without
+    /// `Authorization` or `Cookie` is still refused before this runs.
     pub fn scope_with(self, f: impl Fn(&Parts) -> Vec<u8> + Send + Sync + 'static) -> Self {
-        self.with(|c| c.scope = Arc::new(f))
+        self.with(|c| c.scope = ScopeRule::Custom(Arc::new(f)))
+    }
+
+    /// Scopes keys by the authenticated principal an earlier layer (your authentication
+    /// middleware) put in the request extensions as a `T`: its `Display` form must identify
+    /// the principal uniquely. Requests without a `T` are anonymous: they share one scope, or
+    /// are refused with [`require_credentials`](Self::require_credentials).
+    ///
+    /// ```
+    /// use idemkv::http::IdempotencyLayer;
+    /// use idemkv::Store;
+    ///
+    /// #[derive(Clone)]
+    /// struct UserId(u64);
+    /// impl std::fmt::Display for UserId {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         write!(f, "user:{}", self.0)
+    ///     }
+    /// }
+    ///
+    /// let layer = IdempotencyLayer::new(Store::in_memory()).scope_by_extension::<UserId>();
+    /// # drop(layer);
+    /// ```
+    pub fn scope_by_extension<T>(self) -> Self
+    where
+        T: std::fmt::Display + Clone + Send + Sync + 'static,
+    {
+        let f = |parts: &Parts| parts.extensions.get::<T>().map(ToString::to_string);
+        self.with(|c| c.scope = ScopeRule::Principal(Arc::new(f)))
+    }
+
+    /// Refuses keyed requests that carry no credentials (no `Authorization` or `Cookie`; with
+    /// [`scope_by_extension`](Self::scope_by_extension), no principal) with 401,
+    /// problem type `credentials-required`, and `WWW-Authenticate: <challenge>` (RFC 9110
+    /// asks a 401 to carry one: `Bearer`, `Basic realm="api"`, …). By default such requests
+    /// are served in one shared anonymous scope per method and path.
+    pub fn require_credentials(self, challenge: HeaderValue) -> Self {
+        self.with(|c| c.require_credentials = Some(challenge))
+    }
+
+    /// Which response headers are stored and replayed (default [`DefaultStoredHeaders`]:
+    /// everything but `Set-Cookie`, `Authentication-Info` and other per-client credentials).
+    pub fn stored_headers(self, policy: impl StoredHeaders) -> Self {
+        self.with(|c| c.stored_headers = Arc::new(policy))
     }
     /// The fingerprint of a request, from its head and body.
     pub fn fingerprint_with(
@@ -376,7 +477,18 @@ where
                     ));
                 }
             };
-            let scope = (cfg.scope)(&parts);
+            let who = principal(&cfg.scope, &parts);
+            if let (None, Some(challenge)) = (&who, &cfg.require_credentials) {
+                let why = "this endpoint needs an authenticated request for idempotency keys";
+                let mut res = problem(StatusCode::UNAUTHORIZED, "credentials-required", why);
+                res.headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
+                return Ok(res);
+            }
+            let scope = match &cfg.scope {
+                ScopeRule::Custom(f) => f(&parts),
+                _ => scoped(&parts, who.as_deref()),
+            };
             let fp = (cfg.fingerprint)(&parts, &body);
             let k = Key::new(&scope, key.as_bytes());
             let begun = match prefer_wait(&parts.headers).or(cfg.wait) {
@@ -386,15 +498,25 @@ where
             let lease = match begun {
                 Err(e) => return Ok(store_error(&e)),
                 Ok(Begin::Mismatch) => {
-                    let why = "this idempotency key was used with a different request";
-                    return Ok(problem(StatusCode::UNPROCESSABLE_ENTITY, "key-reused", why));
+                    let why = format!(
+                        "this idempotency key was already used with a different request \
+                         (method, path, content type or body); send this request under a new key \
+                         (a key is kept for {} s after its request completed)",
+                        cfg.ttl.as_secs()
+                    );
+                    let res = problem(StatusCode::UNPROCESSABLE_ENTITY, "key-reused", &why);
+                    return Ok(advertise(res, &cfg));
                 }
                 Ok(Begin::InProgress { deadline }) => {
-                    let why = "a request with this idempotency key is still being processed";
+                    let why = "a request with this idempotency key is still being processed; \
+                               retry after Retry-After seconds, or send `Prefer: wait=N` to \
+                               wait up to N seconds (at most 60) for its response";
                     let res = problem(StatusCode::CONFLICT, "in-progress", why);
-                    return Ok(retry_after(res, deadline));
+                    return Ok(advertise(retry_after(res, deadline), &cfg));
                 }
-                Ok(Begin::Completed(done)) => return Ok(stored::replay(&done.response, true)),
+                Ok(Begin::Completed(done)) => {
+                    return Ok(advertise(stored::replay(&done.response, true), &cfg));
+                }
                 Ok(Begin::Acquired(lease)) => lease,
             };
 
@@ -430,9 +552,17 @@ where
             {
                 let lease = held.take();
                 if (cfg.keep)(rparts.status) {
-                    let record =
-                        stored::encode(rparts.status, &rparts.headers, &rbytes, cfg.max_stored);
-                    match store.complete(&lease, &record, cfg.ttl, &writes).await {
+                    let record = stored::encode(
+                        rparts.status,
+                        &rparts.headers,
+                        &rbytes,
+                        cfg.max_stored,
+                        &*cfg.stored_headers,
+                    );
+                    match store
+                        .complete(&lease, &record, Some(cfg.ttl), &writes)
+                        .await
+                    {
                         Ok(_) => {}
                         Err(e @ Error::BatchConflict { .. }) => {
                             let _ = store.release(lease).await;
@@ -451,7 +581,21 @@ where
                     let _ = store.release(lease).await;
                 }
             }
-            Ok(Response::from_parts(rparts, ResB::from(rbytes)))
+            Ok(advertise(
+                Response::from_parts(rparts, ResB::from(rbytes)),
+                &cfg,
+            ))
         })
     }
 }
+
+/// Adds `Idempotency-TTL`: how long a completed key is kept, in whole seconds.
+fn advertise<B>(mut res: Response<B>, cfg: &Config) -> Response<B> {
+    res.headers_mut()
+        .insert(TTL_HEADER, HeaderValue::from(cfg.ttl.as_secs()));
+    res
+}
+
+/// The response header advertising key retention (as proposed in the IETF httpapi working
+/// group's idempotency draft repository, issue 49).
+const TTL_HEADER: HeaderName = HeaderName::from_static("idempotency-ttl");

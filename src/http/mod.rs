@@ -38,9 +38,11 @@ mod idempotency;
 mod problem;
 mod stored;
 
+pub use crate::echo::EchoPolicy;
 pub use echo_layer::{Echo, EchoLayer};
 pub use exactly_once::{ExactlyOnce, ExactlyOnceHandler, Processed};
 pub use idempotency::{CompleteWith, Idempotency, IdempotencyInfo, IdempotencyLayer};
+pub use stored::{DefaultStoredHeaders, StoredHeaders};
 
 /// Errors of bodies, as tower-http boxes them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

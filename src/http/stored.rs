@@ -1,10 +1,11 @@
 //! A response as stored in the idempotency record, in the shared reply codec
 //! (`adapter::reply`: explicit, versioned). Hop-by-hop headers and `Content-Length` are not
-//! stored (the body determines it); multi-valued headers are stored one entry per value, in
-//! order.
+//! stored (the body determines it); of the others, a [`StoredHeaders`] policy picks (default:
+//! no per-client credentials, so no `Set-Cookie`). Multi-valued headers are stored one entry
+//! per value, in order.
 //!
 //! Invariant: a replay answers the status, headers and body as they were stored; hop-by-hop
-//! headers and `Content-Length` are never stored.
+//! headers and `Content-Length` are never stored, and neither is a header the policy refuses.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
@@ -24,6 +25,59 @@ const NOT_STORED: &[&str] = &[
     "content-length",
 ];
 
+/// Which headers of a response are stored with it, and so replayed to every later request
+/// with the same key (which may come from another client of the same scope, and may be read by
+/// anyone with access to the store: Redis too). Hop-by-hop headers and `Content-Length` are
+/// never stored, whatever the policy. The first response itself always goes out whole.
+///
+/// Any `Fn(&HeaderName, &HeaderValue) -> bool` is a policy:
+///
+/// ```
+/// use idemkv::http::{DefaultStoredHeaders, IdempotencyLayer, StoredHeaders};
+/// use idemkv::Store;
+///
+/// // The default, and also never store a session hint header.
+/// let layer = IdempotencyLayer::new(Store::in_memory()).stored_headers(
+///     |name: &http::HeaderName, value: &http::HeaderValue| {
+///         DefaultStoredHeaders.store(name, value) && name != "x-session-hint"
+///     },
+/// );
+/// # drop(layer);
+/// ```
+pub trait StoredHeaders: Send + Sync + 'static {
+    /// Whether this header is stored (and replayed).
+    fn store(&self, name: &HeaderName, value: &HeaderValue) -> bool;
+}
+
+impl<F> StoredHeaders for F
+where
+    F: Fn(&HeaderName, &HeaderValue) -> bool + Send + Sync + 'static,
+{
+    fn store(&self, name: &HeaderName, value: &HeaderValue) -> bool {
+        self(name, value)
+    }
+}
+
+/// The default [`StoredHeaders`]: everything but per-client credentials — `Set-Cookie`,
+/// `Set-Cookie2`, `Authentication-Info` and `Proxy-Authentication-Info`. A replay to another
+/// client of the same scope must not hand it the first client's session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DefaultStoredHeaders;
+
+/// Credentials the default policy does not store.
+const CREDENTIALS: &[&str] = &[
+    "set-cookie",
+    "set-cookie2",
+    "authentication-info",
+    "proxy-authentication-info",
+];
+
+impl StoredHeaders for DefaultStoredHeaders {
+    fn store(&self, name: &HeaderName, _value: &HeaderValue) -> bool {
+        !CREDENTIALS.contains(&name.as_str())
+    }
+}
+
 /// A decoded stored response.
 pub(crate) struct Stored {
     pub(crate) status: StatusCode,
@@ -33,10 +87,16 @@ pub(crate) struct Stored {
 
 /// Encodes a response; if it would exceed `max` bytes, stores only status and headers with the
 /// too-large flag.
-pub(crate) fn encode(status: StatusCode, headers: &HeaderMap, body: &[u8], max: usize) -> Vec<u8> {
+pub(crate) fn encode(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    max: usize,
+    policy: &dyn StoredHeaders,
+) -> Vec<u8> {
     let kept = headers
         .iter()
-        .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
+        .filter(|(n, v)| !NOT_STORED.contains(&n.as_str()) && policy.store(n, v))
         .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
     reply::encode(status.as_u16(), kept, None, body, max)
 }
@@ -103,18 +163,48 @@ mod tests {
     fn round_trip_keeps_multi_valued_headers_in_order_and_drops_hop_by_hop() {
         let mut h = HeaderMap::new();
         h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("link", HeaderValue::from_static("</a>"));
         h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.append("link", HeaderValue::from_static("</b>"));
+        h.insert(
+            "authentication-info",
+            HeaderValue::from_static("nextnonce=1"),
+        );
         h.insert("content-length", HeaderValue::from_static("5"));
         h.insert("connection", HeaderValue::from_static("close"));
         h.insert("x-order", HeaderValue::from_static("o-1"));
-        let bytes = encode(StatusCode::CREATED, &h, b"hello", 1 << 20);
+        let bytes = encode(
+            StatusCode::CREATED,
+            &h,
+            b"hello",
+            1 << 20,
+            &DefaultStoredHeaders,
+        );
         let s = decode(&bytes).unwrap();
         assert_eq!(s.status, StatusCode::CREATED);
+        let links: Vec<_> = s.headers.get_all("link").iter().collect();
+        assert_eq!(links, ["</a>", "</b>"]);
+        assert!(s.headers.get("set-cookie").is_none());
+        assert!(s.headers.get("authentication-info").is_none());
+        assert!(s.headers.get("content-length").is_none() && s.headers.get("connection").is_none());
+        assert_eq!(s.headers["x-order"], "o-1");
+        assert_eq!(s.body.as_deref(), Some(&b"hello"[..]));
+
+        // A policy that keeps everything still never keeps hop-by-hop headers.
+        let all = |_: &HeaderName, _: &HeaderValue| true;
+        let s = decode(&encode(StatusCode::CREATED, &h, b"hello", 1 << 20, &all)).unwrap();
         let cookies: Vec<_> = s.headers.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
-        assert!(s.headers.get("content-length").is_none() && s.headers.get("connection").is_none());
-        assert_eq!(s.body.as_deref(), Some(&b"hello"[..]));
-        let small = decode(&encode(StatusCode::OK, &h, &[0; 100], 60)).unwrap();
+        assert!(s.headers.get("connection").is_none());
+
+        let small = decode(&encode(
+            StatusCode::OK,
+            &h,
+            &[0; 100],
+            60,
+            &DefaultStoredHeaders,
+        ))
+        .unwrap();
         assert_eq!(small.body, None);
         for cut in 0..bytes.len() {
             let _ = decode(&bytes[..cut]);

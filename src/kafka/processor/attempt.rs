@@ -18,7 +18,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         msg: Arc<Message>,
         drain: &mut Drain,
     ) -> Result<Disposition, KafkaError> {
-        let echo = match echo_headers(&msg) {
+        let echo = match echo_headers(&self.cfg.echo, &msg) {
             Ok(echo) => echo,
             Err(why) => {
                 bump(&self.stats.rejected);

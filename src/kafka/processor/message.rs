@@ -80,18 +80,25 @@ pub(super) fn derive_id(msg: &Message, sources: &[KeySource]) -> Vec<u8> {
 }
 
 /// The echo headers a request asks for, or why they are refused.
-pub(super) fn echo_headers(msg: &Message) -> Result<Vec<(String, Vec<u8>)>, String> {
-    msg.headers
+/// Bounded and checked by the same [`EchoPolicy`] rules as the HTTP layer.
+pub(super) fn echo_headers(
+    policy: &EchoPolicy,
+    msg: &Message,
+) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let raws = msg
+        .headers
         .iter()
         .filter(|(n, _)| {
             n.eq_ignore_ascii_case(ECHO_SET_HEADER) || n.eq_ignore_ascii_case("x-reply-set-header")
         })
-        .map(|(_, raw)| {
-            crate::echo::parse(raw)
-                .map(|(name, value)| (name, value.into_bytes()))
-                .map_err(|e| format!("{ECHO_SET_HEADER}: {e}"))
-        })
-        .collect()
+        .map(|(_, raw)| raw.as_slice());
+    match policy.parse_all(raws) {
+        Ok(all) => Ok(all
+            .into_iter()
+            .map(|(name, value)| (name, value.into_bytes()))
+            .collect()),
+        Err(e) => Err(format!("{ECHO_SET_HEADER}: {e}")),
+    }
 }
 
 /// Kafka's rule for topic names: 1–249 of `[a-zA-Z0-9._-]`.
@@ -150,7 +157,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            echo_headers(&ok).unwrap(),
+            echo_headers(&EchoPolicy::default(), &ok).unwrap(),
             vec![
                 ("x-trace".into(), b"t1".to_vec()),
                 ("a".into(), b"b".to_vec())
@@ -158,7 +165,7 @@ mod tests {
         );
         let bad = message(&[("x-echo-set-header", "Content-Length: 1")], None);
         assert!(
-            echo_headers(&bad)
+            echo_headers(&EchoPolicy::default(), &bad)
                 .unwrap_err()
                 .to_ascii_lowercase()
                 .contains("content-length")

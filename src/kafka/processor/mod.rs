@@ -58,6 +58,7 @@ mod message;
 mod outbound;
 mod poller;
 
+use crate::echo::EchoPolicy;
 use attempt::Attempts;
 pub(crate) use message::Message;
 use message::{echo_headers, valid_topic};
@@ -149,6 +150,7 @@ struct Config {
     revoke_timeout: Duration,
     shutdown_timeout: Duration,
     reply_timeout: Duration,
+    echo: EchoPolicy,
 }
 
 /// Configures a [`KafkaProcessor`]; from [`KafkaProcessor::builder`].
@@ -224,6 +226,14 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
     pub fn retry_backoff(mut self, first: Duration, max: Duration) -> Self {
         self.cfg.retry_backoff = first;
         self.cfg.max_backoff = max;
+        self
+    }
+
+    /// Which `x-echo-set-header` names a request may have set on its reply, and how many: the
+    /// HTTP layer's rules ([`EchoPolicy`], default: custom names only, at most 16 and 4 KiB).
+    /// A refused request gets a failure reply and its handler does not run.
+    pub fn echo_policy(mut self, policy: EchoPolicy) -> Self {
+        self.cfg.echo = policy;
         self
     }
 
@@ -417,6 +427,7 @@ impl KafkaProcessor<()> {
                 revoke_timeout: Duration::from_secs(10),
                 shutdown_timeout: Duration::from_secs(30),
                 reply_timeout: Duration::from_secs(30),
+                echo: EchoPolicy::default(),
             },
         }
     }
