@@ -1,12 +1,18 @@
 //! An order and payment service on the embedded store: the README's main job.
 //!
 //! `cargo run --release --example http_orders -- [--listen 127.0.0.1:8080] [--data ./data/http_orders]
-//!  [--durability immediate|batched|none] [--work-ms 0] [--lease-ms 10000]`
+//!  [--durability immediate|batched|none] [--work-ms 0] [--lease-ms 10000]
+//!  [--max-records 1000000] [--max-bytes 268435456]`
+//!
+//! The embedded store has a budget (`--max-records`, `--max-bytes`): past it, new keys are
+//! answered 503 `store-full` with `Retry-After`, and nothing stored is evicted. Every error
+//! answer is `application/problem+json`.
 //!
 //! `--redis redis://127.0.0.1:6379` (built with `--features redis`) keeps all state in Redis
 //! instead, so several replicas can serve the same clients.
 //!
-//! - `POST /orders` `{"items":[{"sku":"id-17236","count":1}]}` → 201 `{"id":<uuid>,"items":[…]}`,
+//! - `POST /orders` `{"items":[{"sku":"id-17236","count":1}]}` → 201 `{"id":<uuid>,"items":[…]}`
+//!   and a `last_order` cookie (sent to this client only: never stored or replayed),
 //!   behind the Idempotency-Key and echo layers; the order is written atomically with the
 //!   idempotent completion, so a retry after a crash never creates it twice.
 //! - `GET /orders` (every order, so duplicates would show), `GET /orders/{id}`.
@@ -143,20 +149,82 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response {
     r
 }
 
-fn bad_request(detail: &str) -> Response {
-    let body = serde_json::json!({"type": "urn:idemkv:problem:bad-request", "title": "Bad Request", "status": 400, "detail": detail});
-    let mut r = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
+const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
+
+/// An RFC 9457 problem body.
+fn problem_body(status: StatusCode, kind: &str, detail: &str) -> String {
+    serde_json::json!({
+        "type": format!("urn:idemkv:problem:{kind}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    })
+    .to_string()
+}
+
+fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
+    let mut r = (status, problem_body(status, kind, detail)).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, PROBLEM_JSON);
     r
+}
+
+fn bad_request(detail: &str) -> Response {
+    problem(StatusCode::BAD_REQUEST, "bad-request", detail)
+}
+
+/// A store error outside the layers: its text goes to the log, not to the client.
+fn store_failed(e: &Error) -> Response {
+    eprintln!("store error: {e}");
+    match e {
+        Error::EmptyKey | Error::KeyTooLong { .. } => problem(
+            StatusCode::BAD_REQUEST,
+            "invalid-id",
+            "the id is empty or too long",
+        ),
+        _ => {
+            let mut r = problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "the store is unavailable; retry later",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// Errors answered by axum itself (no route, wrong method, a bad path) get a problem body too.
+async fn problems_everywhere(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let s = res.status();
+    let is_problem = res.headers().get(header::CONTENT_TYPE) == Some(&PROBLEM_JSON);
+    if !(s.is_client_error() || s.is_server_error()) || is_problem {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let detail = match axum::body::to_bytes(body, 4096).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).into_owned(),
+        _ => s.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    parts.headers.insert(header::CONTENT_TYPE, PROBLEM_JSON);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let kind = if s == StatusCode::NOT_FOUND {
+        "not-found"
+    } else {
+        "request-refused"
+    };
+    Response::from_parts(
+        parts,
+        axum::body::Body::from(problem_body(s, kind, &detail)),
+    )
 }
 
 async fn create_order(State(app): State<App>, req: Request) -> Response {
     let layered = req.extensions().get::<IdempotencyInfo>().is_some();
     let Ok(body) = axum::body::to_bytes(req.into_body(), 1 << 20).await else {
-        return bad_request("unreadable body");
+        let why = "request bodies are limited to 1 MiB (or this one could not be read)";
+        return problem(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", why);
     };
     let order: NewOrder = match serde_json::from_slice(&body) {
         Ok(o) => o,
@@ -176,11 +244,18 @@ async fn create_order(State(app): State<App>, req: Request) -> Response {
         .into_bytes();
     let write = Write::put_if_absent(OwnedKey::new("orders", &id), created.clone());
     let mut res = json(StatusCode::CREATED, created);
+    // For the web front end: the client's last order. Per client, so the idempotency layer
+    // sends it to this client only and never stores or replays it.
+    if let Ok(cookie) = HeaderValue::from_str(&format!(
+        "last_order={id}; Path=/; HttpOnly; SameSite=Strict"
+    )) {
+        res.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
     if layered {
         // Committed together with "this Idempotency-Key is done".
         res.extensions_mut().insert(CompleteWith(vec![write]));
     } else if let Err(e) = app.store.cas(&write).await {
-        return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        return store_failed(&e);
     }
     res
 }
@@ -188,7 +263,7 @@ async fn create_order(State(app): State<App>, req: Request) -> Response {
 async fn list_orders(State(app): State<App>) -> Response {
     let orders = match app.store.scan(b"orders").await {
         Ok(all) => all,
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Err(e) => return store_failed(&e),
     };
     let orders: Vec<serde_json::Value> = orders
         .into_iter()
@@ -206,8 +281,8 @@ async fn list_orders(State(app): State<App>) -> Response {
 async fn one_order(State(app): State<App>, Path(id): Path<String>) -> Response {
     match app.store.get(OwnedKey::new("orders", &id).as_key()).await {
         Ok(Some(Snapshot::Value(v))) => json(StatusCode::OK, v.value),
-        Ok(_) => (StatusCode::NOT_FOUND, "no such order").into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Ok(_) => problem(StatusCode::NOT_FOUND, "not-found", "no such order"),
+        Err(e) => store_failed(&e),
     }
 }
 
@@ -272,18 +347,23 @@ struct Payments {
 
 impl ExactlyOnceHandler for Payments {
     async fn process(&self, id: &str, payload: Bytes) -> Processed {
+        let refuse = |kind: &str, detail: &str| {
+            let status = StatusCode::BAD_REQUEST;
+            Processed::new(status, problem_body(status, kind, detail))
+                .header(header::CONTENT_TYPE, PROBLEM_JSON)
+        };
         let Some((p, cents)) = serde_json::from_slice::<Payment>(&payload)
             .ok()
             .and_then(|p| parse_cents(&p.amount).map(|c| (p, c)))
         else {
-            return Processed::new(
-                StatusCode::BAD_REQUEST,
-                "expected {\"customer_id\":…,\"amount\":\"12.50\"}",
+            return refuse(
+                "bad-payment",
+                "expected {\"customer_id\":…,\"amount\":\"12.50\"}, a positive amount with at most two decimals",
             );
         };
         let (balance, version) = balance_of(&self.store, &p.customer_id).await;
         if cents > balance {
-            return Processed::new(StatusCode::BAD_REQUEST, "insufficient funds");
+            return refuse("insufficient-funds", "insufficient funds");
         }
         let left = balance - cents;
         let account = OwnedKey::new("accounts", &p.customer_id);
@@ -371,8 +451,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let work = Duration::from_millis(arg(&args, "--work-ms", "0").parse()?);
     let lease = Duration::from_millis(arg(&args, "--lease-ms", "10000").parse()?);
     let redis = arg(&args, "--redis", "");
+    let max_records: u64 = arg(&args, "--max-records", "1000000").parse()?;
+    let max_bytes: u64 = arg(&args, "--max-bytes", "268435456").parse()?;
     let store = if redis.is_empty() {
-        let store = Store::builder().durability(durability).open(&data)?;
+        let store = Store::builder()
+            .durability(durability)
+            .max_records(max_records)
+            .max_bytes(max_bytes)
+            .open(&data)?;
         if let Some(r) = store.recovery_report() {
             println!(
                 "opened {data}: {} records from the checkpoint, {} log records replayed",
@@ -403,6 +489,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .layer(IdempotencyLayer::new(store.clone()).lease(lease))
         .layer(EchoLayer::new())
+        .layer(middleware::from_fn(problems_everywhere))
         .layer(middleware::from_fn(log))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(listen).await?;

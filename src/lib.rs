@@ -129,6 +129,70 @@ pub mod fuzzing {
         crate::checkpoint::decode(key, value).is_ok()
     }
 
+    /// The HTTP layer's parsers on arbitrary bytes: the key, `Prefer`, the echo headers and
+    /// the stored-response codec. Panics (the fuzzer's finding) when a parser accepts what it
+    /// must refuse, or the codec does not round-trip.
+    #[cfg(feature = "http")]
+    pub fn http_parsers(key: &[u8], prefer: &[u8], echo: &[&[u8]], stored: &[u8]) {
+        use crate::http::{idempotency, stored as codec};
+
+        for uuid_only in [false, true] {
+            if let Ok(k) = idempotency::parse_key(key, uuid_only) {
+                assert!((1..=255).contains(&k.len()), "{k:?}");
+                assert!(k.bytes().all(|b| (0x21..=0x7e).contains(&b)), "{k:?}");
+                assert!(!uuid_only || k.len() == 36, "{k:?}");
+            }
+        }
+
+        let mut headers = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_bytes(prefer) {
+            headers.append("prefer", v);
+        }
+        if let Some(w) = idempotency::prefer_wait(&headers) {
+            assert!(w <= std::time::Duration::from_secs(60), "{w:?}");
+        }
+
+        let policy = crate::echo::EchoPolicy::default();
+        if let Ok(all) = policy.parse_all(echo.iter().copied()) {
+            assert!(all.len() <= 16);
+            assert!(echo.iter().map(|e| e.len()).sum::<usize>() <= 4096);
+            for (name, value) in all {
+                // An oracle of its own, not the policy's list: never one of these.
+                let never = [
+                    "set-cookie",
+                    "content-length",
+                    "location",
+                    "cache-control",
+                    "vary",
+                ];
+                assert!(!never.contains(&name.as_str()), "{name}");
+                assert!(
+                    http::HeaderName::from_bytes(name.as_bytes()).is_ok(),
+                    "{name:?}"
+                );
+                assert!(http::HeaderValue::from_str(&value).is_ok(), "{value:?}");
+            }
+        }
+
+        // Decoding never panics; what decodes re-encodes to the same response.
+        if let Some(s) = codec::decode(stored) {
+            if let Some(body) = &s.body {
+                let all = |_: &http::HeaderName, _: &http::HeaderValue| true;
+                let again = codec::encode(s.status, &s.headers, body, usize::MAX, &all);
+                let back = codec::decode(&again).expect("a re-encoded response decodes");
+                assert_eq!(back.status, s.status);
+                assert_eq!(back.body, s.body);
+                let kept: Vec<_> = s
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| !codec::is_hop_by_hop(n))
+                    .collect();
+                assert_eq!(back.headers.iter().collect::<Vec<_>>(), kept);
+            }
+            let _ = codec::replay::<bytes::Bytes>(stored, true);
+        }
+    }
+
     /// Encodes a segment holding one batch of one record putting `value` under (`scope`, `id`),
     /// for seeding the fuzzer's corpus.
     pub fn sample_segment(scope: &[u8], id: &[u8], value: &[u8]) -> Vec<u8> {

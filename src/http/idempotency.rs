@@ -375,7 +375,12 @@ fn extract_key(cfg: &Config, headers: &HeaderMap) -> Result<Option<String>, Stri
     if values.next().is_some() {
         return Err(format!("more than one {} header", cfg.header));
     }
-    let raw = v.as_bytes();
+    parse_key(v.as_bytes(), cfg.uuid_only).map(Some)
+}
+
+/// One key header's value: unquoted (the IETF draft's form), 1–255 visible ASCII characters,
+/// a UUID if `uuid_only`.
+pub(crate) fn parse_key(raw: &[u8], uuid_only: bool) -> Result<String, String> {
     let raw = match raw {
         [b'"', inner @ .., b'"'] => inner,
         other => other,
@@ -390,10 +395,10 @@ fn extract_key(cfg: &Config, headers: &HeaderMap) -> Result<Option<String>, Stri
         return Err("the key must be visible ASCII characters only".into());
     }
     let key = String::from_utf8_lossy(raw).into_owned();
-    if cfg.uuid_only && !is_uuid(&key) {
+    if uuid_only && !is_uuid(&key) {
         return Err("the key must be a UUID".into());
     }
-    Ok(Some(key))
+    Ok(key)
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -406,7 +411,7 @@ fn is_uuid(s: &str) -> bool {
 }
 
 /// `Prefer: wait=N` (RFC 7240), capped at 60 s.
-fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get_all("prefer")
         .iter()

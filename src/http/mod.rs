@@ -34,9 +34,9 @@
 
 mod echo_layer;
 mod exactly_once;
-mod idempotency;
+pub(crate) mod idempotency;
 mod problem;
-mod stored;
+pub(crate) mod stored;
 
 pub use crate::echo::EchoPolicy;
 pub use echo_layer::{Echo, EchoLayer};

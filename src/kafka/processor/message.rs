@@ -163,6 +163,20 @@ mod tests {
                 ("a".into(), b"b".to_vec())
             ]
         );
+        // The HTTP layer's policy: registered names refused, bounded count, allow-lists.
+        let cache = message(&[("x-echo-set-header", "Cache-Control: public")], None);
+        assert!(echo_headers(&EchoPolicy::default(), &cache).is_err());
+        let many: Vec<(String, String)> = (0..17)
+            .map(|i| ("x-echo-set-header".to_owned(), format!("x-e{i}: v")))
+            .collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let why = echo_headers(&EchoPolicy::default(), &message(&many, None)).unwrap_err();
+        assert!(why.contains("at most 16"), "{why}");
+        let strict = EchoPolicy::allow_only(["x-trace"]);
+        assert!(
+            echo_headers(&strict, &ok).is_err(),
+            "`a` is not on the list"
+        );
         let bad = message(&[("x-echo-set-header", "Content-Length: 1")], None);
         assert!(
             echo_headers(&EchoPolicy::default(), &bad)
