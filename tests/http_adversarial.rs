@@ -82,15 +82,7 @@ fn exchange(addr: &str, request: &[u8]) -> Option<Raw> {
 }
 
 fn parse(raw: &[u8]) -> Option<Raw> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect::<Vec<_>>();
-    let mut body = raw[split + 4..].to_vec();
+    let (status, headers, mut body) = support::parse_response(raw)?;
     if headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v == "chunked")

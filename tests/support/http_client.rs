@@ -128,6 +128,12 @@ pub fn http(
     s.write_all(req.as_bytes()).ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
+    let (status, headers, body) = parse_response(&raw)?;
+    Some((status, headers.into_iter().collect(), body))
+}
+
+/// A raw HTTP/1.1 response: status, header lines (lower-cased names, in order), body as sent.
+pub fn parse_response(raw: &[u8]) -> Option<(u16, Vec<(String, String)>, Vec<u8>)> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.lines();
