@@ -132,8 +132,11 @@ pub fn http(
     Some((status, headers.into_iter().collect(), body))
 }
 
-/// A raw HTTP/1.1 response: status, header lines (lower-cased names, in order), body as sent.
-pub fn parse_response(raw: &[u8]) -> Option<(u16, Vec<(String, String)>, Vec<u8>)> {
+/// Status, header lines (lower-cased names, in order), body as sent.
+pub type Parsed = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A raw HTTP/1.1 response, parsed.
+pub fn parse_response(raw: &[u8]) -> Option<Parsed> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.lines();
