@@ -141,14 +141,18 @@ where
                 match store.renew(&mut held.lease, lease).await {
                     Ok(_) => valid_until = asked + lease,
                     Err(e @ Error::StaleLease { .. }) => {
+                        tracing::warn!(target: "idemkv::lease", token = held.lease.token(), "lease lost to a takeover while the work ran; the work is dropped");
                         held.forget();
                         return Ran::Lost(e, None);
                     }
                     // Another try at the next tick, if the lease lasts until then.
                     Err(e) if Instant::now() + every >= valid_until => {
+                        tracing::error!(target: "idemkv::lease", error = %e, "lease renewal failed until the lease ran out; the work is dropped");
                         return Ran::Lost(e, Some(held));
                     }
-                    Err(_) => {}
+                    Err(e) => {
+                        tracing::warn!(target: "idemkv::lease", error = %e, "lease renewal failed; retrying at the next tick");
+                    }
                 }
             }
         }

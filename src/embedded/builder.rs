@@ -291,6 +291,7 @@ impl StoreBuilder {
             .map_err(io(&wal_dir))?,
         );
         inner.lock = Some(lock);
+        log_recovery(&report);
         inner.recovery = Some(report);
         inner.checkpoints = Some(checkpoints);
         inner.wal_dir = wal_dir;
@@ -376,4 +377,38 @@ impl StoreBuilder {
             _sweeper: sweeper.map(std::sync::Arc::new),
         }
     }
+}
+
+/// What recovery cut or dropped, for operators: a torn tail (never acknowledged) at `warn`,
+/// dropped damage (acknowledged records lost on purpose) at `error`.
+fn log_recovery(report: &crate::RecoveryReport) {
+    if let Some(t) = &report.torn_tail {
+        tracing::warn!(
+            target: "idemkv::recovery",
+            path = %t.path.display(),
+            offset = t.offset,
+            bytes = t.bytes,
+            "cut the log's torn tail (a write a crash interrupted; never acknowledged)"
+        );
+    }
+    if let Some(d) = &report.dropped {
+        tracing::error!(
+            target: "idemkv::recovery",
+            path = %d.path.display(),
+            offset = d.offset,
+            reason = %d.reason,
+            removed_segments = d.removed_segments.len(),
+            "dropped damaged log records and everything after them (OnCorruption::DropDamaged)"
+        );
+    }
+    for path in &report.empty_segments_removed {
+        tracing::info!(target: "idemkv::recovery", path = %path.display(), "removed a log segment that held no batch");
+    }
+    tracing::info!(
+        target: "idemkv::recovery",
+        segments = report.segments,
+        records = report.records,
+        checkpoint_records = report.checkpoint_records,
+        "store opened"
+    );
 }

@@ -102,6 +102,12 @@ impl Inner {
                     self.commit(&mut book, slot, key, Some(Op::Begin), takeover)?;
                     book.counters.acquired += 1;
                     book.counters.takeovers += 1;
+                    tracing::warn!(
+                        target: "idemkv::lease",
+                        scope = %String::from_utf8_lossy(key.scope()),
+                        token,
+                        "lease expired without completion; taken over by a new attempt"
+                    );
                     acquired(token, true)
                 }
                 other => {

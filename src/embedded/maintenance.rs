@@ -155,9 +155,11 @@ impl Inner {
                 || (grown > 0 && at_time.elapsed() >= self.checkpoint_interval)
         };
         if due {
-            // A failure here is reported by the next explicit checkpoint, and the log (which
-            // still holds everything) keeps the data safe meanwhile.
-            let _ = self.checkpoint();
+            // Logged, and retried at the next due time; the log (which still holds
+            // everything) keeps the data safe meanwhile.
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(target: "idemkv::checkpoint", error = %e, "background checkpoint failed; the log keeps every record and it is retried");
+            }
         }
     }
     /// Writes the live records into the checkpoint database and deletes the log segments it

@@ -450,8 +450,22 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let cfg = Arc::clone(&self.config);
         let store = self.store.clone();
-        Box::pin(async move {
+        // One span per request: method, path, a digest of the key (never the key or any
+        // credential), and how it ended. A disabled span costs one callsite check.
+        let span = tracing::info_span!(
+            "idempotency",
+            method = %req.method(),
+            path = %req.uri().path(),
+            key = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let here = span.clone();
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let mut outcome = "refused";
+                let res = async {
             if !cfg.methods.contains(req.method()) {
+                outcome = "passthrough";
                 return inner.call(req).await;
             }
             let key = match extract_key(&cfg, req.headers()) {
@@ -460,9 +474,15 @@ where
                     let why = format!("this endpoint requires an {} header", cfg.header);
                     return Ok(problem(StatusCode::BAD_REQUEST, "missing-key", &why));
                 }
-                Ok(None) => return inner.call(req).await,
+                Ok(None) => {
+                    outcome = "passthrough";
+                    return inner.call(req).await;
+                }
                 Err(why) => return Ok(problem(StatusCode::BAD_REQUEST, "invalid-key", &why)),
             };
+            if !here.is_disabled() {
+                here.record("key", hex(&sha2::Sha256::digest(key.as_bytes())[..8]));
+            }
             let (mut parts, body) = req.into_parts();
             let body = match Limited::new(body, cfg.max_body).collect().await {
                 Ok(c) => c.to_bytes(),
@@ -501,8 +521,12 @@ where
                 None => store.begin(k, fp, cfg.lease).await,
             };
             let lease = match begun {
-                Err(e) => return Ok(store_error(&e)),
+                Err(e) => {
+                    outcome = "store-error";
+                    return Ok(store_error(&e));
+                }
                 Ok(Begin::Mismatch) => {
+                    outcome = "mismatch";
                     let why = format!(
                         "this idempotency key was already used with a different request \
                          (method, path, content type or body); send this request under a new key \
@@ -513,6 +537,7 @@ where
                     return Ok(advertise(res, &cfg));
                 }
                 Ok(Begin::InProgress { deadline }) => {
+                    outcome = "conflict";
                     let why = "a request with this idempotency key is still being processed; \
                                retry after Retry-After seconds, or send `Prefer: wait=N` to \
                                wait up to N seconds (at most 60) for its response";
@@ -520,9 +545,13 @@ where
                     return Ok(advertise(retry_after(res, deadline), &cfg));
                 }
                 Ok(Begin::Completed(done)) => {
+                    outcome = "replayed";
                     return Ok(advertise(stored::replay(&done.response, true), &cfg));
                 }
-                Ok(Begin::Acquired(lease)) => lease,
+                Ok(Begin::Acquired(lease)) => {
+                    outcome = if lease.is_takeover() { "takeover" } else { "fresh" };
+                    lease
+                }
             };
 
             // First request: run the handler under the lease (renewed while it runs, released
@@ -580,7 +609,9 @@ where
                         }
                         // The lease was taken over or the store is down: the key is left to a
                         // retry; this response (which changed nothing in the store) still goes out.
-                        Err(_) => {}
+                        Err(e) => {
+                            tracing::warn!(target: "idemkv::http", error = %e, "the response could not be recorded; a retry runs the handler again");
+                        }
                     }
                 } else {
                     let _ = store.release(lease).await;
@@ -590,7 +621,13 @@ where
                 Response::from_parts(rparts, ResB::from(rbytes)),
                 &cfg,
             ))
-        })
+          }
+          .await;
+                here.record("outcome", outcome);
+                res
+            },
+            span,
+        ))
     }
 }
 

@@ -161,6 +161,7 @@ impl RedisStoreBuilder {
         let script = |body: &str| Script::new(&scripts::with_prelude(body));
         Ok(RedisStore {
             inner: Arc::new(Inner {
+                health: replies::Health::default(),
                 cache: self.cache.map(|(entries, max_age)| Cache {
                     entries,
                     max_age,
@@ -215,6 +216,7 @@ struct Scripts {
 }
 
 struct Inner {
+    health: replies::Health,
     cache: Option<Cache>,
     conn: ConnectionManager,
     notifier: Notifier,
@@ -283,7 +285,7 @@ impl RedisStore {
                 .arg(1000)
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .observed(&self.inner.health)?;
             for k in keys {
                 let Some(id) = split_key(&k[prefix.len()..], scope) else {
                     continue;
@@ -292,7 +294,7 @@ impl RedisStore {
                     .arg(&k)
                     .query_async(&mut conn)
                     .await
-                    .map_err(unavailable)?;
+                    .observed(&self.inner.health)?;
                 if let Some(snap) = snapshot_of(&fields)? {
                     out.push((id.to_vec(), snap));
                 }
@@ -369,7 +371,7 @@ impl RedisStore {
             .arg(ms(self.cfg().lease_retention))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         match code(&reply)? {
             1 => Ok(Begin::Acquired(Lease::new(
                 key.to_owned(),

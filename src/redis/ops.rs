@@ -104,7 +104,7 @@ impl IdempotencyStore for RedisStore {
         let reply: Vec<Value> = inv
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         match code(&reply)? {
             1 => Ok(Timestamp::from_millis(uint(&reply, 1)?)),
             -2 => Err(Error::StaleLease {
@@ -133,7 +133,7 @@ impl IdempotencyStore for RedisStore {
             .arg(ms(self.cfg().pending_ttl))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         match reply {
             1 => Ok(()),
             _ => Err(Error::StaleLease {
@@ -155,7 +155,7 @@ impl IdempotencyStore for RedisStore {
             .arg(ms(self.cfg().lease_retention))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         if reply < 0 {
             return Err(Error::StaleLease {
                 token: lease.token(),
@@ -172,7 +172,7 @@ impl IdempotencyStore for RedisStore {
             .arg(self.redis_key(key))
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         snapshot_of(&fields)
     }
 
@@ -190,7 +190,7 @@ impl IdempotencyStore for RedisStore {
             .key(Self::channel(&rk))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         Ok(n > 0)
     }
 
@@ -215,7 +215,7 @@ impl IdempotencyStore for RedisStore {
             .arg(write.ttl.map_or(0, ms))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         match code(&reply)? {
             1 => Ok(CasOutcome::Applied {
                 version: opt_uint(&reply, 1)?,
@@ -248,7 +248,7 @@ impl IdempotencyStore for RedisStore {
             .arg(ttl_ms)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         match code(&reply)? {
             1 => Ok(PutPending::Stored),
             2 => Ok(PutPending::InProgress {
@@ -272,7 +272,7 @@ impl IdempotencyStore for RedisStore {
             .arg(Fingerprint::NONE.as_bytes().as_slice())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .observed(&self.inner.health)?;
         match code(&reply)? {
             0 => Ok(Take::NotFound),
             1 => Ok(Take::Acquired {

@@ -13,6 +13,47 @@ pub(super) fn unavailable(e: redis::RedisError) -> Error {
     }
 }
 
+/// Whether Redis answered the last command: a change is logged once, so an outage is one
+/// `error` event and its end one `info` event, not one per failed request.
+#[derive(Default)]
+pub(super) struct Health {
+    down: std::sync::atomic::AtomicBool,
+}
+
+/// A client result, with what it says about Redis's health noted.
+pub(super) trait Observed<T> {
+    /// The result as the store's error, noting an outage's start or end.
+    fn observed(self, health: &Health) -> Result<T, Error>;
+}
+
+impl<T> Observed<T> for redis::RedisResult<T> {
+    fn observed(self, health: &Health) -> Result<T, Error> {
+        use std::sync::atomic::Ordering;
+        match self {
+            Ok(v) => {
+                if health.down.load(Ordering::Relaxed) && health.down.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(target: "idemkv::redis", "Redis is reachable again");
+                }
+                Ok(v)
+            }
+            // A script error is Redis answering; only connection-level failures are an outage.
+            Err(e)
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal() =>
+            {
+                if !health.down.swap(true, Ordering::Relaxed) {
+                    tracing::error!(target: "idemkv::redis", error = %e, "Redis is unavailable; requests fail with Error::Unavailable until it answers again");
+                }
+                Err(unavailable(e))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
 pub(super) fn protocol(what: &str) -> Error {
     Error::Unavailable {
         reason: format!("unexpected reply from Redis: {what}"),

@@ -332,6 +332,11 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
             Err(e) => {
                 // fsync errors are not retryable: the page cache may have dropped the pages.
                 let reason = format!("writing or syncing the log failed: {e}");
+                tracing::error!(
+                    target: "idemkv::wal",
+                    error = %e,
+                    "the log is poisoned: no write is acknowledged until the store is reopened"
+                );
                 let _ = shared.poisoned.set((reason, crate::error::Cause::new(e)));
             }
         }

@@ -513,6 +513,7 @@ impl<St> Shared<St> {
     }
 
     fn fail(&self, e: KafkaError) {
+        tracing::error!(target: "idemkv::kafka", error = %e, "fatal error; the processor stops gracefully");
         let mut fatal = self.fatal.lock();
         if fatal.is_none() {
             *fatal = Some(e);

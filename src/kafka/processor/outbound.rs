@@ -44,6 +44,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             record = record.payload(p);
         }
         if let Err((e, _)) = self.producer.send(record, self.cfg.reply_timeout).await {
+            tracing::error!(target: "idemkv::kafka", topic = %dlq, error = %e, origin = %origin, "dead letter could not be delivered; the processor stops");
             let _ = self.store.release(lease).await;
             return Err(KafkaError::Delivery {
                 topic: dlq.clone(),
@@ -51,6 +52,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             });
         }
         bump(&self.stats.dead_lettered);
+        tracing::warn!(target: "idemkv::kafka", topic = %dlq, origin = %origin, attempts = attempts.failed, reason = %why, "message dead-lettered");
         self.release(lease).await?;
         if let Some(version) = attempts.version {
             let _ = self
@@ -80,6 +82,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         };
         if !valid_topic(topic) {
             bump(&self.stats.reply_failures);
+            tracing::warn!(target: "idemkv::kafka", reply_to = %topic.escape_debug(), "no reply sent: reply-to is not a valid topic name");
             return;
         }
         let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(record.headers.len() + echo.len() + 3);
@@ -111,7 +114,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         }
         match self.producer.send(reply, self.cfg.reply_timeout).await {
             Ok(_) => bump(&self.stats.replies),
-            Err(_) => bump(&self.stats.reply_failures),
+            Err((e, _)) => {
+                bump(&self.stats.reply_failures);
+                tracing::warn!(target: "idemkv::kafka", topic, error = %e, "reply could not be delivered; a retried request replays it");
+            }
         }
     }
 }
