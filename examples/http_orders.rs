@@ -21,6 +21,10 @@
 //!   starts with 100.00; a payment debits it or answers 400 for insufficient funds.
 //! - `GET /accounts/{customer_id}` → `{"customer_id":…,"balance":"87.50"}`.
 //!
+//! - `GET /metrics` (built with `--features metrics`): Prometheus text — the store's counters
+//!   and gauges, fsync, group-commit and checkpoint histograms, and the idempotency layer's
+//!   added latency.
+//!
 //! All state lives in the store, so it survives restarts. One log line per request; Ctrl-C
 //! (or SIGTERM) stops it cleanly.
 
@@ -384,6 +388,36 @@ impl ExactlyOnceHandler for Payments {
     }
 }
 
+/// `GET /metrics`: the store's figures, refreshed at each scrape, in Prometheus text.
+#[cfg(feature = "metrics")]
+fn metrics_route(store: &Backend) -> axum::routing::MethodRouter<App> {
+    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("metrics: {e}");
+            return get(|| async {
+                problem(StatusCode::SERVICE_UNAVAILABLE, "no-metrics", "no recorder")
+            });
+        }
+    };
+    let store = store.clone();
+    get(move || {
+        let (handle, store) = (handle.clone(), store.clone());
+        async move {
+            #[allow(irrefutable_let_patterns)] // with the redis feature there are two backends
+            if let Backend::Embedded(s) = &store {
+                idemkv::metrics::record_store(s);
+            }
+            let mut r = handle.render().into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+    })
+}
+
 async fn log(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let res = next.run(req).await;
@@ -473,7 +507,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         store: store.clone(),
         work,
     };
-    let router = Router::new()
+    let router = Router::new();
+    #[cfg(feature = "metrics")]
+    let router = router.route("/metrics", metrics_route(&store));
+    let router = router
         .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(one_order))
         .route("/accounts/{customer_id}", get(account))

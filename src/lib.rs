@@ -67,6 +67,7 @@ pub mod http;
 pub mod kafka;
 mod key;
 mod limits;
+pub mod metrics;
 mod model;
 #[allow(unsafe_code)]
 mod record;

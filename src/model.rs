@@ -315,4 +315,15 @@ pub struct Stats {
     pub bytes: u64,
     /// Checkpoints written since the store was opened.
     pub checkpoints: u64,
+    /// Leases completed (their response recorded).
+    pub completions: u64,
+    /// Leases released (the work will run again).
+    pub releases: u64,
+    /// Completions, releases and renewals refused because the lease was no longer held.
+    pub stale_leases: u64,
+    /// Bytes appended to the log since the store was opened (0 in memory).
+    pub log_bytes: u64,
+    /// Whether the log is poisoned (a write or fsync failed): nothing more is acknowledged
+    /// until the store is reopened.
+    pub poisoned: bool,
 }

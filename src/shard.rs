@@ -29,6 +29,8 @@ pub(crate) struct Counters {
     pub(crate) mismatches: u64,
     pub(crate) takeovers: u64,
     pub(crate) expirations: u64,
+    pub(crate) completions: u64,
+    pub(crate) releases: u64,
 }
 
 impl Counters {

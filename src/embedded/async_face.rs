@@ -77,9 +77,8 @@ impl IdempotencyStore for Store {
         writes: &[Write],
     ) -> Result<Timestamp, Error> {
         let settle = Settle::default();
-        let expires = self
-            .inner()
-            .complete(lease, response, ttl, writes, &settle)?;
+        let inner = self.inner();
+        let expires = inner.note(inner.complete(lease, response, ttl, writes, &settle))?;
         self.inner()
             .settle_async(settle.get(), self.durability_override())
             .await?;
@@ -88,7 +87,8 @@ impl IdempotencyStore for Store {
 
     async fn release(&self, lease: Lease) -> Result<(), Error> {
         let settle = Settle::default();
-        self.inner().release(&lease, &settle)?;
+        let inner = self.inner();
+        inner.note(inner.release(&lease, &settle))?;
         self.inner()
             .settle_async(settle.get(), self.durability_override())
             .await
@@ -96,7 +96,8 @@ impl IdempotencyStore for Store {
 
     async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
         let settle = Settle::default();
-        let deadline = self.inner().renew(lease, extend, &settle)?;
+        let inner = self.inner();
+        let deadline = inner.note(inner.renew(lease, extend, &settle))?;
         self.inner()
             .settle_async(settle.get(), self.durability_override())
             .await?;

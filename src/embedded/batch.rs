@@ -91,6 +91,7 @@ impl Inner {
         self.commit_many(&mut guards, Op::Complete, &changes)?;
         let shard = &mut *guards[pos(lease_hash)];
         shard.counters.expirations += dead;
+        shard.counters.completions += 1;
         shard.wake(lease_hash);
         Ok(Timestamp::from_millis(expires))
     }

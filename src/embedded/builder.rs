@@ -365,6 +365,7 @@ impl StoreBuilder {
             checkpoint_interval: self.checkpoint_interval,
             checkpointing: parking_lot::Mutex::new((0, Instant::now())),
             checkpoints_written: AtomicU64::new(0),
+            stale_leases: AtomicU64::new(0),
         })
     }
 

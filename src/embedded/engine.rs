@@ -110,6 +110,7 @@ pub(crate) struct Inner {
     /// One checkpoint at a time; holds the log size and the time at the last one.
     pub(super) checkpointing: parking_lot::Mutex<(u64, Instant)>,
     pub(super) checkpoints_written: AtomicU64,
+    pub(super) stale_leases: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -310,10 +311,25 @@ impl Inner {
             s.mismatches += c.mismatches;
             s.takeovers += c.takeovers;
             s.expirations += c.expirations;
+            s.completions += c.completions;
+            s.releases += c.releases;
             s.records += c.records;
             s.bytes += c.bytes;
         }
         s.checkpoints = self.checkpoints_written.load(Ordering::Relaxed);
+        s.stale_leases = self.stale_leases.load(Ordering::Relaxed);
+        if let Some(wal) = &self.wal {
+            s.log_bytes = wal.written();
+            s.poisoned = wal.is_poisoned();
+        }
         s
+    }
+
+    /// Counts a refusal for a lease no longer held (a rare path: one shared atomic).
+    pub(crate) fn note<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
+        if let Err(Error::StaleLease { .. }) = &r {
+            self.stale_leases.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 }

@@ -193,6 +193,7 @@ impl Inner {
             Some(Op::Complete),
             done,
         )?;
+        book.counters.completions += 1;
         shard.wake(hash);
         Ok(Timestamp::from_millis(expires))
     }
@@ -236,6 +237,7 @@ impl Inner {
             Some(Op::Release),
             change,
         )?;
+        book.counters.releases += 1;
         shard.wake(hash);
         Ok(())
     }

@@ -174,6 +174,8 @@ impl Inner {
             return Ok(CheckpointStats::default());
         };
         let mut last = self.checkpointing.lock();
+        #[cfg(feature = "metrics")]
+        let started = Instant::now();
         wal.check()?;
         let written = wal.written();
         let upto = wal.appended();
@@ -220,6 +222,8 @@ impl Inner {
                 })?;
         *last = (written, Instant::now());
         self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        crate::metrics::checkpoint(started.elapsed());
         Ok(CheckpointStats {
             records: records.len() as u64,
             covers_seq: upto,

@@ -205,7 +205,9 @@ impl Store {
         writes: &[Write],
     ) -> Result<Timestamp, Error> {
         let settle = Settle::default();
-        let expires = self.inner.complete(lease, response, ttl, writes, &settle)?;
+        let expires = self
+            .inner
+            .note(self.inner.complete(lease, response, ttl, writes, &settle))?;
         self.inner.settle(&settle, self.durability)?;
         Ok(expires)
     }
@@ -214,7 +216,7 @@ impl Store {
     /// (`take_pending`), the request goes back to waiting.
     pub fn release(&self, lease: Lease) -> Result<(), Error> {
         let settle = Settle::default();
-        self.inner.release(&lease, &settle)?;
+        self.inner.note(self.inner.release(&lease, &settle))?;
         self.inner.settle(&settle, self.durability)
     }
 
@@ -222,7 +224,7 @@ impl Store {
     /// new deadline. A lease that expired but was not taken over yet can still be renewed.
     pub fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
         let settle = Settle::default();
-        let d = self.inner.renew(lease, extend, &settle)?;
+        let d = self.inner.note(self.inner.renew(lease, extend, &settle))?;
         self.inner.settle(&settle, self.durability)?;
         lease.deadline = d;
         Ok(d)

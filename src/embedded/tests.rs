@@ -827,3 +827,21 @@ fn limits_hold_across_reopen_removal_and_sweeping() {
         Error::RecordLimit { max: 3 }
     );
 }
+
+#[test]
+fn stats_count_completions_releases_and_stale_leases() {
+    let s = Store::in_memory();
+    let Ok(Begin::Acquired(a)) = s.begin(Key::new("t", "a"), fp("x"), LEASE) else {
+        panic!("acquire a")
+    };
+    let Ok(Begin::Acquired(b)) = s.begin(Key::new("t", "b"), fp("x"), LEASE) else {
+        panic!("acquire b")
+    };
+    s.complete(&a, b"done", None).unwrap();
+    s.release(b).unwrap();
+    // Completing again: the lease is no longer held.
+    assert!(matches!(s.complete(&a, b"again", None), Err(Error::StaleLease { .. })));
+    let st = s.stats();
+    assert_eq!((st.completions, st.releases, st.stale_leases), (1, 1, 1));
+    assert_eq!((st.log_bytes, st.poisoned), (0, false));
+}

@@ -462,6 +462,10 @@ where
         let here = span.clone();
         Box::pin(tracing::Instrument::instrument(
             async move {
+                #[cfg(feature = "metrics")]
+                let started = std::time::Instant::now();
+                #[cfg(feature = "metrics")]
+                let mut handler_time = Duration::ZERO;
                 let mut outcome = "refused";
                 let res = async {
             if !cfg.methods.contains(req.method()) {
@@ -562,7 +566,14 @@ where
             });
             let held = Held::new(store.clone(), lease);
             let handler = inner.call(Request::from_parts(parts, ReqB::from(body)));
-            let (res, held) = match run_to_end(&store, held, cfg.lease, handler).await {
+            #[cfg(feature = "metrics")]
+            let handler_started = std::time::Instant::now();
+            let ran = run_to_end(&store, held, cfg.lease, handler).await;
+            #[cfg(feature = "metrics")]
+            {
+                handler_time = handler_started.elapsed();
+            }
+            let (res, held) = match ran {
                 Ok((res, held)) => (res?, held),
                 Err(e) => return Ok(store_error(&e)),
             };
@@ -624,6 +635,10 @@ where
           }
           .await;
                 here.record("outcome", outcome);
+                #[cfg(feature = "metrics")]
+                if outcome != "passthrough" {
+                    crate::metrics::http_overhead(started.elapsed().saturating_sub(handler_time));
+                }
                 res
             },
             span,

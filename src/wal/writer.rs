@@ -209,6 +209,10 @@ impl Wal {
     }
 
     /// Bytes written to the log since the store was opened.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned_error().is_some()
+    }
+
     pub(crate) fn written(&self) -> u64 {
         self.shared.written.load(Ordering::Relaxed)
     }
@@ -322,8 +326,12 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
         let header = format::batch_header(first_seq, count, &batch[BATCH_HEADER_LEN..]);
         batch[..BATCH_HEADER_LEN].copy_from_slice(&header);
         let last = first_seq + u64::from(count) - 1;
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         match tail.append(&batch, first_seq) {
             Ok(()) => {
+                #[cfg(feature = "metrics")]
+                crate::metrics::log_batch(started.elapsed(), count);
                 shared
                     .written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
