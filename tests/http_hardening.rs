@@ -183,15 +183,20 @@ async fn per_client_credentials_are_never_stored_or_replayed() {
     assert!(h2.get("authentication-info").is_none(), "{h2:?}");
     assert_eq!(h2["x-order"], "o-1");
     // Nor are they in the store, where Redis operators and backups would see them.
-    for (_, snap) in store.scan(b"") {
+    // (The anonymous scope of POST /orders; the one record must be found.)
+    let mut seen = 0;
+    for (_, snap) in store.scan(b"POST /orders -") {
         if let Snapshot::Completed(c) = snap {
             let raw = String::from_utf8_lossy(&c.response);
+            assert!(raw.contains("o-1"), "{raw}");
             assert!(
                 !raw.contains("session=s1") && !raw.contains("nextnonce"),
                 "{raw}"
             );
+            seen += 1;
         }
     }
+    assert_eq!(seen, 1);
 
     // A policy of the user's: the default, minus x-order too.
     let policy =

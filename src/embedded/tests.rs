@@ -840,7 +840,10 @@ fn stats_count_completions_releases_and_stale_leases() {
     s.complete(&a, b"done", None).unwrap();
     s.release(b).unwrap();
     // Completing again: the lease is no longer held.
-    assert!(matches!(s.complete(&a, b"again", None), Err(Error::StaleLease { .. })));
+    assert!(matches!(
+        s.complete(&a, b"again", None),
+        Err(Error::StaleLease { .. })
+    ));
     let st = s.stats();
     assert_eq!((st.completions, st.releases, st.stale_leases), (1, 1, 1));
     assert_eq!((st.log_bytes, st.poisoned), (0, false));
