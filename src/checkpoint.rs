@@ -155,42 +155,8 @@ impl Checkpoints {
     }
 
     /// Feeds every stored record to `apply`; returns what the checkpoint covers.
-    pub(crate) fn load(&self, mut apply: impl FnMut(&Item<'_>)) -> Result<Loaded, CheckpointError> {
-        let e = redb_err(&self.path);
-        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
-        let mut loaded = Loaded::default();
-        let meta = match txn.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(loaded),
-            Err(x) => return Err(e(x.into())),
-        };
-        let get = |name: &str| -> Result<u64, CheckpointError> {
-            Ok(meta
-                .get(name)
-                .map_err(|x| e(x.into()))?
-                .map_or(0, |g| g.value()))
-        };
-        let format = get("format")?;
-        if format > FORMAT {
-            return Err(CheckpointError::Version {
-                path: self.path.clone(),
-                found: format,
-            });
-        }
-        loaded.seq = get("checkpoint_seq")?;
-        loaded.token_high = get("token_high")?;
-        let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
-        for entry in records.iter().map_err(|x| e(x.into()))? {
-            let (k, v) = entry.map_err(|x| e(x.into()))?;
-            let item = decode(k.value(), v.value()).map_err(|m| CheckpointError::Corrupt {
-                path: self.path.clone(),
-                key: k.value().to_vec(),
-                reason: m.0,
-            })?;
-            apply(&item);
-            loaded.records += 1;
-        }
-        Ok(loaded)
+    pub(crate) fn load(&self, apply: impl FnMut(&Item<'_>)) -> Result<Loaded, CheckpointError> {
+        load_from(&self.db, &self.path, apply)
     }
 
     /// Replaces the checkpoint with `records` (encoded key, encoded value pairs), covering the
@@ -218,6 +184,62 @@ impl Checkpoints {
         }
         txn.commit().map_err(|x| e(x.into()))
     }
+}
+
+/// Feeds every record of the checkpoint database `db` (at `path`) to `apply`.
+fn load_from(
+    db: &impl ReadableDatabase,
+    path: &Path,
+    mut apply: impl FnMut(&Item<'_>),
+) -> Result<Loaded, CheckpointError> {
+    let e = redb_err(path);
+    let txn = db.begin_read().map_err(|x| e(x.into()))?;
+    let mut loaded = Loaded::default();
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(loaded),
+        Err(x) => return Err(e(x.into())),
+    };
+    let get = |name: &str| -> Result<u64, CheckpointError> {
+        Ok(meta
+            .get(name)
+            .map_err(|x| e(x.into()))?
+            .map_or(0, |g| g.value()))
+    };
+    let format = get("format")?;
+    if format > FORMAT {
+        return Err(CheckpointError::Version {
+            path: path.to_path_buf(),
+            found: format,
+        });
+    }
+    loaded.seq = get("checkpoint_seq")?;
+    loaded.token_high = get("token_high")?;
+    let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+    for entry in records.iter().map_err(|x| e(x.into()))? {
+        let (k, v) = entry.map_err(|x| e(x.into()))?;
+        let item = decode(k.value(), v.value()).map_err(|m| CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            key: k.value().to_vec(),
+            reason: m.0,
+        })?;
+        apply(&item);
+        loaded.records += 1;
+    }
+    Ok(loaded)
+}
+
+/// Reads the checkpoint at `path` without creating or changing it (redb's read-only mode,
+/// which a process holding the database excludes); `Ok(None)` if there is none.
+pub(crate) fn load_read_only(
+    path: &Path,
+    apply: impl FnMut(&Item<'_>),
+) -> Result<Option<Loaded>, CheckpointError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let db = redb::ReadOnlyDatabase::open(path).map_err(|e| redb_err(path)(e.into()))?;
+    load_from(&db, path, apply).map(Some)
 }
 
 #[cfg(test)]

@@ -75,6 +75,8 @@ mod record;
 pub mod redis;
 mod shard;
 mod sync;
+#[cfg(not(loom))]
+pub mod tools;
 mod wait;
 mod wal;
 

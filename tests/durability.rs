@@ -153,7 +153,10 @@ fn a_second_open_of_the_same_directory_is_refused() {
     let clock = ManualClock::new(T0);
     let _first = builder(&clock).open(dir.path()).expect("open");
     match builder(&clock).open(dir.path()) {
-        Err(OpenError::Locked { path }) => assert_eq!(path, dir.path()),
+        Err(OpenError::Locked { path, holder }) => {
+            assert_eq!(path, dir.path());
+            assert_eq!(holder, Some(std::process::id()));
+        }
         other => panic!("{:?}", other.map(|_| ())),
     }
 }

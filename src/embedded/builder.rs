@@ -26,11 +26,14 @@ use crate::wal::{Durability, Wal};
 pub enum OpenError {
     /// Another store (in this or another process) has the directory open.
     #[error(
-        "{path} is in use by another idemkv store (its LOCK file is held); close that one first"
+        "{path} is in use by another idemkv store{} (its LOCK file is held); close that one first",
+        holder.map(|p| format!(", process {p}")).unwrap_or_default()
     )]
     Locked {
         /// The directory.
         path: std::path::PathBuf,
+        /// The process holding it, as it wrote itself into the LOCK file.
+        holder: Option<u32>,
     },
     /// A file or directory could not be created, read or synced.
     #[error("I/O on {path}: {source}")]
@@ -246,10 +249,11 @@ impl StoreBuilder {
             .open(&lock_path)
             .map_err(io(&lock_path))?;
         match lock.try_lock() {
-            Ok(()) => {}
+            Ok(()) => write_holder(&lock),
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(OpenError::Locked {
                     path: dir.to_path_buf(),
+                    holder: read_holder(&lock_path),
                 });
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
@@ -268,6 +272,7 @@ impl StoreBuilder {
             loaded.seq,
             self.on_corruption,
             self.storage.as_ref(),
+            true,
             |rec| {
                 for item in &rec.items {
                     max_token = max_token.max(inner.apply(item));
@@ -297,6 +302,70 @@ impl StoreBuilder {
         inner.wal_dir = wal_dir;
         inner.checkpoint_every = self.checkpoint_every;
         Ok(self.finish(inner))
+    }
+
+    /// Reads `dir` into an in-memory copy without changing a byte of it: a shared lock on
+    /// LOCK (so no store opens it meanwhile; refused with `Locked` while one has it open),
+    /// the checkpoint in redb's read-only mode, the log replayed with nothing cut or removed.
+    /// The copy's report says what an open would cut and remove. `verify` uses
+    /// `OnCorruption::Fail`, so damage is an error naming file and offset.
+    pub(crate) fn read_only_copy(
+        mut self,
+        dir: &std::path::Path,
+    ) -> Result<(Store, Option<crate::checkpoint::Loaded>), OpenError> {
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { path, source }
+        };
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::File::open(&lock_path).map_err(io(&lock_path))?;
+        match lock.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked {
+                    path: dir.to_path_buf(),
+                    holder: read_holder(&lock_path),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
+        self.durability = Durability::None;
+        self.sweep_interval = None;
+        let inner = self.make_inner()?;
+        let mut max_token = 0u64;
+        let loaded = crate::checkpoint::load_read_only(&dir.join("checkpoint.redb"), |item| {
+            max_token = max_token.max(inner.apply(item));
+        })?;
+        let after = loaded.as_ref().map_or(0, |l| l.seq);
+        let wal_dir = dir.join("wal");
+        let mut report = if wal_dir.exists() {
+            crate::wal::recovery::replay(
+                &wal_dir,
+                after,
+                self.on_corruption,
+                self.storage.as_ref(),
+                false,
+                |rec| {
+                    for item in &rec.items {
+                        max_token = max_token.max(inner.apply(item));
+                    }
+                },
+            )?
+        } else {
+            crate::RecoveryReport::default()
+        };
+        if let Some(l) = &loaded {
+            report.checkpoint_seq = l.seq;
+            report.checkpoint_records = l.records;
+        }
+        for shard in inner.shards.iter() {
+            let mut s = shard.0.lock();
+            s.counters.seq = s.counters.seq.max(max_token);
+        }
+        let mut inner = inner;
+        inner.recovery = Some(report);
+        drop(lock);
+        Ok((self.finish(inner), loaded))
     }
 
     fn make_inner(&self) -> Result<Inner, Error> {
@@ -412,4 +481,19 @@ fn log_recovery(report: &crate::RecoveryReport) {
         checkpoint_records = report.checkpoint_records,
         "store opened"
     );
+}
+
+/// Writes this process's id into the LOCK file it now holds, for `Locked { holder }` and the
+/// `idemkv` command. Best effort: the lock itself is the flock, not the contents.
+fn write_holder(lock: &std::fs::File) {
+    use std::io::Write as _;
+    let mut f = lock;
+    if lock.set_len(0).is_ok() {
+        let _ = write!(f, "{}", std::process::id());
+    }
+}
+
+/// The process id a LOCK file names, if it names one.
+pub(crate) fn read_holder(lock_path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(lock_path).ok()?.trim().parse().ok()
 }

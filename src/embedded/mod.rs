@@ -305,6 +305,46 @@ impl Store {
         out
     }
 
+    /// Writes `value` under `key` with the given `version`, if the key holds nothing: for
+    /// restoring a dump (`idemkv restore`) with the versions compare-and-set callers hold.
+    /// Versions written later stay above it. Returns false, writing nothing, if the key holds
+    /// a live record.
+    pub fn restore_value(
+        &self,
+        key: Key<'_>,
+        value: &[u8],
+        version: u64,
+        ttl: Option<Duration>,
+    ) -> Result<bool, Error> {
+        let settle = Settle::default();
+        let done = self
+            .inner
+            .restore_value(key, value, version, ttl, &settle)?;
+        self.inner.settle(&settle, self.durability)?;
+        Ok(done)
+    }
+
+    /// Every live record, scope and id with its state, one shard at a time: `f` runs outside
+    /// the shard's lock (on a copy of that shard's records), so it may call the store, and at
+    /// most one shard's records are held at once. For tools and administration; not a
+    /// snapshot of one instant.
+    pub fn for_each_record(&self, mut f: impl FnMut(Key<'_>, Snapshot)) {
+        let now = self.inner.now();
+        for shard in self.inner.shards.iter() {
+            let copy: Vec<(Vec<u8>, Vec<u8>, Snapshot)> = {
+                let s = shard.0.lock();
+                s.table
+                    .iter()
+                    .filter(|r| !is_dead(r, now))
+                    .map(|r| (r.scope().to_vec(), r.id().to_vec(), snapshot_of(r)))
+                    .collect()
+            };
+            for (scope, id, snap) in copy {
+                f(Key::new(&scope, &id), snap);
+            }
+        }
+    }
+
     /// Writes a checkpoint now (see [`StoreBuilder::checkpoint_every`] for the automatic ones):
     /// the live records go into `checkpoint.redb`, and the log segments it covers are deleted.
     /// A no-op for a store in memory.

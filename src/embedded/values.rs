@@ -106,6 +106,43 @@ impl Inner {
         }
         Ok(CasOutcome::Applied { version })
     }
+    /// A value with a given version, if the key is absent (or dead): for restoring a dump.
+    /// Later versions of the shard stay above it.
+    pub(crate) fn restore_value(
+        &self,
+        key: Key<'_>,
+        value: &[u8],
+        version: u64,
+        ttl: Option<Duration>,
+        settle: &Settle,
+    ) -> Result<bool, Error> {
+        self.check_key(key)?;
+        self.check_value(value)?;
+        let now = self.now();
+        let b = match ttl {
+            Some(d) => now.saturating_add(nonzero(d, "the ttl")?),
+            None => u64::MAX,
+        };
+        let hash = self.hash(key);
+        let mut guard = self.lock(hash, settle);
+        let (table, mut book) = guard.parts();
+        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        if let Entry::Occupied(e) = &slot
+            && !is_dead(e.get(), now)
+        {
+            return Ok(false);
+        }
+        book.counters.seq = book.counters.seq.max(version >> 16);
+        let put = Change::Put {
+            kind: Kind::Value,
+            a: version,
+            b,
+            fingerprint: Fingerprint::NONE,
+            value,
+        };
+        self.commit(&mut book, slot, key, Some(Op::Cas), put)?;
+        Ok(true)
+    }
     #[inline]
     pub(crate) fn put_pending(
         &self,

@@ -161,12 +161,14 @@ fn cut(path: &Path, at: u64) -> Result<(), LogError> {
 /// Replays every record with a sequence number above `after` (the checkpoint's), in order,
 /// through `apply`; cuts a torn tail; removes segment files that hold no valid batch (see
 /// `segments`), so that the writer, which starts a new segment at `last_seq + 1`, finds its
-/// name free.
+/// name free. With `modify` false (reading a directory for inspection) nothing is cut or
+/// removed: the report says what an open would cut and remove.
 pub(crate) fn replay(
     dir: &Path,
     after: u64,
     on_corruption: OnCorruption,
     storage: &dyn LogStorage,
+    modify: bool,
     mut apply: impl FnMut(&RecordAt<'_>),
 ) -> Result<RecoveryReport, LogError> {
     let segments = segments::list(dir).map_err(io_err(dir))?;
@@ -258,7 +260,9 @@ pub(crate) fn replay(
         drop(m);
         if torn {
             let len = std::fs::metadata(path).map_err(io_err(path))?.len();
-            cut(path, at.max(SEGMENT_HEADER_LEN as u64).min(len))?;
+            if modify {
+                cut(path, at.max(SEGMENT_HEADER_LEN as u64).min(len))?;
+            }
             report.torn_tail = Some(TornTail {
                 path: path.clone(),
                 offset: at,
@@ -267,12 +271,14 @@ pub(crate) fn replay(
             // Nothing valid follows a torn tail: later segments (if a crash left any) are empty.
             empty.extend(later.iter().map(|(_, p)| p.clone()));
         } else {
-            cut(path, at)?;
             let removed: Vec<PathBuf> = later.iter().map(|(_, p)| p.clone()).collect();
-            for p in &removed {
-                storage.remove(p).map_err(io_err(p))?;
+            if modify {
+                cut(path, at)?;
+                for p in &removed {
+                    storage.remove(p).map_err(io_err(p))?;
+                }
+                storage.sync_dir(dir).map_err(io_err(dir))?;
             }
-            storage.sync_dir(dir).map_err(io_err(dir))?;
             report.dropped = Some(DroppedDamage {
                 path: path.clone(),
                 offset: at,
@@ -282,7 +288,9 @@ pub(crate) fn replay(
         }
         break;
     }
-    segments::remove_empty(storage, dir, &empty).map_err(io_err(dir))?;
+    if modify {
+        segments::remove_empty(storage, dir, &empty).map_err(io_err(dir))?;
+    }
     report.empty_segments_removed = empty;
     Ok(report)
 }

@@ -1,0 +1,585 @@
+//! `idemkv`: look inside and repair an idemkv data directory.
+//!
+//! `cargo run --release --features cli --bin idemkv -- <command>`; `--help` on any command.
+//!
+//! Reading commands (`stats`, `verify`, `inspect`, `list`, `dump`) never change the directory:
+//! they read it through `idemkv::tools` (a shared lock, redb's read-only mode, the log replayed
+//! with nothing cut). A directory a running store has open is refused, naming its process.
+//! Writing commands (`evict`, `restore`) open it as a store, so they are refused the same way.
+//!
+//! Exit codes: 0 done; 1 `verify` found damage; 2 bad usage; 3 the key was not found
+//! (`inspect`, `evict`); 4 the directory is in use by a running store; 5 any other failure
+//! (I/O, an unreadable dump line).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Parser, Subcommand};
+use idemkv::{Begin, Clock, Fingerprint, Key, OpenError, PutPending, Snapshot, Store, SystemClock};
+
+#[derive(Parser)]
+#[command(
+    name = "idemkv",
+    version,
+    about = "Look inside and repair an idemkv data directory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Records, bytes, in-flight leases, log segments, the last checkpoint.
+    Stats {
+        /// The data directory.
+        dir: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checks the checkpoint and every log batch, read-only; exit 1 naming any damage.
+    Verify {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// One record: state, token, deadline, expiry, fingerprint, response.
+    Inspect {
+        /// The data directory.
+        dir: PathBuf,
+        /// The key's scope.
+        #[arg(long)]
+        scope: String,
+        /// The key's id.
+        key: String,
+    },
+    /// Streams records, one per line.
+    List {
+        /// The data directory.
+        dir: PathBuf,
+        /// Only this scope.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Only records held by a lease.
+        #[arg(long)]
+        in_flight: bool,
+        /// At most this many lines.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Removes one record, durably.
+    Evict {
+        /// The data directory.
+        dir: PathBuf,
+        /// The key's scope.
+        #[arg(long)]
+        scope: String,
+        /// The key's id.
+        key: String,
+    },
+    /// Every live record as JSON lines on stdout (format `idemkv-dump` 1, bytes in base64,
+    /// remaining TTLs).
+    Dump {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Loads a dump from stdin into the directory (created if absent).
+    Restore {
+        /// The data directory.
+        dir: PathBuf,
+    },
+}
+
+/// A failure, with its exit code.
+struct Fail(u8, String);
+
+impl From<OpenError> for Fail {
+    fn from(e: OpenError) -> Self {
+        let code = if matches!(e, OpenError::Locked { .. }) {
+            4
+        } else {
+            5
+        };
+        Fail(code, e.to_string())
+    }
+}
+
+impl From<idemkv::Error> for Fail {
+    fn from(e: idemkv::Error) -> Self {
+        Fail(5, e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        Fail(5, e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let done = match cli.command {
+        Command::Stats { dir, json } => stats(&dir, json, &mut out),
+        Command::Verify { dir } => verify(&dir, &mut out),
+        Command::Inspect { dir, scope, key } => inspect(&dir, &scope, &key, &mut out),
+        Command::List {
+            dir,
+            scope,
+            in_flight,
+            limit,
+        } => list(&dir, scope.as_deref(), in_flight, limit, &mut out),
+        Command::Evict { dir, scope, key } => evict(&dir, &scope, &key, &mut out),
+        Command::Dump { dir } => dump(&dir, &mut out),
+        Command::Restore { dir } => restore(&dir, &mut out),
+    };
+    let flushed = out.flush();
+    match (done, flushed) {
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        (Err(Fail(code, why)), _) => {
+            eprintln!("idemkv: {why}");
+            ExitCode::from(code)
+        }
+        (Ok(()), Err(e)) => {
+            eprintln!("idemkv: writing the output: {e}");
+            ExitCode::from(5)
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemClock.now().as_millis()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    if s.len() != 32 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn kind(s: &Snapshot) -> &'static str {
+    match s {
+        Snapshot::InFlight { pending: false, .. } => "in-flight",
+        Snapshot::InFlight { pending: true, .. } => "in-flight-pending",
+        Snapshot::Completed(_) => "completed",
+        Snapshot::Pending { .. } => "pending",
+        Snapshot::Value(_) => "value",
+    }
+}
+
+/// "12.3s", "-4.0s" (past), or "never".
+fn until(ms: Option<u64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(t) => format!("{:.1}s", (t as f64 - now_ms() as f64) / 1000.0),
+    }
+}
+
+fn stats(dir: &Path, json: bool, out: &mut impl Write) -> Result<(), Fail> {
+    let copy = idemkv::tools::read_dir(dir)?;
+    let s = copy.store.stats();
+    let (mut in_flight, mut completed, mut pending, mut values) = (0u64, 0u64, 0u64, 0u64);
+    copy.store.for_each_record(|_, snap| match snap {
+        Snapshot::InFlight { .. } => in_flight += 1,
+        Snapshot::Completed(_) => completed += 1,
+        Snapshot::Pending { .. } => pending += 1,
+        _ => values += 1,
+    });
+    let seg_bytes: u64 = copy.segments.iter().map(|(_, b)| b).sum();
+    let ckpt = copy.checkpoint.as_ref();
+    let ckpt_age = ckpt
+        .and_then(|c| c.modified)
+        .and_then(|m| m.elapsed().ok())
+        .map(|d| d.as_secs());
+    let torn = copy.report.torn_tail.as_ref();
+    if json {
+        let v = serde_json::json!({
+            "records": s.records,
+            "bytes": s.bytes,
+            "in_flight": in_flight,
+            "completed": completed,
+            "pending": pending,
+            "values": values,
+            "segments": copy.segments.len(),
+            "segment_bytes": seg_bytes,
+            "log_records_after_checkpoint": copy.report.records,
+            "checkpoint": ckpt.map(|c| serde_json::json!({
+                "covers_seq": c.covers_seq,
+                "records": c.records,
+                "bytes": c.bytes,
+                "age_secs": ckpt_age,
+            })),
+            "torn_tail": torn.map(|t| serde_json::json!({
+                "path": t.path.display().to_string(), "offset": t.offset, "bytes": t.bytes,
+            })),
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(out, "records          {} ({} bytes)", s.records, s.bytes)?;
+    writeln!(
+        out,
+        "  in flight      {in_flight}\n  completed      {completed}\n  pending        {pending}\n  values         {values}"
+    )?;
+    writeln!(
+        out,
+        "log segments     {} ({} bytes), {} records after the checkpoint",
+        copy.segments.len(),
+        seg_bytes,
+        copy.report.records
+    )?;
+    match ckpt {
+        Some(c) => writeln!(
+            out,
+            "last checkpoint  covers seq {}, {} records, {} bytes, {}",
+            c.covers_seq,
+            c.records,
+            c.bytes,
+            ckpt_age.map_or("age unknown".into(), |a| format!("{a} s ago"))
+        )?,
+        None => writeln!(out, "last checkpoint  none")?,
+    }
+    if let Some(t) = torn {
+        writeln!(
+            out,
+            "torn tail        {} at offset {} ({} bytes; cut at the next open)",
+            t.path.display(),
+            t.offset,
+            t.bytes
+        )?;
+    }
+    Ok(())
+}
+
+fn verify(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
+    let v = idemkv::tools::verify(dir)?;
+    if let Some(d) = v.damage {
+        let at = d
+            .offset
+            .map_or(String::new(), |o| format!(" at offset {o}"));
+        return Err(Fail(
+            1,
+            format!("damage in {}{at}: {}", d.path.display(), d.reason),
+        ));
+    }
+    let copy = v.copy.ok_or_else(|| Fail(5, "nothing was read".into()))?;
+    writeln!(
+        out,
+        "ok: {} records ({} from the checkpoint, {} log records after it) in {} segments",
+        copy.store.stats().records,
+        copy.report.checkpoint_records,
+        copy.report.records,
+        copy.segments.len()
+    )?;
+    if let Some(t) = &copy.report.torn_tail {
+        writeln!(
+            out,
+            "torn tail: {} at offset {}, {} bytes (a write a crash cut short, never acknowledged; left as is)",
+            t.path.display(),
+            t.offset,
+            t.bytes
+        )?;
+    }
+    for p in &copy.report.empty_segments_removed {
+        writeln!(out, "empty segment: {} (holds no batch)", p.display())?;
+    }
+    Ok(())
+}
+
+fn inspect(dir: &Path, scope: &str, key: &str, out: &mut impl Write) -> Result<(), Fail> {
+    let copy = idemkv::tools::read_dir(dir)?;
+    let snap = copy
+        .store
+        .get(Key::new(scope, key))?
+        .ok_or_else(|| Fail(3, format!("no record {scope:?} / {key:?}")))?;
+    writeln!(out, "state        {}", kind(&snap))?;
+    match &snap {
+        Snapshot::InFlight {
+            token,
+            deadline,
+            fingerprint,
+            ..
+        } => {
+            writeln!(out, "token        {token}")?;
+            writeln!(out, "deadline     in {}", until(Some(deadline.as_millis())))?;
+            writeln!(out, "fingerprint  {}", hex(fingerprint.as_bytes()))?;
+        }
+        Snapshot::Completed(c) => {
+            writeln!(
+                out,
+                "completed    {} ms since the epoch",
+                c.completed_at.as_millis()
+            )?;
+            writeln!(
+                out,
+                "expires      in {}",
+                until(Some(c.expires_at.as_millis()))
+            )?;
+            writeln!(out, "fingerprint  {}", hex(c.fingerprint.as_bytes()))?;
+            response(&c.response, out)?;
+        }
+        Snapshot::Pending {
+            payload,
+            expires_at,
+        } => {
+            writeln!(
+                out,
+                "expires      in {}",
+                until(Some(expires_at.as_millis()))
+            )?;
+            response(payload, out)?;
+        }
+        Snapshot::Value(v) => {
+            writeln!(out, "version      {}", v.version)?;
+            writeln!(
+                out,
+                "expires      {}",
+                v.expires_at.map_or("never".into(), |t| format!(
+                    "in {}",
+                    until(Some(t.as_millis()))
+                ))
+            )?;
+            response(&v.value, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// The size and first bytes; the HTTP status and headers when it is a stored HTTP response.
+fn response(bytes: &[u8], out: &mut impl Write) -> Result<(), Fail> {
+    writeln!(out, "size         {} bytes", bytes.len())?;
+    let head = &bytes[..bytes.len().min(64)];
+    writeln!(out, "first bytes  {:?}", String::from_utf8_lossy(head))?;
+    if let Some(http) = idemkv::tools::decode_http_response(bytes) {
+        writeln!(out, "http status  {}", http.status)?;
+        for (n, v) in &http.headers {
+            writeln!(out, "http header  {n}: {v}")?;
+        }
+        match http.body_len {
+            Some(n) => writeln!(out, "http body    {n} bytes")?,
+            None => writeln!(out, "http body    not kept (too large)")?,
+        }
+    }
+    Ok(())
+}
+
+fn list(
+    dir: &Path,
+    scope: Option<&str>,
+    in_flight: bool,
+    limit: Option<usize>,
+    out: &mut impl Write,
+) -> Result<(), Fail> {
+    let copy = idemkv::tools::read_dir(dir)?;
+    let mut n = 0usize;
+    let mut err = None;
+    copy.store.for_each_record(|key, snap| {
+        if err.is_some() || limit.is_some_and(|l| n >= l) {
+            return;
+        }
+        if scope.is_some_and(|s| s.as_bytes() != key.scope())
+            || (in_flight && !matches!(snap, Snapshot::InFlight { .. }))
+        {
+            return;
+        }
+        n += 1;
+        let line = writeln!(
+            out,
+            "{}\t{}\t{}",
+            String::from_utf8_lossy(key.scope()).escape_debug(),
+            String::from_utf8_lossy(key.id()).escape_debug(),
+            kind(&snap)
+        );
+        err = line.err();
+    });
+    err.map_or(Ok(()), |e| Err(e.into()))
+}
+
+fn evict(dir: &Path, scope: &str, key: &str, out: &mut impl Write) -> Result<(), Fail> {
+    if !dir.join("LOCK").exists() {
+        return Err(Fail(
+            5,
+            format!("{} is not an idemkv data directory", dir.display()),
+        ));
+    }
+    let store = Store::builder().sweep_interval(None).open(dir)?;
+    if store.remove(Key::new(scope, key))? {
+        writeln!(out, "removed {scope:?} / {key:?}")?;
+        Ok(())
+    } else {
+        Err(Fail(3, format!("no record {scope:?} / {key:?}")))
+    }
+}
+
+/// Dump format version.
+const DUMP_FORMAT: u64 = 1;
+
+fn progress(len: Option<u64>, what: &'static str) -> indicatif::ProgressBar {
+    // Drawn on stderr, and only when it is a terminal.
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_message(what);
+    bar
+}
+
+fn dump(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
+    let copy = idemkv::tools::read_dir(dir)?;
+    let now = now_ms();
+    let header = serde_json::json!({"format": "idemkv-dump", "version": DUMP_FORMAT, "at_ms": now});
+    writeln!(out, "{header}")?;
+    let bar = progress(Some(copy.store.stats().records), "dumping");
+    let mut err = None;
+    copy.store.for_each_record(|key, snap| {
+        if err.is_some() {
+            return;
+        }
+        bar.inc(1);
+        let ttl = |t: u64| t.saturating_sub(now);
+        let mut v = serde_json::json!({
+            "scope": B64.encode(key.scope()),
+            "id": B64.encode(key.id()),
+            "kind": kind(&snap),
+        });
+        match &snap {
+            Snapshot::Completed(c) => {
+                v["fingerprint"] = hex(c.fingerprint.as_bytes()).into();
+                v["value"] = B64.encode(&c.response).into();
+                v["ttl_ms"] = ttl(c.expires_at.as_millis()).into();
+            }
+            Snapshot::Pending {
+                payload,
+                expires_at,
+            } => {
+                v["value"] = B64.encode(payload).into();
+                v["ttl_ms"] = ttl(expires_at.as_millis()).into();
+            }
+            Snapshot::Value(x) => {
+                v["value"] = B64.encode(&x.value).into();
+                v["version"] = x.version.into();
+                if let Some(t) = x.expires_at {
+                    v["ttl_ms"] = ttl(t.as_millis()).into();
+                }
+            }
+            Snapshot::InFlight {
+                token,
+                deadline,
+                fingerprint,
+                ..
+            } => {
+                v["token"] = (*token).into();
+                v["fingerprint"] = hex(fingerprint.as_bytes()).into();
+                v["ttl_ms"] = ttl(deadline.as_millis()).into();
+            }
+        }
+        err = writeln!(out, "{v}").err();
+    });
+    bar.finish_and_clear();
+    err.map_or(Ok(()), |e| Err(e.into()))
+}
+
+/// What `restore` did with each kind of line.
+#[derive(Default)]
+struct Restored {
+    completed: u64,
+    pending: u64,
+    values: u64,
+    skipped_in_flight: u64,
+    already_there: u64,
+}
+
+fn restore(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
+    let store = Store::builder().sweep_interval(None).open(dir)?;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let bad = |n: usize, why: &str| Fail(5, format!("dump line {n}: {why}"));
+    let header = lines.next().ok_or_else(|| bad(1, "empty input"))??;
+    let header: serde_json::Value =
+        serde_json::from_str(&header).map_err(|e| bad(1, &e.to_string()))?;
+    if header["format"] != "idemkv-dump" || header["version"].as_u64() != Some(DUMP_FORMAT) {
+        return Err(bad(1, "not an idemkv-dump of version 1"));
+    }
+    let bar = progress(None, "restoring");
+    let mut r = Restored::default();
+    for (i, line) in lines.enumerate() {
+        let n = i + 2;
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        bar.inc(1);
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(n, &e.to_string()))?;
+        let b64 = |field: &str| -> Result<Vec<u8>, Fail> {
+            let s = v[field]
+                .as_str()
+                .ok_or_else(|| bad(n, &format!("no {field}")))?;
+            B64.decode(s).map_err(|e| bad(n, &format!("{field}: {e}")))
+        };
+        let (scope, id) = (b64("scope")?, b64("id")?);
+        let key = Key::new(&scope, &id);
+        // A record whose time ran out between dump and restore is not restored.
+        let ttl = v["ttl_ms"].as_u64().map(Duration::from_millis);
+        if ttl.is_some_and(|t| t.is_zero()) {
+            continue;
+        }
+        // Restoring is repeatable: a key that holds anything is left as it is.
+        let kind = v["kind"].as_str();
+        if !matches!(kind, Some("in-flight" | "in-flight-pending")) && store.get(key)?.is_some() {
+            r.already_there += 1;
+            continue;
+        }
+        match kind {
+            Some("completed") => {
+                let fp = v["fingerprint"]
+                    .as_str()
+                    .and_then(unhex)
+                    .map(Fingerprint::from_bytes)
+                    .ok_or_else(|| bad(n, "bad fingerprint"))?;
+                match store.begin(key, fp, Duration::from_secs(60))? {
+                    Begin::Acquired(lease) => {
+                        store.complete(&lease, &b64("value")?, ttl)?;
+                        r.completed += 1;
+                    }
+                    _ => r.already_there += 1,
+                }
+            }
+            Some("pending") => match store.put_pending(key, &b64("value")?, ttl)? {
+                PutPending::Stored => r.pending += 1,
+                _ => r.already_there += 1,
+            },
+            Some("value") => {
+                let version = v["version"].as_u64().ok_or_else(|| bad(n, "no version"))?;
+                if store.restore_value(key, &b64("value")?, version, ttl)? {
+                    r.values += 1;
+                } else {
+                    r.already_there += 1;
+                }
+            }
+            Some("in-flight" | "in-flight-pending") => r.skipped_in_flight += 1,
+            _ => return Err(bad(n, "unknown kind")),
+        }
+    }
+    bar.finish_and_clear();
+    writeln!(
+        out,
+        "restored {} completed, {} pending, {} values; {} already present; {} in-flight leases not restored",
+        r.completed, r.pending, r.values, r.already_there, r.skipped_in_flight
+    )?;
+    Ok(())
+}
