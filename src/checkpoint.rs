@@ -231,6 +231,7 @@ fn load_from(
 
 /// Reads the checkpoint at `path` without creating or changing it (redb's read-only mode,
 /// which a process holding the database excludes); `Ok(None)` if there is none.
+#[cfg_attr(loom, allow(dead_code))] // its one user, `tools`, is not built under loom
 pub(crate) fn load_read_only(
     path: &Path,
     apply: impl FnMut(&Item<'_>),

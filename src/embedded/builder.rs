@@ -309,6 +309,7 @@ impl StoreBuilder {
     /// the checkpoint in redb's read-only mode, the log replayed with nothing cut or removed.
     /// The copy's report says what an open would cut and remove. `verify` uses
     /// `OnCorruption::Fail`, so damage is an error naming file and offset.
+    #[cfg_attr(loom, allow(dead_code))] // its one user, `tools`, is not built under loom
     pub(crate) fn read_only_copy(
         mut self,
         dir: &std::path::Path,
