@@ -2,7 +2,7 @@
 //! and Redis (`redis/ops.rs`).
 //!
 //! Invariant: each method has the semantics of the blocking method of the same name on
-//! [`Store`], and never blocks an executor thread.
+//! [`Store`](crate::Store), and never blocks an executor thread.
 
 use std::future::Future;
 use std::time::Duration;
@@ -14,11 +14,11 @@ use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
 
 /// The operations the HTTP and Kafka adapters use, as futures.
 ///
-/// The embedded [`Store`] implements it; so will the Redis backend. Semantics are those of the
-/// blocking methods of the same names on [`Store`]. Implementations never block an executor
+/// The embedded [`Store`](crate::Store) implements it; so will the Redis backend. Semantics are those of the
+/// blocking methods of the same names on [`Store`](crate::Store). Implementations never block an executor
 /// thread: waiting for a holder (and, with durability, for the disk) is an `.await`.
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// See [`Store::begin`].
+    /// See [`Store::begin`](crate::Store::begin).
     fn begin(
         &self,
         key: Key<'_>,
@@ -26,7 +26,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Begin, Error>> + Send;
 
-    /// See [`Store::begin_wait`]: waits (asynchronously, at most `max_wait`) for a holder to
+    /// See [`Store::begin_wait`](crate::Store::begin_wait): waits (asynchronously, at most `max_wait`) for a holder to
     /// finish before answering.
     fn begin_wait(
         &self,
@@ -36,7 +36,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         max_wait: Duration,
     ) -> impl Future<Output = Result<Begin, Error>> + Send;
 
-    /// See [`Store::complete_with`] (an empty `writes` is a plain completion).
+    /// See [`Store::complete_with`](crate::Store::complete_with) (an empty `writes` is a plain completion).
     fn complete(
         &self,
         lease: &Lease,
@@ -45,26 +45,26 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         writes: &[Write],
     ) -> impl Future<Output = Result<Timestamp, Error>> + Send;
 
-    /// See [`Store::release`].
+    /// See [`Store::release`](crate::Store::release).
     fn release(&self, lease: Lease) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// See [`Store::renew`].
+    /// See [`Store::renew`](crate::Store::renew).
     fn renew(
         &self,
         lease: &mut Lease,
         extend: Duration,
     ) -> impl Future<Output = Result<Timestamp, Error>> + Send;
 
-    /// See [`Store::get`].
+    /// See [`Store::get`](crate::Store::get).
     fn get(&self, key: Key<'_>) -> impl Future<Output = Result<Option<Snapshot>, Error>> + Send;
 
-    /// See [`Store::remove`].
+    /// See [`Store::remove`](crate::Store::remove).
     fn remove(&self, key: Key<'_>) -> impl Future<Output = Result<bool, Error>> + Send;
 
-    /// See [`Store::cas`].
+    /// See [`Store::cas`](crate::Store::cas).
     fn cas(&self, write: &Write) -> impl Future<Output = Result<CasOutcome, Error>> + Send;
 
-    /// See [`Store::put_pending`].
+    /// See [`Store::put_pending`](crate::Store::put_pending).
     fn put_pending(
         &self,
         key: Key<'_>,
@@ -72,7 +72,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<PutPending, Error>> + Send;
 
-    /// See [`Store::take_pending`].
+    /// See [`Store::take_pending`](crate::Store::take_pending).
     fn take_pending(
         &self,
         key: Key<'_>,

@@ -51,6 +51,7 @@
 //! about `40 + 9 / load` ≈ 50–60 bytes per record beyond its key and value.
 
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 #[cfg(any(feature = "http", feature = "kafka"))]
@@ -62,8 +63,10 @@ pub mod echo;
 mod embedded;
 mod error;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 #[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
 mod key;
 mod limits;
@@ -72,6 +75,7 @@ mod model;
 #[allow(unsafe_code)]
 mod record;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 mod shard;
 mod sync;

@@ -1,4 +1,4 @@
-//! Metrics through the [`metrics`] facade (feature `metrics`): install any recorder
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`): install any recorder
 //! (`metrics-exporter-prometheus`, StatsD, …) and idemkv's figures appear in it.
 //!
 //! - **Histograms**, recorded where they happen: `idemkv_fsync_seconds` and
@@ -6,13 +6,13 @@
 //!   `idemkv_checkpoint_seconds`, and `idemkv_http_overhead_seconds` (the time the
 //!   idempotency layer adds to a request, the handler's own time excluded).
 //! - **Counters and gauges** of a store are read from [`Store::stats`](crate::Store::stats)
-//!   and published by [`record_store`] — call it before each scrape (or on a timer), so the
+//!   and published by `record_store` — call it before each scrape (or on a timer), so the
 //!   request path pays nothing for them: `idemkv_acquired_total`, `idemkv_replayed_total`,
 //!   `idemkv_in_progress_total`, `idemkv_mismatches_total`, `idemkv_takeovers_total`,
 //!   `idemkv_expirations_total`, `idemkv_completions_total`, `idemkv_releases_total`,
 //!   `idemkv_stale_leases_total`, `idemkv_checkpoints_total`; gauges `idemkv_records`,
 //!   `idemkv_bytes`, `idemkv_log_bytes`, `idemkv_poisoned` (0 or 1).
-//! - The Kafka processor's counters: [`record_processor`] (feature `kafka`), as
+//! - The Kafka processor's counters: `record_processor` (features `metrics` and `kafka`), as
 //!   `idemkv_kafka_<counter>_total`.
 //!
 //! Invariant: without the feature every hook here compiles to nothing.
@@ -22,12 +22,14 @@ use std::time::Duration;
 
 /// Publishes `store`'s counters and gauges (see the module docs).
 #[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub fn record_store(store: &crate::Store) {
     record_stats(&store.stats());
 }
 
 /// Publishes counters and gauges from a [`Stats`](crate::Stats) snapshot.
 #[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub fn record_stats(s: &crate::Stats) {
     use metrics::{counter, gauge};
     counter!("idemkv_acquired_total").absolute(s.acquired);
@@ -49,6 +51,7 @@ pub fn record_stats(s: &crate::Stats) {
 /// Publishes a Kafka processor's counters, from
 /// [`ProcessorHandle::stats`](crate::kafka::ProcessorHandle::stats).
 #[cfg(all(feature = "metrics", feature = "kafka"))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "metrics", feature = "kafka"))))]
 pub fn record_processor(s: &crate::kafka::ProcessorStats) {
     use metrics::counter;
     counter!("idemkv_kafka_processed_total").absolute(s.processed);

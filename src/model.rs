@@ -13,7 +13,7 @@ use crate::key::{Fingerprint, Key, OwnedKey};
 ///
 /// Its `token` is a fencing token: unique in the store, and larger than every token (and
 /// version) handed out before for the same key. `complete`, `release` and `renew` check it, so a
-/// holder whose lease expired and was taken over gets [`Error::StaleLease`] and can never
+/// holder whose lease expired and was taken over gets [`Error::StaleLease`](crate::Error::StaleLease) and can never
 /// overwrite the new holder's work.
 #[derive(Debug)]
 pub struct Lease {
@@ -103,7 +103,7 @@ pub struct Completed {
     pub expires_at: Timestamp,
 }
 
-/// What [`Store::begin`] found.
+/// What [`Store::begin`](crate::Store::begin) found.
 #[derive(Debug)]
 #[must_use]
 pub enum Begin {
@@ -121,7 +121,7 @@ pub enum Begin {
     Mismatch,
 }
 
-/// What [`Store::take_pending`] found.
+/// What [`Store::take_pending`](crate::Store::take_pending) found.
 #[derive(Debug)]
 #[must_use]
 pub enum Take {
@@ -143,7 +143,7 @@ pub enum Take {
     NotFound,
 }
 
-/// What [`Store::put_pending`] did.
+/// What [`Store::put_pending`](crate::Store::put_pending) did.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use]
 pub enum PutPending {
@@ -170,7 +170,7 @@ pub struct Versioned {
     pub expires_at: Option<Timestamp>,
 }
 
-/// A copy of what a key holds, from [`Store::get`].
+/// A copy of what a key holds, from [`Store::get`](crate::Store::get).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Snapshot {
     /// Held by a lease (possibly expired and not yet taken over).
@@ -216,7 +216,7 @@ pub enum CasOp {
     },
 }
 
-/// One versioned write: on its own with [`Store::cas`], or in a completion batch.
+/// One versioned write: on its own with [`Store::cas`](crate::Store::cas), or in a completion batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
     /// The key written.
@@ -281,7 +281,7 @@ pub enum CasOutcome {
     },
 }
 
-/// What a checkpoint wrote, from [`Store::checkpoint`].
+/// What a checkpoint wrote, from [`Store::checkpoint`](crate::Store::checkpoint).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CheckpointStats {
@@ -293,7 +293,7 @@ pub struct CheckpointStats {
     pub segments_deleted: usize,
 }
 
-/// Counters and sizes of a store, from [`Store::stats`].
+/// Counters and sizes of a store, from [`Store::stats`](crate::Store::stats).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

@@ -155,6 +155,7 @@ pub fn verify(dir: impl AsRef<Path>) -> Result<Verified, OpenError> {
 
 /// A stored HTTP response, as [`decode_http_response`] reads it.
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoredHttp {
@@ -169,6 +170,7 @@ pub struct StoredHttp {
 /// A stored HTTP response (from the idempotency layer or `ExactlyOnce`), decoded. `None` if
 /// the bytes are not one.
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub fn decode_http_response(bytes: &[u8]) -> Option<StoredHttp> {
     let s = crate::http::stored::decode(bytes)?;
     let headers = s
