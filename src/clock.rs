@@ -13,6 +13,7 @@ use crate::sync::{Arc, AtomicU64, Ordering};
 ///
 /// Milliseconds are the resolution of every deadline in idemkv (leases, TTLs), the same as
 /// Redis' `PX`, so the embedded and Redis backends agree on what "expired" means.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Timestamp(u64);
 

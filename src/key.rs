@@ -165,6 +165,7 @@ impl<'a> From<&'a OwnedKey> for Key<'a> {
 /// computed before a restart still match after it. It is not a cryptographic hash: a client that
 /// crafts two colliding payloads only ever gets its own earlier response back, because keys are
 /// scoped per client. Supply your own bytes with [`Fingerprint::from_bytes`] if you need more.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Fingerprint([u8; 16]);
 

@@ -91,6 +91,7 @@ impl Lease {
 }
 
 /// A completed record: the response to replay.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Completed {
     /// The stored response, exactly as given to `complete`.
@@ -159,6 +160,7 @@ pub enum PutPending {
 }
 
 /// A versioned value.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
     /// Its version: unique in the store, larger after every write of the key (also across a
@@ -171,6 +173,7 @@ pub struct Versioned {
 }
 
 /// A copy of what a key holds, from [`Store::get`](crate::Store::get).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Snapshot {
     /// Held by a lease (possibly expired and not yet taken over).
@@ -282,6 +285,7 @@ pub enum CasOutcome {
 }
 
 /// What a checkpoint wrote, from [`Store::checkpoint`](crate::Store::checkpoint).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CheckpointStats {
@@ -294,6 +298,7 @@ pub struct CheckpointStats {
 }
 
 /// Counters and sizes of a store, from [`Store::stats`](crate::Store::stats).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

@@ -848,3 +848,28 @@ fn stats_count_completions_releases_and_stale_leases() {
     assert_eq!((st.completions, st.releases, st.stale_leases), (1, 1, 1));
     assert_eq!((st.log_bytes, st.poisoned), (0, false));
 }
+
+#[cfg(all(feature = "serde", not(loom)))]
+#[test]
+fn public_data_types_round_trip_through_serde() {
+    let s = Store::in_memory();
+    let Ok(Begin::Acquired(l)) = s.begin(Key::new("t", "a"), fp("x"), LEASE) else {
+        panic!("acquire")
+    };
+    s.complete(&l, b"done", None).unwrap();
+    let stats = s.stats();
+    let json = serde_json::to_string(&stats).unwrap();
+    assert!(json.contains("\"completions\":1"), "{json}");
+    assert_eq!(serde_json::from_str::<Stats>(&json).unwrap(), stats);
+    let snap = s.get(Key::new("t", "a")).unwrap().unwrap();
+    let back: Snapshot = serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
+    assert_eq!(back, snap);
+    let d = Durability::Batched {
+        max_delay: std::time::Duration::from_millis(10),
+    };
+    let back: Durability = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+    assert_eq!(back, d);
+    let r = RecoveryReport::default();
+    let back: RecoveryReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(back, r);
+}

@@ -28,6 +28,7 @@ use std::time::Duration;
 pub(crate) use writer::Wal;
 
 /// What survives a crash of the process or a power cut, per store.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
     /// An operation returns once the log record of its change — and of every change it could

@@ -21,6 +21,7 @@ use super::io::LogStorage;
 use super::segments;
 
 /// How recovery treats damage in the middle of the log.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OnCorruption {
     /// Refuse to open, naming the file and offset (the default).
@@ -31,6 +32,7 @@ pub enum OnCorruption {
 }
 
 /// What recovery found and did.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RecoveryReport {
@@ -54,6 +56,7 @@ pub struct RecoveryReport {
 }
 
 /// The end of the log that a crash cut short and recovery cut off: never acknowledged.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TornTail {
@@ -67,6 +70,7 @@ pub struct TornTail {
 
 /// Damage in the middle of the log that `OnCorruption::DropDamaged` dropped, with everything
 /// logged after it.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DroppedDamage {
