@@ -42,10 +42,7 @@ use idemkv::http::{
     CompleteWith, EchoLayer, ExactlyOnce, ExactlyOnceHandler, IdempotencyInfo, IdempotencyLayer,
     Processed,
 };
-use idemkv::{
-    Begin, CasOutcome, Durability, Error, Fingerprint, IdempotencyStore, Key, Lease, OwnedKey,
-    PutPending, Snapshot, Store, Take, Timestamp, Write,
-};
+use idemkv::{Durability, Either, Error, IdempotencyStore, OwnedKey, Snapshot, Store, Write};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone)]
@@ -54,82 +51,24 @@ struct App {
     work: Duration,
 }
 
+/// The Redis store with the `redis` feature; without it `--redis` is refused and the right
+/// side is never built.
+#[cfg(feature = "redis")]
+type Remote = idemkv::redis::RedisStore;
+#[cfg(not(feature = "redis"))]
+type Remote = Store;
+
 /// The embedded store or Redis: one line of `main` picks, everything else is the same.
-#[derive(Clone)]
-enum Backend {
-    Embedded(Store),
-    #[cfg(feature = "redis")]
-    Redis(idemkv::redis::RedisStore),
-}
+type Backend = Either<Store, Remote>;
 
-/// Runs `$call` on whichever store this is.
-macro_rules! on {
-    ($self:expr, $s:ident => $call:expr) => {
-        match $self {
-            Backend::Embedded($s) => $call,
-            #[cfg(feature = "redis")]
-            Backend::Redis($s) => $call,
-        }
-    };
-}
-
-impl IdempotencyStore for Backend {
-    async fn begin(&self, key: Key<'_>, fp: Fingerprint, lease: Duration) -> Result<Begin, Error> {
-        on!(self, s => IdempotencyStore::begin(s, key, fp, lease).await)
-    }
-    async fn begin_wait(
-        &self,
-        key: Key<'_>,
-        fp: Fingerprint,
-        lease: Duration,
-        max_wait: Duration,
-    ) -> Result<Begin, Error> {
-        on!(self, s => IdempotencyStore::begin_wait(s, key, fp, lease, max_wait).await)
-    }
-    async fn complete(
-        &self,
-        lease: &Lease,
-        response: &[u8],
-        ttl: Option<Duration>,
-        writes: &[Write],
-    ) -> Result<Timestamp, Error> {
-        on!(self, s => IdempotencyStore::complete(s, lease, response, ttl, writes).await)
-    }
-    async fn release(&self, lease: Lease) -> Result<(), Error> {
-        on!(self, s => IdempotencyStore::release(s, lease).await)
-    }
-    async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
-        on!(self, s => IdempotencyStore::renew(s, lease, extend).await)
-    }
-    async fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
-        on!(self, s => IdempotencyStore::get(s, key).await)
-    }
-    async fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
-        on!(self, s => IdempotencyStore::remove(s, key).await)
-    }
-    async fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
-        on!(self, s => IdempotencyStore::cas(s, write).await)
-    }
-    async fn put_pending(
-        &self,
-        key: Key<'_>,
-        payload: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<PutPending, Error> {
-        on!(self, s => IdempotencyStore::put_pending(s, key, payload, ttl).await)
-    }
-    async fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
-        on!(self, s => IdempotencyStore::take_pending(s, key, lease).await)
-    }
-}
-
-impl Backend {
-    async fn scan(&self, scope: &[u8]) -> Result<Vec<(Vec<u8>, Snapshot)>, Error> {
-        match self {
-            Backend::Embedded(s) => Ok(s.scan(scope)),
-            #[cfg(feature = "redis")]
-            Backend::Redis(r) => r.scan(scope).await,
-        }
+/// Every record of `scope` (for `GET /orders`): a listing, outside the `IdempotencyStore` trait.
+async fn scan(store: &Backend, scope: &[u8]) -> Result<Vec<(Vec<u8>, Snapshot)>, Error> {
+    match store {
+        Either::Left(s) => Ok(s.scan(scope)),
+        #[cfg(feature = "redis")]
+        Either::Right(r) => r.scan(scope).await,
+        #[cfg(not(feature = "redis"))]
+        Either::Right(s) => Ok(s.scan(scope)),
     }
 }
 
@@ -224,8 +163,12 @@ async fn problems_everywhere(req: Request, next: Next) -> Response {
     )
 }
 
-async fn create_order(State(app): State<App>, req: Request) -> Response {
-    let layered = req.extensions().get::<IdempotencyInfo>().is_some();
+/// `info` is there when the request carried an Idempotency-Key (the layer ran).
+async fn create_order(
+    State(app): State<App>,
+    info: Option<IdempotencyInfo>,
+    req: Request,
+) -> Response {
     let Ok(body) = axum::body::to_bytes(req.into_body(), 1 << 20).await else {
         let why = "request bodies are limited to 1 MiB (or this one could not be read)";
         return problem(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", why);
@@ -255,17 +198,18 @@ async fn create_order(State(app): State<App>, req: Request) -> Response {
     )) {
         res.headers_mut().insert(header::SET_COOKIE, cookie);
     }
-    if layered {
+    if info.is_some() {
         // Committed together with "this Idempotency-Key is done".
-        res.extensions_mut().insert(CompleteWith(vec![write]));
-    } else if let Err(e) = app.store.cas(&write).await {
+        return (CompleteWith(vec![write]), res).into_response();
+    }
+    if let Err(e) = app.store.cas(&write).await {
         return store_failed(&e);
     }
     res
 }
 
 async fn list_orders(State(app): State<App>) -> Response {
-    let orders = match app.store.scan(b"orders").await {
+    let orders = match scan(&app.store, b"orders").await {
         Ok(all) => all,
         Err(e) => return store_failed(&e),
     };
@@ -404,8 +348,7 @@ fn metrics_route(store: &Backend) -> axum::routing::MethodRouter<App> {
     get(move || {
         let (handle, store) = (handle.clone(), store.clone());
         async move {
-            #[allow(irrefutable_let_patterns)] // with the redis feature there are two backends
-            if let Backend::Embedded(s) = &store {
+            if let Either::Left(s) = &store {
                 idemkv::metrics::record_store(s);
             }
             let mut r = handle.render().into_response();
@@ -441,7 +384,7 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 async fn redis_backend(url: &str) -> Result<Backend, Box<dyn std::error::Error>> {
     let store = idemkv::redis::RedisStore::builder(url).connect().await?;
     println!("state in Redis at {url}");
-    Ok(Backend::Redis(store))
+    Ok(Either::Right(store))
 }
 
 #[cfg(not(feature = "redis"))]
@@ -499,7 +442,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 r.checkpoint_records, r.records
             );
         }
-        Backend::Embedded(store)
+        Either::Left(store)
     } else {
         redis_backend(&redis).await?
     };

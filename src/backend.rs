@@ -14,7 +14,8 @@ use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
 
 /// The operations the HTTP and Kafka adapters use, as futures.
 ///
-/// The embedded [`Store`](crate::Store) implements it; so will the Redis backend. Semantics are those of the
+/// The embedded [`Store`](crate::Store) implements it, and so does `RedisStore` (feature
+/// `redis`); [`Either`] picks one of two at run time. Semantics are those of the
 /// blocking methods of the same names on [`Store`](crate::Store). Implementations never block an executor
 /// thread: waiting for a holder (and, with durability, for the disk) is an `.await`.
 pub trait IdempotencyStore: Send + Sync + 'static {
@@ -78,4 +79,86 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: Key<'_>,
         lease: Duration,
     ) -> impl Future<Output = Result<Take, Error>> + Send;
+}
+
+/// One of two stores, chosen at run time — `Either<Store, RedisStore>` for a service that runs
+/// embedded or on Redis by configuration — with one type for the adapters:
+///
+/// ```
+/// use idemkv::{Either, IdempotencyStore, Store};
+///
+/// fn pick(on_redis: bool) -> Either<Store, Store> {
+///     // With the `redis` feature the right side would be a `RedisStore`.
+///     if on_redis { Either::Right(Store::in_memory()) } else { Either::Left(Store::in_memory()) }
+/// }
+/// let store = pick(false);
+/// let layer = idemkv::http::IdempotencyLayer::new(store);
+/// # drop(layer);
+/// ```
+#[derive(Clone, Debug)]
+pub enum Either<A, B> {
+    /// The first store.
+    Left(A),
+    /// The second store.
+    Right(B),
+}
+
+/// Forwards one call to whichever side this is.
+macro_rules! either {
+    ($self:expr, $s:ident => $call:expr) => {
+        match $self {
+            Either::Left($s) => $call.await,
+            Either::Right($s) => $call.await,
+        }
+    };
+}
+
+impl<A: IdempotencyStore, B: IdempotencyStore> IdempotencyStore for Either<A, B> {
+    async fn begin(&self, key: Key<'_>, fp: Fingerprint, lease: Duration) -> Result<Begin, Error> {
+        either!(self, s => s.begin(key, fp, lease))
+    }
+    async fn begin_wait(
+        &self,
+        key: Key<'_>,
+        fp: Fingerprint,
+        lease: Duration,
+        max_wait: Duration,
+    ) -> Result<Begin, Error> {
+        either!(self, s => s.begin_wait(key, fp, lease, max_wait))
+    }
+    async fn complete(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+        writes: &[Write],
+    ) -> Result<Timestamp, Error> {
+        either!(self, s => s.complete(lease, response, ttl, writes))
+    }
+    async fn release(&self, lease: Lease) -> Result<(), Error> {
+        either!(self, s => s.release(lease))
+    }
+    async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
+        either!(self, s => s.renew(lease, extend))
+    }
+    async fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
+        either!(self, s => s.get(key))
+    }
+    async fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
+        either!(self, s => s.remove(key))
+    }
+    async fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
+        either!(self, s => s.cas(write))
+    }
+    async fn put_pending(
+        &self,
+        key: Key<'_>,
+        payload: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<PutPending, Error> {
+        either!(self, s => s.put_pending(key, payload, ttl))
+    }
+    async fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
+        either!(self, s => s.take_pending(key, lease))
+    }
 }

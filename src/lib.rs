@@ -84,7 +84,7 @@ pub mod tools;
 mod wait;
 mod wal;
 
-pub use backend::IdempotencyStore;
+pub use backend::{Either, IdempotencyStore};
 pub use checkpoint::CheckpointError;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use embedded::{OpenError, Store, StoreBuilder};

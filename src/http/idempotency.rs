@@ -78,6 +78,48 @@ pub struct IdempotencyInfo {
 #[derive(Clone, Debug, Default)]
 pub struct CompleteWith(pub Vec<crate::Write>);
 
+/// In an axum handler: `info: IdempotencyInfo` (rejected with 500 when the route is not behind
+/// the layer: a wiring mistake) or `info: Option<IdempotencyInfo>` (`None` without a key).
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl<S: Send + Sync> axum_core::extract::FromRequestParts<S> for IdempotencyInfo {
+    type Rejection = Response<axum_core::body::Body>;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<IdempotencyInfo>().cloned().ok_or_else(|| {
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no-idempotency-layer",
+                "this handler needs IdempotencyInfo, but no IdempotencyLayer ran for this request",
+            )
+        })
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for IdempotencyInfo {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<IdempotencyInfo>().cloned())
+    }
+}
+
+/// In an axum handler's return value: `(StatusCode::CREATED, CompleteWith(writes), body)`.
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl axum_core::response::IntoResponseParts for CompleteWith {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(
+        self,
+        mut res: axum_core::response::ResponseParts,
+    ) -> Result<axum_core::response::ResponseParts, Self::Error> {
+        res.extensions_mut().insert(self);
+        Ok(res)
+    }
+}
+
 type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
 type PrincipalFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
