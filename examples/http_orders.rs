@@ -372,12 +372,41 @@ async fn log(req: Request, next: Next) -> Response {
     res
 }
 
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_owned())
+/// An order and payment service on the embedded store (or on Redis with `--redis`).
+#[derive(clap::Parser)]
+#[command(name = "http_orders")]
+struct Args {
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The store's data directory.
+    #[arg(long, default_value = "./data/http_orders")]
+    data: String,
+    /// When a write is acknowledged: after its fsync, within 10 ms, or never synced.
+    #[arg(long, value_enum, default_value = "immediate")]
+    durability: DurabilityArg,
+    /// Time each order takes to create (to see 409s and waits).
+    #[arg(long, default_value_t = 0)]
+    work_ms: u64,
+    /// The idempotency lease.
+    #[arg(long, default_value_t = 10_000)]
+    lease_ms: u64,
+    /// Keep all state in Redis at this URL instead (built with `--features redis`).
+    #[arg(long)]
+    redis: Option<String>,
+    /// The store's record budget: past it, new keys get 503 store-full.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_records: u64,
+    /// The store's byte budget.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_bytes: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DurabilityArg {
+    Immediate,
+    Batched,
+    None,
 }
 
 #[cfg(feature = "redis")]
@@ -410,31 +439,24 @@ async fn shutdown() {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let listen: SocketAddr = arg(&args, "--listen", "127.0.0.1:8080").parse()?;
-    let data = arg(&args, "--data", "./data/http_orders");
-    let durability = match arg(&args, "--durability", "immediate").as_str() {
-        "immediate" => Durability::Immediate,
-        "batched" => Durability::Batched {
+    let args = <Args as clap::Parser>::parse();
+    let (listen, data) = (args.listen, args.data);
+    let durability = match args.durability {
+        DurabilityArg::Immediate => Durability::Immediate,
+        DurabilityArg::Batched => Durability::Batched {
             max_delay: Duration::from_millis(10),
         },
-        "none" => Durability::None,
-        other => {
-            return Err(
-                format!("--durability must be immediate, batched or none, not {other}").into(),
-            );
-        }
+        DurabilityArg::None => Durability::None,
     };
-    let work = Duration::from_millis(arg(&args, "--work-ms", "0").parse()?);
-    let lease = Duration::from_millis(arg(&args, "--lease-ms", "10000").parse()?);
-    let redis = arg(&args, "--redis", "");
-    let max_records: u64 = arg(&args, "--max-records", "1000000").parse()?;
-    let max_bytes: u64 = arg(&args, "--max-bytes", "268435456").parse()?;
-    let store = if redis.is_empty() {
+    let work = Duration::from_millis(args.work_ms);
+    let lease = Duration::from_millis(args.lease_ms);
+    let store = if let Some(redis) = &args.redis {
+        redis_backend(redis).await?
+    } else {
         let store = Store::builder()
             .durability(durability)
-            .max_records(max_records)
-            .max_bytes(max_bytes)
+            .max_records(args.max_records)
+            .max_bytes(args.max_bytes)
             .open(&data)?;
         if let Some(r) = store.recovery_report() {
             println!(
@@ -443,8 +465,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         Either::Left(store)
-    } else {
-        redis_backend(&redis).await?
     };
     let app = App {
         store: store.clone(),
