@@ -361,15 +361,17 @@ fn metrics_route(store: &Backend) -> axum::routing::MethodRouter<App> {
     })
 }
 
-async fn log(req: Request, next: Next) -> Response {
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let res = next.run(req).await;
-    let replayed = res.headers().contains_key("idempotent-replayed");
-    println!(
-        "{method} {path} {} replayed={replayed}",
-        res.status().as_u16()
-    );
-    res
+/// Logs through `tracing` to stdout (`RUST_LOG` filters; default `info`): idemkv's own events
+/// and spans, and one line per request from the trace layer.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(false)
+        .with_target(false)
+        .init();
 }
 
 /// An order and payment service on the embedded store (or on Redis with `--redis`).
@@ -440,6 +442,7 @@ async fn shutdown() {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = <Args as clap::Parser>::parse();
+    init_logging();
     let (listen, data) = (args.listen, args.data);
     let durability = match args.durability {
         DurabilityArg::Immediate => Durability::Immediate,
@@ -490,7 +493,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(IdempotencyLayer::new(store.clone()).lease(lease))
         .layer(EchoLayer::new())
         .layer(middleware::from_fn(problems_everywhere))
-        .layer(middleware::from_fn(log))
+        // One line per request: `request{method=POST path=/orders}: response status=201
+        // replayed=false latency_us=…`.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                })
+                .on_request(())
+                .on_response(|res: &Response, latency: Duration, _: &tracing::Span| {
+                    let replayed = res.headers().contains_key("idempotent-replayed");
+                    tracing::info!(
+                        status = res.status().as_u16(),
+                        replayed,
+                        latency_us = latency.as_micros() as u64,
+                        "response"
+                    );
+                }),
+        )
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on http://{}", listener.local_addr()?);

@@ -100,8 +100,9 @@ fn duplicates_across_replicas_run_once_and_a_dead_replica_is_taken_over() {
         "one order per key: {ids:?}"
     );
     assert_eq!(fresh, 8, "one fresh response per key, the rest replays");
-    let created =
-        a.count("POST /orders 201 replayed=false") + b.count("POST /orders 201 replayed=false");
+    // The example's request log line (tower-http's TraceLayer through tracing).
+    let fresh_line = "request{method=POST path=/orders}: response status=201 replayed=false";
+    let created = a.count(fresh_line) + b.count(fresh_line);
     assert_eq!(
         created, 8,
         "the handler ran once per key over both replicas"
