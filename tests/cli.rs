@@ -14,7 +14,13 @@ fn bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--features", "cli", "--bin", "idemkv"]);
+    // With the redis feature (the Redis suite), the binary gets `migrate`.
+    let features = if cfg!(feature = "redis") {
+        "cli,redis"
+    } else {
+        "cli"
+    };
+    cargo.args(["build", "--features", features, "--bin", "idemkv"]);
     if dir.file_name().is_some_and(|n| n == "release") {
         cargo.arg("--release");
     }
@@ -320,4 +326,78 @@ fn a_directory_in_use_is_refused_naming_its_process() {
     // Bad usage is 2, with clap's message.
     let o = run(&["stats"], None);
     assert_eq!(code(&o), 2);
+}
+
+/// `migrate` into a real Redis (`IDEMKV_REDIS_URL`; required under `CI=true`), under a prefix
+/// of this run's own: every live record arrives, with its response and fingerprint, and a
+/// second run changes nothing.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "current_thread")]
+async fn migrate_copies_live_records_into_redis() {
+    use idemkv::IdempotencyStore;
+    let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI needs IDEMKV_REDIS_URL"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("d");
+    populate(&d);
+    let prefix = format!(
+        "migrate-{}-{}:",
+        std::process::id(),
+        idemkv::Clock::now(&idemkv::SystemClock).as_millis()
+    );
+    let ds = d.to_str().expect("utf-8");
+    let o = run(&["migrate", ds, "--to", &url, "--prefix", &prefix], None);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("migrated 20 completed, 3 pending, 5 values; 0 already present; 1 in-flight"),
+        "{out}"
+    );
+    let again = run(&["migrate", ds, "--to", &url, "--prefix", &prefix], None);
+    assert!(
+        text(&again.stdout).contains("28 already present"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    let redis = idemkv::redis::RedisStore::builder(url)
+        .prefix(prefix)
+        .connect()
+        .await
+        .expect("redis");
+    let key = Key::new("POST /orders -", b"k7");
+    match redis
+        .begin(key, Fingerprint::of(b"body"), Duration::from_secs(1))
+        .await
+    {
+        Ok(Begin::Completed(c)) => assert_eq!(c.response, b"response 7"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        redis
+            .begin(key, Fingerprint::of(b"other"), Duration::from_secs(1))
+            .await,
+        Ok(Begin::Mismatch)
+    ));
+    let v = redis.get(Key::new("orders", b"o3")).await.expect("get");
+    assert!(matches!(v, Some(idemkv::Snapshot::Value(x)) if x.value == b"order 3"));
+    assert!(
+        redis
+            .get(Key::new("payments", b"p1"))
+            .await
+            .expect("get")
+            .is_some()
+    );
+    assert!(
+        redis
+            .get(Key::new("POST /orders -", b"running"))
+            .await
+            .expect("get")
+            .is_none()
+    );
 }

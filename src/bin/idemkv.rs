@@ -92,6 +92,18 @@ enum Command {
         /// The data directory.
         dir: PathBuf,
     },
+    /// Copies the live records into Redis with their remaining TTLs (built with
+    /// `--features cli,redis`).
+    Migrate {
+        /// The data directory.
+        dir: PathBuf,
+        /// The Redis URL (`redis://host:port/db`, `rediss://…`).
+        #[arg(long)]
+        to: String,
+        /// The key prefix the Redis store uses (`RedisStoreBuilder::prefix`).
+        #[arg(long, default_value = "idemkv:")]
+        prefix: String,
+    },
 }
 
 /// A failure, with its exit code.
@@ -137,6 +149,7 @@ fn main() -> ExitCode {
         Command::Evict { dir, scope, key } => evict(&dir, &scope, &key, &mut out),
         Command::Dump { dir } => dump(&dir, &mut out),
         Command::Restore { dir } => restore(&dir, &mut out),
+        Command::Migrate { dir, to, prefix } => migrate(&dir, &to, &prefix, &mut out),
     };
     let flushed = out.flush();
     match (done, flushed) {
@@ -579,6 +592,94 @@ fn restore(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
     writeln!(
         out,
         "restored {} completed, {} pending, {} values; {} already present; {} in-flight leases not restored",
+        r.completed, r.pending, r.values, r.already_there, r.skipped_in_flight
+    )?;
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+fn migrate(_: &Path, _: &str, _: &str, _: &mut impl Write) -> Result<(), Fail> {
+    Err(Fail(
+        2,
+        "migrate needs the redis feature: cargo run --features cli,redis --bin idemkv -- migrate …"
+            .into(),
+    ))
+}
+
+/// Completed responses, stored requests and values go to Redis with their remaining TTLs (and
+/// fingerprints); in-flight leases are not carried (their work runs again on retry). Keys that
+/// already hold something in Redis are left alone, so a migration can be re-run. Redis
+/// assigns its own versions to values.
+#[cfg(feature = "redis")]
+fn migrate(dir: &Path, to: &str, prefix: &str, out: &mut impl Write) -> Result<(), Fail> {
+    use idemkv::IdempotencyStore;
+    let copy = idemkv::tools::read_dir(dir)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let now = now_ms();
+    let bar = progress(Some(copy.store.stats().records), "migrating");
+    let mut r = Restored::default();
+    let mut records = Vec::new();
+    copy.store.for_each_record(|key, snap| {
+        records.push((key.scope().to_vec(), key.id().to_vec(), snap));
+    });
+    runtime.block_on(async {
+        let redis = idemkv::redis::RedisStore::builder(to)
+            .prefix(prefix)
+            .connect()
+            .await?;
+        let ttl = |t: u64| Duration::from_millis(t.saturating_sub(now).max(1));
+        for (scope, id, snap) in records {
+            bar.inc(1);
+            let key = Key::new(&scope, &id);
+            if matches!(snap, Snapshot::InFlight { .. }) {
+                r.skipped_in_flight += 1;
+                continue;
+            }
+            if redis.get(key).await?.is_some() {
+                r.already_there += 1;
+                continue;
+            }
+            match snap {
+                Snapshot::Completed(c) => {
+                    let lease = Duration::from_secs(60);
+                    if let Begin::Acquired(l) = redis.begin(key, c.fingerprint, lease).await? {
+                        let left = Some(ttl(c.expires_at.as_millis()));
+                        redis.complete(&l, &c.response, left, &[]).await?;
+                        r.completed += 1;
+                    } else {
+                        r.already_there += 1;
+                    }
+                }
+                Snapshot::Pending {
+                    payload,
+                    expires_at,
+                } => {
+                    let left = Some(ttl(expires_at.as_millis()));
+                    match redis.put_pending(key, &payload, left).await? {
+                        PutPending::Stored => r.pending += 1,
+                        _ => r.already_there += 1,
+                    }
+                }
+                Snapshot::Value(v) => {
+                    let mut w =
+                        idemkv::Write::put_if_absent(idemkv::OwnedKey::new(&scope, &id), v.value);
+                    w.ttl = v.expires_at.map(|t| ttl(t.as_millis()));
+                    match redis.cas(&w).await? {
+                        idemkv::CasOutcome::Applied { .. } => r.values += 1,
+                        _ => r.already_there += 1,
+                    }
+                }
+                Snapshot::InFlight { .. } => {}
+            }
+        }
+        Ok::<(), Fail>(())
+    })?;
+    bar.finish_and_clear();
+    writeln!(
+        out,
+        "migrated {} completed, {} pending, {} values; {} already present; {} in-flight leases not carried",
         r.completed, r.pending, r.values, r.already_there, r.skipped_in_flight
     )?;
     Ok(())
