@@ -3,6 +3,10 @@
 //! refused with exit 4 naming the process while a store has the directory open.
 #![cfg(all(feature = "cli", not(loom)))]
 
+#[cfg(feature = "redis")]
+#[path = "support/redis.rs"]
+mod redis_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -328,18 +332,14 @@ fn a_directory_in_use_is_refused_naming_its_process() {
     assert_eq!(code(&o), 2);
 }
 
-/// `migrate` into a real Redis (`IDEMKV_REDIS_URL`; required under `CI=true`), under a prefix
+/// `migrate` into a real Redis (`tests/support/redis.rs`; required under `CI=true`), under a prefix
 /// of this run's own: every live record arrives, with its response and fingerprint, and a
 /// second run changes nothing.
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "current_thread")]
 async fn migrate_copies_live_records_into_redis() {
     use idemkv::IdempotencyStore;
-    let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "CI needs IDEMKV_REDIS_URL"
-        );
+    let Some(url) = redis_support::url() else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

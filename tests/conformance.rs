@@ -2,10 +2,15 @@
 //! memory, the embedded store on disk, and (feature `redis`) Redis. A backend that drifts from
 //! the others fails here.
 //!
-//! Redis: set `IDEMKV_REDIS_URL` (e.g. `redis://127.0.0.1:6379`). Under `CI=true` with the
-//! `redis` feature the URL is required, so the suite cannot silently skip it.
+//! Redis: `IDEMKV_REDIS_URL` if set, else a `redis-server` of the test run's own from `PATH`
+//! (`tests/support/redis.rs`). Under `CI=true` with the `redis` feature one of them is
+//! required, so the suite cannot silently skip it.
 #![cfg(not(loom))]
 #![allow(clippy::unwrap_used)]
+
+#[cfg(feature = "redis")]
+#[path = "support/redis.rs"]
+mod redis_support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -513,21 +518,13 @@ suite!(durable, Some(durable()));
 
 #[cfg(feature = "redis")]
 async fn redis() -> Option<idemkv::redis::RedisStore> {
-    match std::env::var("IDEMKV_REDIS_URL") {
-        Ok(url) => Some(
-            idemkv::redis::RedisStore::builder(url)
-                .connect()
-                .await
-                .unwrap(),
-        ),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true with the redis feature needs IDEMKV_REDIS_URL")
-        }
-        Err(_) => {
-            eprintln!("IDEMKV_REDIS_URL is not set: Redis conformance skipped");
-            None
-        }
-    }
+    let url = redis_support::url()?;
+    Some(
+        idemkv::redis::RedisStore::builder(url)
+            .connect()
+            .await
+            .unwrap(),
+    )
 }
 #[cfg(feature = "redis")]
 suite!(redis_backend, redis().await);
@@ -537,11 +534,7 @@ suite!(redis_backend, redis().await);
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cache_of_completed_records() {
-    let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "CI needs IDEMKV_REDIS_URL"
-        );
+    let Some(url) = redis_support::url() else {
         return;
     };
     let cached = idemkv::redis::RedisStore::builder(&url)

@@ -410,20 +410,18 @@ async fn echo_headers<St: IdempotencyStore + Clone>(store: St, p: &str) {
     );
 }
 
-/// The same behaviour on the Redis backend (`IDEMKV_REDIS_URL`; required under `CI=true`),
+/// The same behaviour on the Redis backend (`tests/support/redis.rs`: required under `CI=true`),
 /// with keys of this run's own.
+#[cfg(feature = "redis")]
+#[path = "support/redis.rs"]
+mod redis_support;
+
 #[cfg(feature = "redis")]
 mod on_redis {
     use super::*;
 
     async fn store() -> Option<(idemkv::redis::RedisStore, String)> {
-        let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v == "true"),
-                "CI needs IDEMKV_REDIS_URL"
-            );
-            return None;
-        };
+        let url = super::redis_support::url()?;
         let store = idemkv::redis::RedisStore::builder(url)
             .connect()
             .await

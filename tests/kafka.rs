@@ -2,6 +2,10 @@
 #![cfg(all(feature = "kafka", not(loom)))]
 #![allow(clippy::unwrap_used)]
 
+#[cfg(feature = "redis")]
+#[path = "support/redis.rs"]
+mod redis_support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -133,15 +137,11 @@ async fn duplicates_run_once_with_correlated_and_echoed_replies() {
     duplicates_on(Store::in_memory(), "g").await;
 }
 
-/// The same on the Redis backend (`IDEMKV_REDIS_URL`; required under `CI=true`).
+/// The same on the Redis backend (`tests/support/redis.rs`; required under `CI=true`).
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_run_once_on_redis() {
-    let Ok(url) = std::env::var("IDEMKV_REDIS_URL") else {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "CI needs IDEMKV_REDIS_URL"
-        );
+    let Some(url) = redis_support::url() else {
         return;
     };
     let store = idemkv::redis::RedisStore::builder(url)

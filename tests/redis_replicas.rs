@@ -2,8 +2,8 @@
 //! TCP: concurrent duplicates sent to both replicas create one order, and a replica killed
 //! mid-request is taken over by the other after the lease deadline.
 //!
-//! Needs `IDEMKV_REDIS_URL` (`.ci/with-redis cargo test --features redis` provides one);
-//! required under `CI=true`.
+//! Redis: `tests/support/redis.rs` (`IDEMKV_REDIS_URL`, or a `redis-server` of its own from
+//! `PATH`); required under `CI=true`.
 #![cfg(all(feature = "http", feature = "redis", not(loom)))]
 #![allow(clippy::unwrap_used)]
 
@@ -16,17 +16,11 @@ use support::{Server, http};
 
 const ORDER: &str = r#"{"items":[{"sku":"id-17236","count":1}]}"#;
 
+#[path = "support/redis.rs"]
+mod redis_support;
+
 fn redis_url() -> Option<String> {
-    match std::env::var("IDEMKV_REDIS_URL") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true with the redis feature needs IDEMKV_REDIS_URL")
-        }
-        Err(_) => {
-            eprintln!("IDEMKV_REDIS_URL is not set: skipped");
-            None
-        }
-    }
+    redis_support::url()
 }
 
 fn replica(url: &str, work_ms: u64) -> Server {
