@@ -11,7 +11,8 @@
 //!   `idemkv_in_progress_total`, `idemkv_mismatches_total`, `idemkv_takeovers_total`,
 //!   `idemkv_expirations_total`, `idemkv_completions_total`, `idemkv_releases_total`,
 //!   `idemkv_stale_leases_total`, `idemkv_checkpoints_total`; gauges `idemkv_records`,
-//!   `idemkv_bytes`, `idemkv_log_bytes`, `idemkv_poisoned` (0 or 1).
+//!   `idemkv_bytes`, `idemkv_in_flight` (records held by a lease), `idemkv_log_bytes`,
+//!   `idemkv_log_segments`, `idemkv_poisoned` (0 or 1).
 //! - The Kafka processor's counters: `record_processor` (features `metrics` and `kafka`), as
 //!   `idemkv_kafka_<counter>_total`.
 //!
@@ -44,7 +45,9 @@ pub fn record_stats(s: &crate::Stats) {
     counter!("idemkv_checkpoints_total").absolute(s.checkpoints);
     gauge!("idemkv_records").set(s.records as f64);
     gauge!("idemkv_bytes").set(s.bytes as f64);
+    gauge!("idemkv_in_flight").set(s.in_flight as f64);
     gauge!("idemkv_log_bytes").set(s.log_bytes as f64);
+    gauge!("idemkv_log_segments").set(s.log_segments as f64);
     gauge!("idemkv_poisoned").set(if s.poisoned { 1.0 } else { 0.0 });
 }
 

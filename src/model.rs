@@ -326,8 +326,12 @@ pub struct Stats {
     pub releases: u64,
     /// Completions, releases and renewals refused because the lease was no longer held.
     pub stale_leases: u64,
+    /// Records held by a lease now (including expired leases not yet taken over or swept).
+    pub in_flight: u64,
     /// Bytes appended to the log since the store was opened (0 in memory).
     pub log_bytes: u64,
+    /// Log segment files in the directory (0 in memory).
+    pub log_segments: u64,
     /// Whether the log is poisoned (a write or fsync failed): nothing more is acknowledged
     /// until the store is reopened.
     pub poisoned: bool,

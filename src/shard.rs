@@ -31,6 +31,8 @@ pub(crate) struct Counters {
     pub(crate) expirations: u64,
     pub(crate) completions: u64,
     pub(crate) releases: u64,
+    /// Records held by a lease (expired ones not yet taken over or reclaimed included).
+    pub(crate) in_flight: u64,
 }
 
 impl Counters {

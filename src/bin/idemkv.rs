@@ -205,9 +205,11 @@ fn until(ms: Option<u64>) -> String {
 fn stats(dir: &Path, json: bool, out: &mut impl Write) -> Result<(), Fail> {
     let copy = idemkv::tools::read_dir(dir)?;
     let s = copy.store.stats();
-    let (mut in_flight, mut completed, mut pending, mut values) = (0u64, 0u64, 0u64, 0u64);
+    // In flight: the store's own count (kept by every change, recovery's replay included).
+    let in_flight = s.in_flight;
+    let (mut completed, mut pending, mut values) = (0u64, 0u64, 0u64);
     copy.store.for_each_record(|_, snap| match snap {
-        Snapshot::InFlight { .. } => in_flight += 1,
+        Snapshot::InFlight { .. } => {}
         Snapshot::Completed(_) => completed += 1,
         Snapshot::Pending { .. } => pending += 1,
         _ => values += 1,

@@ -312,6 +312,7 @@ impl Inner {
             s.takeovers += c.takeovers;
             s.expirations += c.expirations;
             s.completions += c.completions;
+            s.in_flight += c.in_flight;
             s.releases += c.releases;
             s.records += c.records;
             s.bytes += c.bytes;
@@ -321,6 +322,8 @@ impl Inner {
         if let Some(wal) = &self.wal {
             s.log_bytes = wal.written();
             s.poisoned = wal.is_poisoned();
+            s.log_segments =
+                crate::wal::segments::list(&self.wal_dir).map_or(0, |l| l.len() as u64);
         }
         s
     }

@@ -846,6 +846,13 @@ fn stats_count_completions_releases_and_stale_leases() {
     ));
     let st = s.stats();
     assert_eq!((st.completions, st.releases, st.stale_leases), (1, 1, 1));
+    assert_eq!(st.in_flight, 0);
+    let Ok(Begin::Acquired(c)) = s.begin(Key::new("t", "c"), fp("x"), LEASE) else {
+        panic!("acquire c")
+    };
+    assert_eq!(s.stats().in_flight, 1);
+    s.release(c).unwrap();
+    assert_eq!(s.stats().in_flight, 0);
     assert_eq!((st.log_bytes, st.poisoned), (0, false));
 }
 
@@ -872,4 +879,30 @@ fn public_data_types_round_trip_through_serde() {
     let r = RecoveryReport::default();
     let back: RecoveryReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
     assert_eq!(back, r);
+}
+
+#[test]
+fn the_in_flight_count_follows_takeovers_completions_and_sweeps() {
+    let (s, clock) = store();
+    let key = Key::new("t", "k");
+    let Ok(Begin::Acquired(_dead)) = s.begin(key, fp("x"), LEASE) else {
+        panic!("acquire")
+    };
+    assert_eq!(s.stats().in_flight, 1);
+    clock.advance(LEASE * 2);
+    // Taken over: still one record held by a lease.
+    let Ok(Begin::Acquired(l)) = s.begin(key, fp("x"), LEASE) else {
+        panic!("take over")
+    };
+    assert_eq!(s.stats().in_flight, 1);
+    s.complete(&l, b"r", None).unwrap();
+    assert_eq!(s.stats().in_flight, 0);
+    // An abandoned lease, reclaimed by the sweeper after its retention.
+    let Ok(Begin::Acquired(_gone)) = s.begin(Key::new("t", "j"), fp("x"), LEASE) else {
+        panic!("acquire j")
+    };
+    assert_eq!(s.stats().in_flight, 1);
+    clock.advance(Duration::from_secs(3 * 24 * 3600));
+    assert!(s.sweep_expired() >= 1);
+    assert_eq!(s.stats().in_flight, 0);
 }

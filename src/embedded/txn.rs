@@ -227,6 +227,14 @@ impl Inner {
         change: Change<'_>,
         d: Delta,
     ) {
+        let leased = |k: Kind| matches!(k, Kind::InFlight | Kind::InFlightPending);
+        let was_leased = matches!(&slot, Entry::Occupied(o) if leased(o.get().kind()));
+        let now_leased = match (&slot, &change) {
+            (_, Change::Put { kind, .. }) | (Entry::Occupied(_), Change::Restamp { kind, .. }) => {
+                leased(*kind)
+            }
+            _ => false,
+        };
         let written = match (slot, change) {
             (
                 Entry::Vacant(v),
@@ -281,6 +289,8 @@ impl Inner {
             (Entry::Vacant(_), Change::Restamp { .. } | Change::Delete) => None,
         };
         book.counters.add(d.records, d.bytes);
+        book.counters.in_flight =
+            (book.counters.in_flight + u64::from(now_leased)).wrapping_sub(u64::from(was_leased));
         if let Some(at) = written {
             *book.next_reclaim = (*book.next_reclaim).min(at);
         }
