@@ -348,8 +348,12 @@ fn metrics_route(store: &Backend) -> axum::routing::MethodRouter<App> {
     get(move || {
         let (handle, store) = (handle.clone(), store.clone());
         async move {
-            if let Either::Left(s) = &store {
-                idemkv::metrics::record_store(s);
+            match &store {
+                Either::Left(s) => idemkv::metrics::record_store(s),
+                #[cfg(feature = "redis")]
+                Either::Right(r) => idemkv::metrics::record_stats(&r.stats()),
+                #[cfg(not(feature = "redis"))]
+                Either::Right(s) => idemkv::metrics::record_store(s),
             }
             let mut r = handle.render().into_response();
             r.headers_mut().insert(

@@ -576,3 +576,51 @@ async fn redis_cache_of_completed_records() {
     assert!(cached.remove(key).await.unwrap());
     let _ = acquire(&cached, key, LONG).await;
 }
+
+/// `RedisStore::stats`: this process's operations, counted like the embedded store's.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_counts_its_operations() {
+    let Some(url) = redis_support::url() else {
+        return;
+    };
+    let store = idemkv::redis::RedisStore::builder(&url)
+        .connect()
+        .await
+        .unwrap();
+    let sc = scope("counts");
+    let (a, b) = (Key::new(&sc, "a"), Key::new(&sc, "b"));
+    let fp = FP;
+    let la = acquire(&store, a, LONG).await;
+    let lb = acquire(&store, b, LONG).await;
+    assert!(matches!(
+        store.begin(b, fp, LONG).await.unwrap(),
+        Begin::InProgress { .. }
+    ));
+    store.complete(&la, b"r", None, &[]).await.unwrap();
+    assert!(matches!(
+        store.begin(a, fp, LONG).await.unwrap(),
+        Begin::Completed(_)
+    ));
+    assert!(matches!(
+        store.begin(a, Fingerprint::of(b"y"), LONG).await.unwrap(),
+        Begin::Mismatch
+    ));
+    let token = lb.token();
+    store.release(lb).await.unwrap();
+    assert!(matches!(
+        store.complete(&la, b"again", None, &[]).await,
+        Err(idemkv::Error::StaleLease { .. })
+    ));
+    let s = store.stats();
+    assert_eq!(
+        (s.acquired, s.in_progress, s.replayed, s.mismatches),
+        (2, 1, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(
+        (s.completions, s.releases, s.stale_leases),
+        (1, 1, 1),
+        "{s:?} (released {token})"
+    );
+}

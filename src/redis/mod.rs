@@ -37,6 +37,7 @@ mod scripts;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -162,6 +163,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 health: replies::Health::default(),
+                counts: Counts::default(),
                 cache: self.cache.map(|(entries, max_age)| Cache {
                     entries,
                     max_age,
@@ -217,6 +219,7 @@ struct Scripts {
 
 struct Inner {
     health: replies::Health,
+    counts: Counts,
     cache: Option<Cache>,
     conn: ConnectionManager,
     notifier: Notifier,
@@ -224,7 +227,71 @@ struct Inner {
     cfg: RedisStoreBuilder,
 }
 
+/// This process's operations on the store, for [`RedisStore::stats`].
+#[derive(Default)]
+struct Counts {
+    acquired: AtomicU64,
+    replayed: AtomicU64,
+    in_progress: AtomicU64,
+    mismatches: AtomicU64,
+    takeovers: AtomicU64,
+    completions: AtomicU64,
+    releases: AtomicU64,
+    stale_leases: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl Counts {
+    fn begin(&self, r: &Result<Begin, Error>) {
+        match r {
+            Ok(Begin::Acquired(l)) => {
+                bump(&self.acquired);
+                if l.is_takeover() {
+                    bump(&self.takeovers);
+                }
+            }
+            Ok(Begin::Completed(_)) => bump(&self.replayed),
+            Ok(Begin::InProgress { .. }) => bump(&self.in_progress),
+            Ok(Begin::Mismatch) => bump(&self.mismatches),
+            Err(_) => {}
+        }
+    }
+
+    /// A complete, release or renew: `done` counts a success, stale leases are counted apart.
+    fn lease_op<T>(&self, done: Option<&AtomicU64>, r: &Result<T, Error>) {
+        match r {
+            Ok(_) => done.map_or((), bump),
+            Err(Error::StaleLease { .. }) => bump(&self.stale_leases),
+            Err(_) => {}
+        }
+    }
+}
+
 impl RedisStore {
+    /// Counters of the operations this process ran on the store (every process keeps its own;
+    /// sum them across replicas): acquired, replayed, in progress, mismatches, takeovers,
+    /// completions, releases and stale leases. Sizes live in Redis (`INFO keyspace`), so
+    /// `records`, `bytes` and the log fields are 0. Publish them with
+    /// `idemkv::metrics::record_stats` (feature `metrics`).
+    pub fn stats(&self) -> crate::Stats {
+        let c = &self.inner.counts;
+        let get = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        crate::Stats {
+            acquired: get(&c.acquired),
+            replayed: get(&c.replayed),
+            in_progress: get(&c.in_progress),
+            mismatches: get(&c.mismatches),
+            takeovers: get(&c.takeovers),
+            completions: get(&c.completions),
+            releases: get(&c.releases),
+            stale_leases: get(&c.stale_leases),
+            ..crate::Stats::default()
+        }
+    }
+
     /// A builder for a store at `url` (`redis://host:port/db`, `rediss://…`, `unix://…`).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {

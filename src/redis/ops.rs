@@ -14,7 +14,9 @@ impl IdempotencyStore for RedisStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Begin, Error> {
-        self.begin_once(key, fingerprint, lease).await
+        let r = self.begin_once(key, fingerprint, lease).await;
+        self.inner.counts.begin(&r);
+        r
     }
 
     async fn begin_wait(
@@ -24,57 +26,11 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
         max_wait: Duration,
     ) -> Result<Begin, Error> {
-        let until = Instant::now() + max_wait;
-        loop {
-            let outcome = self.begin_once(key, fingerprint, lease).await?;
-            let Begin::InProgress { .. } = outcome else {
-                return Ok(outcome);
-            };
-            if Instant::now() >= until {
-                return Ok(outcome);
-            }
-            // Subscribe, then look again, then wait: a completion published between the two
-            // looks is not missed.
-            let channel = Self::channel(&self.redis_key(key));
-            let watch = self.inner.notifier.watch(&channel).await;
-            let notified = watch.as_ref().map(|w| w.notify.clone());
-            let fired = notified.as_ref().map(|n| n.notified());
-            let mut fired = fired.map(Box::pin);
-            if let Some(f) = fired.as_mut() {
-                f.as_mut().enable();
-            }
-            let again = self.begin_once(key, fingerprint, lease).await;
-            let deadline = match &again {
-                Ok(Begin::InProgress { deadline }) => *deadline,
-                _ => {
-                    self.inner.notifier.unwatch(watch).await;
-                    return again;
-                }
-            };
-            // Wake at the holder's deadline (it may have died), or on a notification, or when
-            // the budget is spent; without a subscription, look again every 50 ms.
-            let to_deadline = Duration::from_millis(
-                deadline
-                    .as_millis()
-                    .saturating_sub(
-                        crate::clock::Clock::now(&crate::clock::SystemClock).as_millis(),
-                    )
-                    .max(1),
-            );
-            let mut slice = until
-                .saturating_duration_since(Instant::now())
-                .min(to_deadline);
-            if fired.is_none() {
-                slice = slice.min(Duration::from_millis(50));
-            }
-            match fired {
-                Some(f) => {
-                    let _ = tokio::time::timeout(slice, f).await;
-                }
-                None => tokio::time::sleep(slice).await,
-            }
-            self.inner.notifier.unwatch(watch).await;
-        }
+        let r = self
+            .wait_for_holder(key, fingerprint, lease, max_wait)
+            .await;
+        self.inner.counts.begin(&r);
+        r
     }
 
     async fn complete(
@@ -84,86 +40,23 @@ impl IdempotencyStore for RedisStore {
         ttl: Option<Duration>,
         writes: &[Write],
     ) -> Result<Timestamp, Error> {
-        self.check_value(response)?;
-        let ttl_ms = match ttl {
-            Some(d) => nonzero(d, "the ttl")?,
-            None => ms(self.cfg().default_ttl),
-        };
-        self.check_batch(lease, writes)?;
-        let rk = self.redis_key(lease.key());
-        let mut inv = self.inner.scripts.complete.prepare_invoke();
-        inv.key(&rk).key(Self::channel(&rk));
-        for w in writes {
-            inv.key(self.redis_key(w.key.as_key()));
-        }
-        inv.arg(lease.token()).arg(response).arg(ttl_ms);
-        for w in writes {
-            let (op, version, value) = cas_args(&w.op);
-            inv.arg(op).arg(version).arg(value).arg(w.ttl.map_or(0, ms));
-        }
-        let reply: Vec<Value> = inv
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
-        match code(&reply)? {
-            1 => Ok(Timestamp::from_millis(uint(&reply, 1)?)),
-            -2 => Err(Error::StaleLease {
-                token: lease.token(),
-            }),
-            -3 => Err(Error::BatchConflict {
-                index: uint(&reply, 1)? as usize,
-                current: opt_uint(&reply, 2)?,
-            }),
-            _ => Err(Error::WrongKind {
-                expected: RecordKind::Value,
-                found: kind_from(&bytes(&reply, 2)?),
-            }),
-        }
+        let r = self.complete_once(lease, response, ttl, writes).await;
+        let c = &self.inner.counts;
+        c.lease_op(Some(&c.completions), &r);
+        r
     }
 
     async fn release(&self, lease: Lease) -> Result<(), Error> {
-        let rk = self.redis_key(lease.key());
-        let reply: i64 = self
-            .inner
-            .scripts
-            .release
-            .key(&rk)
-            .key(Self::channel(&rk))
-            .arg(lease.token())
-            .arg(ms(self.cfg().pending_ttl))
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
-        match reply {
-            1 => Ok(()),
-            _ => Err(Error::StaleLease {
-                token: lease.token(),
-            }),
-        }
+        let r = self.release_once(lease).await;
+        let c = &self.inner.counts;
+        c.lease_op(Some(&c.releases), &r);
+        r
     }
 
     async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
-        let extend_ms = nonzero(extend, "the lease extension")?;
-        let rk = self.redis_key(lease.key());
-        let reply: i64 = self
-            .inner
-            .scripts
-            .renew
-            .key(&rk)
-            .arg(lease.token())
-            .arg(extend_ms)
-            .arg(ms(self.cfg().lease_retention))
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
-        if reply < 0 {
-            return Err(Error::StaleLease {
-                token: lease.token(),
-            });
-        }
-        let deadline = Timestamp::from_millis(reply as u64);
-        lease.set_deadline(deadline);
-        Ok(deadline)
+        let r = self.renew_once(lease, extend).await;
+        self.inner.counts.lease_op(None, &r);
+        r
     }
 
     async fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
@@ -296,5 +189,158 @@ impl IdempotencyStore for RedisStore {
             })),
             _ => Err(wrong_kind(RecordKind::Pending, &reply)),
         }
+    }
+}
+
+/// The operations' bodies; the trait methods above count their outcomes.
+impl RedisStore {
+    /// `begin_wait`'s loop (counted by the trait method).
+    async fn wait_for_holder(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        max_wait: Duration,
+    ) -> Result<Begin, Error> {
+        let until = Instant::now() + max_wait;
+        loop {
+            let outcome = self.begin_once(key, fingerprint, lease).await?;
+            let Begin::InProgress { .. } = outcome else {
+                return Ok(outcome);
+            };
+            if Instant::now() >= until {
+                return Ok(outcome);
+            }
+            // Subscribe, then look again, then wait: a completion published between the two
+            // looks is not missed.
+            let channel = Self::channel(&self.redis_key(key));
+            let watch = self.inner.notifier.watch(&channel).await;
+            let notified = watch.as_ref().map(|w| w.notify.clone());
+            let fired = notified.as_ref().map(|n| n.notified());
+            let mut fired = fired.map(Box::pin);
+            if let Some(f) = fired.as_mut() {
+                f.as_mut().enable();
+            }
+            let again = self.begin_once(key, fingerprint, lease).await;
+            let deadline = match &again {
+                Ok(Begin::InProgress { deadline }) => *deadline,
+                _ => {
+                    self.inner.notifier.unwatch(watch).await;
+                    return again;
+                }
+            };
+            // Wake at the holder's deadline (it may have died), or on a notification, or when
+            // the budget is spent; without a subscription, look again every 50 ms.
+            let to_deadline = Duration::from_millis(
+                deadline
+                    .as_millis()
+                    .saturating_sub(
+                        crate::clock::Clock::now(&crate::clock::SystemClock).as_millis(),
+                    )
+                    .max(1),
+            );
+            let mut slice = until
+                .saturating_duration_since(Instant::now())
+                .min(to_deadline);
+            if fired.is_none() {
+                slice = slice.min(Duration::from_millis(50));
+            }
+            match fired {
+                Some(f) => {
+                    let _ = tokio::time::timeout(slice, f).await;
+                }
+                None => tokio::time::sleep(slice).await,
+            }
+            self.inner.notifier.unwatch(watch).await;
+        }
+    }
+
+    async fn complete_once(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        ttl: Option<Duration>,
+        writes: &[Write],
+    ) -> Result<Timestamp, Error> {
+        self.check_value(response)?;
+        let ttl_ms = match ttl {
+            Some(d) => nonzero(d, "the ttl")?,
+            None => ms(self.cfg().default_ttl),
+        };
+        self.check_batch(lease, writes)?;
+        let rk = self.redis_key(lease.key());
+        let mut inv = self.inner.scripts.complete.prepare_invoke();
+        inv.key(&rk).key(Self::channel(&rk));
+        for w in writes {
+            inv.key(self.redis_key(w.key.as_key()));
+        }
+        inv.arg(lease.token()).arg(response).arg(ttl_ms);
+        for w in writes {
+            let (op, version, value) = cas_args(&w.op);
+            inv.arg(op).arg(version).arg(value).arg(w.ttl.map_or(0, ms));
+        }
+        let reply: Vec<Value> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .observed(&self.inner.health)?;
+        match code(&reply)? {
+            1 => Ok(Timestamp::from_millis(uint(&reply, 1)?)),
+            -2 => Err(Error::StaleLease {
+                token: lease.token(),
+            }),
+            -3 => Err(Error::BatchConflict {
+                index: uint(&reply, 1)? as usize,
+                current: opt_uint(&reply, 2)?,
+            }),
+            _ => Err(Error::WrongKind {
+                expected: RecordKind::Value,
+                found: kind_from(&bytes(&reply, 2)?),
+            }),
+        }
+    }
+
+    async fn release_once(&self, lease: Lease) -> Result<(), Error> {
+        let rk = self.redis_key(lease.key());
+        let reply: i64 = self
+            .inner
+            .scripts
+            .release
+            .key(&rk)
+            .key(Self::channel(&rk))
+            .arg(lease.token())
+            .arg(ms(self.cfg().pending_ttl))
+            .invoke_async(&mut self.conn())
+            .await
+            .observed(&self.inner.health)?;
+        match reply {
+            1 => Ok(()),
+            _ => Err(Error::StaleLease {
+                token: lease.token(),
+            }),
+        }
+    }
+
+    async fn renew_once(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
+        let extend_ms = nonzero(extend, "the lease extension")?;
+        let rk = self.redis_key(lease.key());
+        let reply: i64 = self
+            .inner
+            .scripts
+            .renew
+            .key(&rk)
+            .arg(lease.token())
+            .arg(extend_ms)
+            .arg(ms(self.cfg().lease_retention))
+            .invoke_async(&mut self.conn())
+            .await
+            .observed(&self.inner.health)?;
+        if reply < 0 {
+            return Err(Error::StaleLease {
+                token: lease.token(),
+            });
+        }
+        let deadline = Timestamp::from_millis(reply as u64);
+        lease.set_deadline(deadline);
+        Ok(deadline)
     }
 }
