@@ -3,15 +3,13 @@
 //!
 //! `cargo run --release --features kafka --example kafka_orders -- --mock`
 //!
-//! Flags: `--brokers HOST:PORT` (a real cluster) or `--mock` (librdkafka's in-process mock
-//! cluster on 127.0.0.1; its address is printed); `--requests TOPIC` (default
-//! `orders.requests`); `--group ID` (default `orders`); `--data DIR` (default
-//! `./data/kafka_orders`); `--durability immediate|batched|none` (default immediate);
-//! `--dead-letter TOPIC` (default `orders.dead`); `--commit-interval-ms N` (default 5000);
-//! `--fetch-wait-ms N` and `--session-timeout-ms N` (librdkafka's `fetch.wait.max.ms` and
-//! `session.timeout.ms`; short values suit the mock cluster);
-//! `--demo N` sends N orders, each twice, through the requester helper, checks that both
-//! replies name the same order, prints a summary and exits.
+//! Flags (`--help` lists them): `--brokers HOST:PORT` (a real cluster) or `--mock`
+//! (librdkafka's in-process mock cluster on 127.0.0.1; its address is printed); `--requests`,
+//! `--group`, `--data`, `--durability immediate|batched|none`, `--dead-letter`,
+//! `--commit-interval-ms`, `--fetch-wait-ms` and `--session-timeout-ms` (librdkafka's
+//! settings; short values suit the mock cluster); `--demo N` sends N orders, each twice,
+//! through the requester helper, checks that both replies name the same order, prints a
+//! summary and exits.
 //!
 //! A request is `{"items":[{"sku":"id-17236","count":1}]}` with headers `reply-to: <topic>`
 //! and, optionally, `idempotency-key`, `x-request-id`, `x-echo-set-header: Name: value`. The
@@ -44,12 +42,50 @@ struct Order<'a> {
     items: &'a [Item],
 }
 
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_owned())
+/// An order service over Kafka on the embedded store.
+#[derive(clap::Parser)]
+#[command(name = "kafka_orders")]
+struct Args {
+    /// A real cluster's bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092", conflicts_with = "mock")]
+    brokers: String,
+    /// librdkafka's in-process mock cluster on 127.0.0.1 instead (its address is printed).
+    #[arg(long)]
+    mock: bool,
+    /// The request topic.
+    #[arg(long, default_value = "orders.requests")]
+    requests: String,
+    /// The consumer group.
+    #[arg(long, default_value = "orders")]
+    group: String,
+    /// The store's data directory.
+    #[arg(long, default_value = "./data/kafka_orders")]
+    data: String,
+    /// When a write is acknowledged: after its fsync, within 10 ms, or never synced.
+    #[arg(long, value_enum, default_value = "immediate")]
+    durability: DurabilityArg,
+    /// The dead-letter topic.
+    #[arg(long, default_value = "orders.dead")]
+    dead_letter: String,
+    /// librdkafka's `auto.commit.interval.ms`.
+    #[arg(long, default_value_t = 5000)]
+    commit_interval_ms: u64,
+    /// librdkafka's `fetch.wait.max.ms`.
+    #[arg(long)]
+    fetch_wait_ms: Option<u64>,
+    /// librdkafka's `session.timeout.ms` (the heartbeat is a tenth of it).
+    #[arg(long)]
+    session_timeout_ms: Option<u64>,
+    /// Send N orders, each twice, check both replies name the same order, and exit.
+    #[arg(long, default_value_t = 0)]
+    demo: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DurabilityArg {
+    Immediate,
+    Batched,
+    None,
 }
 
 /// Creates the order. Runs once per idempotency key: a redelivery is answered from the store.
@@ -120,27 +156,24 @@ async fn demo(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let requests = arg(&args, "--requests", "orders.requests");
-    let group = arg(&args, "--group", "orders");
-    let data = arg(&args, "--data", "./data/kafka_orders");
-    let dead = arg(&args, "--dead-letter", "orders.dead");
-    let durability = match arg(&args, "--durability", "immediate").as_str() {
-        "immediate" => Durability::Immediate,
-        "batched" => Durability::Batched {
+    let args = <Args as clap::Parser>::parse();
+    let (requests, group, data, dead) = (
+        args.requests.clone(),
+        args.group.clone(),
+        args.data.clone(),
+        args.dead_letter.clone(),
+    );
+    let durability = match args.durability {
+        DurabilityArg::Immediate => Durability::Immediate,
+        DurabilityArg::Batched => Durability::Batched {
             max_delay: Duration::from_millis(10),
         },
-        "none" => Durability::None,
-        other => {
-            return Err(
-                format!("--durability must be immediate, batched or none, not {other}").into(),
-            );
-        }
+        DurabilityArg::None => Durability::None,
     };
-    let commit_ms: u64 = arg(&args, "--commit-interval-ms", "5000").parse()?;
-    let demo_n: usize = arg(&args, "--demo", "0").parse()?;
+    let commit_ms = args.commit_interval_ms;
+    let demo_n = args.demo;
 
-    let mock = if args.iter().any(|a| a == "--mock") {
+    let mock = if args.mock {
         let mock = MockKafka::start(1)?;
         for (topic, partitions) in [
             (&requests, 3),
@@ -157,7 +190,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let brokers = match &mock {
         Some(m) => m.bootstrap_servers().to_owned(),
-        None => arg(&args, "--brokers", "127.0.0.1:9092"),
+        None => args.brokers.clone(),
     };
     let mut client = match &mock {
         // Short fetch waits and sessions: see `MockKafka::client_config`.
@@ -165,16 +198,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => ClientConfig::new(),
     };
     client.set("bootstrap.servers", &brokers);
-    for (flag, property) in [
-        ("--fetch-wait-ms", "fetch.wait.max.ms"),
-        ("--session-timeout-ms", "session.timeout.ms"),
-    ] {
-        let value = arg(&args, flag, "");
-        if !value.is_empty() {
-            client.set(property, &value);
-        }
+    if let Some(wait) = args.fetch_wait_ms {
+        client.set("fetch.wait.max.ms", wait.to_string());
     }
-    if let Ok(session) = arg(&args, "--session-timeout-ms", "").parse::<u64>() {
+    if let Some(session) = args.session_timeout_ms {
+        client.set("session.timeout.ms", session.to_string());
         client.set("heartbeat.interval.ms", (session / 10).max(10).to_string());
     }
 

@@ -66,19 +66,25 @@ impl Service {
     }
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// A retry storm against an order service on the embedded store.
+#[derive(clap::Parser)]
+#[command(name = "orders")]
+struct Args {
+    /// Client threads (two share each client's keys).
+    #[arg(long, default_value_t = 8)]
+    clients: u64,
+    /// Requests per client thread.
+    #[arg(long, default_value_t = 2_000)]
+    requests: u64,
+    /// Time each order takes to create.
+    #[arg(long, default_value_t = 1)]
+    work_ms: u64,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let clients = arg("--clients", 8);
-    let requests = arg("--requests", 2_000);
-    let work = Duration::from_millis(arg("--work-ms", 1));
+    let args = <Args as clap::Parser>::parse();
+    let (clients, requests) = (args.clients, args.requests);
+    let work = Duration::from_millis(args.work_ms);
     let service = Arc::new(Service {
         store: Store::in_memory(),
         next_order: AtomicU64::new(1),
