@@ -14,7 +14,9 @@
 //!   `idemkv_bytes`, `idemkv_in_flight` (records held by a lease), `idemkv_log_bytes`,
 //!   `idemkv_log_segments`, `idemkv_poisoned` (0 or 1).
 //! - The Kafka processor's counters: `record_processor` (features `metrics` and `kafka`), as
-//!   `idemkv_kafka_<counter>_total`.
+//!   `idemkv_kafka_<counter>_total`; and, from librdkafka's statistics (every
+//!   `statistics.interval.ms`, 5 s unless the consumer configuration sets it), each assigned
+//!   partition's lag as the gauge `idemkv_kafka_consumer_lag{topic, partition}`.
 //!
 //! Invariant: without the feature every hook here compiles to nothing.
 

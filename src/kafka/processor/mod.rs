@@ -327,6 +327,10 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
         consumer
             .set("enable.auto.offset.store", "false")
             .set("enable.auto.commit", "true");
+        // Per-partition lag for the metrics, unless the caller chose an interval.
+        if cfg!(feature = "metrics") && consumer.get("statistics.interval.ms").is_none() {
+            consumer.set("statistics.interval.ms", "5000");
+        }
         let partitions = Arc::new(Partitions::default());
         let context = Ctx {
             partitions: partitions.clone(),

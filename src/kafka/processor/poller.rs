@@ -64,7 +64,38 @@ pub(super) struct Ctx {
     pub(super) revoke_timeout: Duration,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// librdkafka's statistics (every `statistics.interval.ms`): with the `metrics` feature,
+    /// the lag of each assigned partition, as the gauge `idemkv_kafka_consumer_lag{topic,
+    /// partition}`: messages between the partition's end and the offset the processor has
+    /// stored for commit (a message counts until its result is recorded), or the committed
+    /// offset, or the partition's start when neither is known yet.
+    #[cfg(feature = "metrics")]
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (id, p) in &t.partitions {
+                // -1 is librdkafka's "internal" partition; only assigned ones have a position.
+                if *id < 0 || p.hi_offset < 0 || !p.desired {
+                    continue;
+                }
+                let mut done = p.stored_offset.max(p.committed_offset);
+                if done < 0 {
+                    done = p.lo_offset.max(0);
+                }
+                metrics::gauge!(
+                    "idemkv_kafka_consumer_lag",
+                    "topic" => topic.clone(),
+                    "partition" => id.to_string()
+                )
+                .set((p.hi_offset - done).max(0) as f64);
+            }
+        }
+    }
+
+    /// Without the `metrics` feature the statistics are not asked for; ignored if they come.
+    #[cfg(not(feature = "metrics"))]
+    fn stats(&self, _: rdkafka::Statistics) {}
+}
 
 impl ConsumerContext for Ctx {
     /// Background (auto) commits: a failure is logged; the offsets stay stored and the next
