@@ -90,14 +90,13 @@ impl Inner {
             }
             Some(value) => {
                 let version = self.next_seq(book.counters, hash);
-                let put = Change::Put {
-                    kind: Kind::Value,
-                    a: version,
-                    b,
-                    fingerprint: Fingerprint::NONE,
-                    value,
-                };
-                self.commit(&mut book, slot, key, Some(Op::Cas), put)?;
+                self.commit(
+                    &mut book,
+                    slot,
+                    key,
+                    Some(Op::Cas),
+                    value_at(version, b, value),
+                )?;
                 Some(version)
             }
         };
@@ -133,14 +132,13 @@ impl Inner {
             return Ok(false);
         }
         book.counters.seq = book.counters.seq.max(version >> 16);
-        let put = Change::Put {
-            kind: Kind::Value,
-            a: version,
-            b,
-            fingerprint: Fingerprint::NONE,
-            value,
-        };
-        self.commit(&mut book, slot, key, Some(Op::Cas), put)?;
+        self.commit(
+            &mut book,
+            slot,
+            key,
+            Some(Op::Cas),
+            value_at(version, b, value),
+        )?;
         Ok(true)
     }
     #[inline]
@@ -263,5 +261,16 @@ impl Inner {
             },
             payload,
         })
+    }
+}
+
+/// A versioned value as a change: version `version`, expiring at `b` (`u64::MAX`: never).
+fn value_at(version: u64, b: u64, value: &[u8]) -> Change<'_> {
+    Change::Put {
+        kind: Kind::Value,
+        a: version,
+        b,
+        fingerprint: Fingerprint::NONE,
+        value,
     }
 }
