@@ -83,8 +83,8 @@ impl Contender for Idem {
         "idemkv"
     }
     fn run(&self, key: &[u8]) -> bool {
-        match self.0.begin(Key::new(SCOPE, key), self.1, LEASE) {
-            Ok(Begin::Acquired(lease)) => self.0.complete(&lease, RESPONSE, None).is_ok(),
+        match self.0.blocking_begin(Key::new(SCOPE, key), self.1, LEASE) {
+            Ok(Begin::Acquired(lease)) => self.0.blocking_complete(&lease, RESPONSE, None).is_ok(),
             _ => false,
         }
     }

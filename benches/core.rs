@@ -34,7 +34,7 @@ fn bench(c: &mut Criterion) {
             store,
             |s| {
                 for id in &ids[..1024] {
-                    black_box(s.begin(Key::new("bench", id), fp, LEASE).ok());
+                    black_box(s.blocking_begin(Key::new("bench", id), fp, LEASE).ok());
                 }
             },
             BatchSize::LargeInput,
@@ -43,8 +43,8 @@ fn bench(c: &mut Criterion) {
 
     let replay = store();
     for id in &ids {
-        if let Ok(Begin::Acquired(l)) = replay.begin(Key::new("bench", id), fp, LEASE) {
-            let _ = replay.complete(&l, RESPONSE, None);
+        if let Ok(Begin::Acquired(l)) = replay.blocking_begin(Key::new("bench", id), fp, LEASE) {
+            let _ = replay.blocking_complete(&l, RESPONSE, None);
         }
     }
     let mut i = 0usize;
@@ -52,19 +52,27 @@ fn bench(c: &mut Criterion) {
     g.bench_function("begin_replay", |b| {
         b.iter(|| {
             i = (i + 1) & (ids.len() - 1);
-            black_box(replay.begin(Key::new("bench", &ids[i]), fp, LEASE).ok())
+            black_box(
+                replay
+                    .blocking_begin(Key::new("bench", &ids[i]), fp, LEASE)
+                    .ok(),
+            )
         });
     });
 
     let conflict = store();
     let _held: Vec<_> = ids
         .iter()
-        .map(|id| conflict.begin(Key::new("bench", id), fp, LEASE))
+        .map(|id| conflict.blocking_begin(Key::new("bench", id), fp, LEASE))
         .collect();
     g.bench_function("begin_conflict", |b| {
         b.iter(|| {
             i = (i + 1) & (ids.len() - 1);
-            black_box(conflict.begin(Key::new("bench", &ids[i]), fp, LEASE).ok())
+            black_box(
+                conflict
+                    .blocking_begin(Key::new("bench", &ids[i]), fp, LEASE)
+                    .ok(),
+            )
         });
     });
 
@@ -74,8 +82,10 @@ fn bench(c: &mut Criterion) {
             store,
             |s| {
                 for id in &ids[..1024] {
-                    if let Ok(Begin::Acquired(l)) = s.begin(Key::new("bench", id), fp, LEASE) {
-                        black_box(s.complete(&l, RESPONSE, None).ok());
+                    if let Ok(Begin::Acquired(l)) =
+                        s.blocking_begin(Key::new("bench", id), fp, LEASE)
+                    {
+                        black_box(s.blocking_complete(&l, RESPONSE, None).ok());
                     }
                 }
             },

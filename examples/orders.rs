@@ -47,14 +47,14 @@ impl Service {
         let scope = format!("{client}/POST /orders");
         let key = Key::new(&scope, key);
         let fp = Fingerprint::of(body.as_bytes());
-        match self.store.begin_wait(key, fp, LEASE, MAX_WAIT)? {
+        match self.store.blocking_begin_wait(key, fp, LEASE, MAX_WAIT)? {
             Begin::Acquired(lease) => {
                 std::thread::sleep(self.work);
                 let id = format!("ord-{:06}", self.next_order.fetch_add(1, Ordering::SeqCst));
                 if let Ok(mut orders) = self.orders.lock() {
                     orders.push((id.clone(), body.to_owned()));
                 }
-                self.store.complete(&lease, id.as_bytes(), None)?;
+                self.store.blocking_complete(&lease, id.as_bytes(), None)?;
                 Ok(Reply::Created(id))
             }
             Begin::Completed(done) => Ok(Reply::Replayed(

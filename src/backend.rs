@@ -19,7 +19,7 @@ use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
 /// blocking methods of the same names on [`Store`](crate::Store). Implementations never block an executor
 /// thread: waiting for a holder (and, with durability, for the disk) is an `.await`.
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// See [`Store::begin`](crate::Store::begin).
+    /// See [`Store::blocking_begin`](crate::Store::blocking_begin).
     fn begin(
         &self,
         key: Key<'_>,
@@ -27,7 +27,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Begin, Error>> + Send;
 
-    /// See [`Store::begin_wait`](crate::Store::begin_wait): waits (asynchronously, at most `max_wait`) for a holder to
+    /// See [`Store::blocking_begin_wait`](crate::Store::blocking_begin_wait): waits (asynchronously, at most `max_wait`) for a holder to
     /// finish before answering.
     fn begin_wait(
         &self,
@@ -37,7 +37,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         max_wait: Duration,
     ) -> impl Future<Output = Result<Begin, Error>> + Send;
 
-    /// See [`Store::complete_with`](crate::Store::complete_with) (an empty `writes` is a plain completion).
+    /// See [`Store::blocking_complete_with`](crate::Store::blocking_complete_with) (an empty `writes` is a plain completion).
     fn complete(
         &self,
         lease: &Lease,
@@ -46,26 +46,26 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         writes: &[Write],
     ) -> impl Future<Output = Result<Timestamp, Error>> + Send;
 
-    /// See [`Store::release`](crate::Store::release).
+    /// See [`Store::blocking_release`](crate::Store::blocking_release).
     fn release(&self, lease: Lease) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// See [`Store::renew`](crate::Store::renew).
+    /// See [`Store::blocking_renew`](crate::Store::blocking_renew).
     fn renew(
         &self,
         lease: &mut Lease,
         extend: Duration,
     ) -> impl Future<Output = Result<Timestamp, Error>> + Send;
 
-    /// See [`Store::get`](crate::Store::get).
+    /// See [`Store::blocking_get`](crate::Store::blocking_get).
     fn get(&self, key: Key<'_>) -> impl Future<Output = Result<Option<Snapshot>, Error>> + Send;
 
-    /// See [`Store::remove`](crate::Store::remove).
+    /// See [`Store::blocking_remove`](crate::Store::blocking_remove).
     fn remove(&self, key: Key<'_>) -> impl Future<Output = Result<bool, Error>> + Send;
 
-    /// See [`Store::cas`](crate::Store::cas).
+    /// See [`Store::blocking_cas`](crate::Store::blocking_cas).
     fn cas(&self, write: &Write) -> impl Future<Output = Result<CasOutcome, Error>> + Send;
 
-    /// See [`Store::put_pending`](crate::Store::put_pending).
+    /// See [`Store::blocking_put_pending`](crate::Store::blocking_put_pending).
     fn put_pending(
         &self,
         key: Key<'_>,
@@ -73,7 +73,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<PutPending, Error>> + Send;
 
-    /// See [`Store::take_pending`](crate::Store::take_pending).
+    /// See [`Store::blocking_take_pending`](crate::Store::blocking_take_pending).
     fn take_pending(
         &self,
         key: Key<'_>,

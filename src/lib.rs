@@ -7,17 +7,54 @@
 //! is it still running, what did it return?* — in well under a microsecond, in process, and
 //! never lets two callers both believe they own the same key.
 //!
-//! - [`Store::begin`] either grants a [`Lease`] (run the work), or says the work is
+//! - [`Store::blocking_begin`] either grants a [`Lease`] (run the work), or says the work is
 //!   [in progress](Begin::InProgress), [done](Begin::Completed) (replay the response), or that
 //!   the key was used for a [different request](Begin::Mismatch).
-//! - [`Store::complete`] stores the response; only the lease's current holder can (fencing
-//!   tokens). [`Store::complete_with`] commits versioned writes on other keys atomically with it.
-//! - [`Store::begin_wait`] waits for the holder instead of answering "in progress".
-//! - Versioned compare-and-set ([`Store::cas`]) for other exactly-once state, and stored
-//!   requests ([`Store::put_pending`], [`Store::take_pending`]) for the PUT/POST protocol.
+//! - [`Store::blocking_complete`] stores the response; only the lease's current holder can (fencing
+//!   tokens). [`Store::blocking_complete_with`] commits versioned writes on other keys atomically with it.
+//! - [`Store::blocking_begin_wait`] waits for the holder instead of answering "in progress".
+//! - Versioned compare-and-set ([`Store::blocking_cas`]) for other exactly-once state, and stored
+//!   requests ([`Store::blocking_put_pending`], [`Store::blocking_take_pending`]) for the PUT/POST protocol.
 //! - Records expire (TTL, checked on access, reclaimed by a background sweeper); every limit
 //!   is a typed [`Error`] that leaves the store unchanged.
 //! - [`IdempotencyStore`] is the async face the adapters use; `Store` implements it.
+//!
+//! ## Blocking and async
+//! In async code, import [`IdempotencyStore`] and write `store.begin(key, fp, lease).await`:
+//! with the trait in scope that is the obvious call, and it waits for a holder or for the disk
+//! without blocking the executor. The blocking methods are named `blocking_*` (tokio's
+//! convention: `blocking_lock`, `blocking_recv`), so they are never picked by accident: a
+//! `store.begin(..)` without the trait in scope does not compile, and the compiler names the
+//! trait to import. Threads that are not on a runtime call `store.blocking_begin(..)`.
+//!
+//! ```
+//! use idemkv::{Begin, Fingerprint, IdempotencyStore, Key, Store};
+//! use std::time::Duration;
+//!
+//! async fn handler(store: &Store) -> Result<bool, idemkv::Error> {
+//!     let key = Key::new("tenant-1", "k");
+//!     // The async operation: waits for the disk without blocking the executor.
+//!     let fresh = matches!(
+//!         store.begin(key, Fingerprint::of(b"x"), Duration::from_secs(30)).await?,
+//!         Begin::Acquired(_)
+//!     );
+//!     Ok(fresh)
+//! }
+//! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! # assert!(rt.block_on(handler(&Store::in_memory())).unwrap());
+//! ```
+//!
+//! Without the trait in scope, the same line does not compile: no blocking call hides behind
+//! it.
+//!
+//! ```compile_fail
+//! use idemkv::{Fingerprint, Key, Store};
+//! use std::time::Duration;
+//!
+//! async fn handler(store: &Store) {
+//!     let _ = store.begin(Key::new("t", "k"), Fingerprint::of(b"x"), Duration::from_secs(30));
+//! }
+//! ```
 //!
 //! ```
 //! use idemkv::{Begin, Fingerprint, Key, Store};
@@ -27,10 +64,10 @@
 //! let key = Key::new("tenant-1/POST /orders", "3f1c7a52");
 //! let fp = Fingerprint::of(br#"{"items":[{"sku":"id-17236","count":1}]}"#);
 //!
-//! match store.begin(key, fp, Duration::from_secs(30))? {
+//! match store.blocking_begin(key, fp, Duration::from_secs(30))? {
 //!     Begin::Acquired(lease) => {
 //!         let response = b"201 {\"id\":\"o-1\"}"; // ... run the handler ...
-//!         store.complete(&lease, response, None)?;
+//!         store.blocking_complete(&lease, response, None)?;
 //!     }
 //!     Begin::Completed(done) => { /* replay done.response */ }
 //!     Begin::InProgress { deadline } => { /* 409, Retry-After: deadline - now */ }

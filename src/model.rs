@@ -104,7 +104,7 @@ pub struct Completed {
     pub expires_at: Timestamp,
 }
 
-/// What [`Store::begin`](crate::Store::begin) found.
+/// What [`Store::blocking_begin`](crate::Store::blocking_begin) found.
 #[derive(Debug)]
 #[must_use]
 pub enum Begin {
@@ -122,7 +122,7 @@ pub enum Begin {
     Mismatch,
 }
 
-/// What [`Store::take_pending`](crate::Store::take_pending) found.
+/// What [`Store::blocking_take_pending`](crate::Store::blocking_take_pending) found.
 #[derive(Debug)]
 #[must_use]
 pub enum Take {
@@ -144,7 +144,7 @@ pub enum Take {
     NotFound,
 }
 
-/// What [`Store::put_pending`](crate::Store::put_pending) did.
+/// What [`Store::blocking_put_pending`](crate::Store::blocking_put_pending) did.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use]
 pub enum PutPending {
@@ -172,7 +172,7 @@ pub struct Versioned {
     pub expires_at: Option<Timestamp>,
 }
 
-/// A copy of what a key holds, from [`Store::get`](crate::Store::get).
+/// A copy of what a key holds, from [`Store::blocking_get`](crate::Store::blocking_get).
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Snapshot {
@@ -219,7 +219,7 @@ pub enum CasOp {
     },
 }
 
-/// One versioned write: on its own with [`Store::cas`](crate::Store::cas), or in a completion batch.
+/// One versioned write: on its own with [`Store::blocking_cas`](crate::Store::blocking_cas), or in a completion batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
     /// The key written.

@@ -49,7 +49,7 @@ pub struct CheckpointInfo {
 /// # let dir = tempfile::tempdir()?;
 /// let store = idemkv::Store::builder().open(dir.path())?;
 /// let w = idemkv::Write::put_if_absent(idemkv::OwnedKey::new("s", "a"), "v");
-/// let _ = store.cas(&w)?;
+/// let _ = store.blocking_cas(&w)?;
 /// drop(store); // a directory a store holds is refused
 ///
 /// let copy = idemkv::tools::read_dir(dir.path())?;

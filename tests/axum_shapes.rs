@@ -57,7 +57,7 @@ async fn extractor_and_response_part() {
     );
     // The write went in with the completion, and a retry replays without running again.
     assert!(matches!(
-        inner.get(idemkv::Key::new("orders", b"k-1")),
+        inner.blocking_get(idemkv::Key::new("orders", b"k-1")),
         Ok(Some(Snapshot::Value(_)))
     ));
     assert_eq!(

@@ -67,12 +67,12 @@ fn populate(dir: &Path) {
         let id = format!("k{i}");
         let key = Key::new("POST /orders -", id.as_bytes());
         let Ok(Begin::Acquired(l)) =
-            store.begin(key, Fingerprint::of(b"body"), Duration::from_secs(30))
+            store.blocking_begin(key, Fingerprint::of(b"body"), Duration::from_secs(30))
         else {
             panic!("acquire")
         };
         store
-            .complete(&l, format!("response {i}").as_bytes(), None)
+            .blocking_complete(&l, format!("response {i}").as_bytes(), None)
             .expect("complete");
     }
     for i in 0..5 {
@@ -80,18 +80,18 @@ fn populate(dir: &Path) {
             OwnedKey::new("orders", format!("o{i}")),
             format!("order {i}"),
         );
-        let _ = store.cas(&w).expect("cas");
+        let _ = store.blocking_cas(&w).expect("cas");
     }
     for i in 0..3 {
         let id = format!("p{i}");
         let key = Key::new("payments", id.as_bytes());
         let _ = store
-            .put_pending(key, b"{\"amount\":\"1.00\"}", None)
+            .blocking_put_pending(key, b"{\"amount\":\"1.00\"}", None)
             .expect("put");
     }
     let key = Key::new("POST /orders -", b"running");
     assert!(matches!(
-        store.begin(key, Fingerprint::of(b"x"), Duration::from_secs(600)),
+        store.blocking_begin(key, Fingerprint::of(b"x"), Duration::from_secs(600)),
         Ok(Begin::Acquired(_))
     ));
 }
@@ -194,7 +194,7 @@ fn stats_dump_restore_round_trip() {
     let store = Store::builder().open(&r).expect("open restored");
     let key = Key::new("POST /orders -", b"k7");
     assert!(
-        matches!(store.begin(key, Fingerprint::of(b"body"), Duration::from_secs(1)), Ok(Begin::Completed(c)) if c.response == b"response 7")
+        matches!(store.blocking_begin(key, Fingerprint::of(b"body"), Duration::from_secs(1)), Ok(Begin::Completed(c)) if c.response == b"response 7")
     );
     drop(store);
 
@@ -292,12 +292,14 @@ fn inspect_list_and_evict() {
     // Durably: a store opened on it does not have it.
     let store = Store::builder().open(&d).expect("open");
     assert_eq!(
-        store.get(Key::new("POST /orders -", b"k3")).expect("get"),
+        store
+            .blocking_get(Key::new("POST /orders -", b"k3"))
+            .expect("get"),
         None
     );
     assert!(
         store
-            .get(Key::new("POST /orders -", b"k4"))
+            .blocking_get(Key::new("POST /orders -", b"k4"))
             .expect("get")
             .is_some()
     );

@@ -70,7 +70,7 @@ fn crash_child() {
                     } else {
                         Duration::from_secs(60)
                     };
-                    let l = match store.begin(key, fp(), lease) {
+                    let l = match store.blocking_begin(key, fp(), lease) {
                         Ok(Begin::Acquired(l)) => l,
                         other => panic!("fresh key {id} not acquired: {other:?}"),
                     };
@@ -81,7 +81,9 @@ fn crash_child() {
                     };
                     say("HELD");
                     if i % 7 != 0 {
-                        store.complete(&l, &value_for(&id), None).expect("complete");
+                        store
+                            .blocking_complete(&l, &value_for(&id), None)
+                            .expect("complete");
                         say("ACK");
                     }
                 }
@@ -211,7 +213,7 @@ fn sigkill_loses_nothing_acknowledged() {
         from_checkpoint = from_checkpoint.max(report.checkpoint_records);
         let mut checked = 0;
         for (id, (token, done)) in &state {
-            let found = store.get(Key::new("crash", id)).expect("get");
+            let found = store.blocking_get(Key::new("crash", id)).expect("get");
             match found {
                 Some(Snapshot::Completed(c)) => {
                     assert_eq!(c.response, value_for(id), "kill {kill}: {id} half-written")
@@ -228,15 +230,17 @@ fn sigkill_loses_nothing_acknowledged() {
         }
         // The reopened store accepts writes (a crash must never leave it refusing them).
         let probe = format!("probe-{kill}");
-        match store.begin(
+        match store.blocking_begin(
             Key::new("crash-probe", &probe),
             fp(),
             Duration::from_secs(1),
         ) {
             Ok(Begin::Acquired(l)) => {
-                store.complete(&l, b"probe", None).unwrap_or_else(|e| {
-                    panic!("kill {kill}: the reopened store refuses writes: {e}")
-                });
+                store
+                    .blocking_complete(&l, b"probe", None)
+                    .unwrap_or_else(|e| {
+                        panic!("kill {kill}: the reopened store refuses writes: {e}")
+                    });
             }
             other => panic!("kill {kill}: the reopened store refuses writes: {other:?}"),
         }

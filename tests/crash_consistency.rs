@@ -19,7 +19,7 @@ const KEYS: u64 = 6;
 
 /// Snapshots with tokens and versions blanked: the two stores number them independently.
 fn normalized(s: &Store, k: &OwnedKey) -> Option<Snapshot> {
-    match s.get(k.as_key()).expect("get") {
+    match s.blocking_get(k.as_key()).expect("get") {
         Some(Snapshot::InFlight {
             deadline,
             fingerprint,
@@ -62,13 +62,13 @@ fn step(s: &Store, clock: &ManualClock, held: &mut Held, r: u64) -> Result<(), E
     let fp = Fingerprint::of(&[(r / 7 % 2) as u8]);
     match (r / KEYS) % 8 {
         0 => {
-            if let Begin::Acquired(l) = s.begin(k.as_key(), fp, Duration::from_secs(5))? {
+            if let Begin::Acquired(l) = s.blocking_begin(k.as_key(), fp, Duration::from_secs(5))? {
                 held.keys[slot] = Some(l);
             }
         }
         1 => {
             if let Some(l) = held.keys[slot].take() {
-                match s.complete(&l, format!("resp {r}").as_bytes(), None) {
+                match s.blocking_complete(&l, format!("resp {r}").as_bytes(), None) {
                     Err(Error::StaleLease { .. }) | Ok(_) => {}
                     Err(e) => return Err(e),
                 }
@@ -76,20 +76,20 @@ fn step(s: &Store, clock: &ManualClock, held: &mut Held, r: u64) -> Result<(), E
         }
         2 => {
             let v = OwnedKey::new("v", format!("k{}", r % KEYS));
-            let w = match s.get(v.as_key())? {
+            let w = match s.blocking_get(v.as_key())? {
                 Some(Snapshot::Value(cur)) => {
                     Write::set_if_version(v, cur.version, format!("v{r}"))
                 }
                 _ => Write::put_if_absent(v, format!("v{r}")),
             };
-            let _ = s.cas(&w)?;
+            let _ = s.blocking_cas(&w)?;
         }
         3 => {
-            let _ = s.put_pending(p.as_key(), format!("payload {r}").as_bytes(), None)?;
+            let _ = s.blocking_put_pending(p.as_key(), format!("payload {r}").as_bytes(), None)?;
         }
         4 => {
             if let Take::Acquired { lease, .. } =
-                s.take_pending(p.as_key(), Duration::from_secs(5))?
+                s.blocking_take_pending(p.as_key(), Duration::from_secs(5))?
             {
                 held.pending[ps] = Some(lease);
             }
@@ -97,9 +97,9 @@ fn step(s: &Store, clock: &ManualClock, held: &mut Held, r: u64) -> Result<(), E
         5 => {
             if let Some(l) = held.pending[ps].take() {
                 let done = if r.is_multiple_of(2) {
-                    s.complete(&l, b"done", None).map(|_| ())
+                    s.blocking_complete(&l, b"done", None).map(|_| ())
                 } else {
-                    s.release(l)
+                    s.blocking_release(l)
                 };
                 match done {
                     Err(Error::StaleLease { .. }) | Ok(()) => {}
@@ -109,7 +109,7 @@ fn step(s: &Store, clock: &ManualClock, held: &mut Held, r: u64) -> Result<(), E
         }
         6 => {
             if let Some(l) = held.keys[slot].take() {
-                match s.release(l) {
+                match s.blocking_release(l) {
                     Err(Error::StaleLease { .. }) | Ok(()) => {}
                     Err(e) => return Err(e),
                 }
@@ -117,7 +117,7 @@ fn step(s: &Store, clock: &ManualClock, held: &mut Held, r: u64) -> Result<(), E
             clock.advance(Duration::from_secs(3));
         }
         _ => {
-            let _ = s.remove(k.as_key())?;
+            let _ = s.blocking_remove(k.as_key())?;
         }
     }
     Ok(())
@@ -177,7 +177,7 @@ fn run(dir: &Path, cut_at: u64, torn_bytes: usize, steps: u64) -> bool {
                 cut = true;
                 // Everything after the cut is refused.
                 assert!(matches!(
-                    durable.begin(
+                    durable.blocking_begin(
                         Key::new("z", "z"),
                         Fingerprint::NONE,
                         Duration::from_secs(1)

@@ -39,12 +39,12 @@ fn write_until_refused(store: &Store, from: usize, limit: usize) -> (Vec<usize>,
     let mut acked = Vec::new();
     for i in from..from + limit {
         let fp = Fingerprint::of(&response(i));
-        let lease = match store.begin(key(i).as_key(), fp, LEASE) {
+        let lease = match store.blocking_begin(key(i).as_key(), fp, LEASE) {
             Ok(Begin::Acquired(l)) => l,
             Ok(other) => panic!("key {i} was fresh, got {other:?}"),
             Err(e) => return (acked, Some(e)),
         };
-        match store.complete(&lease, &response(i), None) {
+        match store.blocking_complete(&lease, &response(i), None) {
             Ok(_) => acked.push(i),
             Err(e) => return (acked, Some(e)),
         }
@@ -54,7 +54,7 @@ fn write_until_refused(store: &Store, from: usize, limit: usize) -> (Vec<usize>,
 
 fn assert_completed(store: &Store, keys: &[usize], context: &str) {
     for &i in keys {
-        match store.get(key(i).as_key()).expect("get") {
+        match store.blocking_get(key(i).as_key()).expect("get") {
             Some(Snapshot::Completed(c)) => {
                 assert_eq!(c.response, response(i), "{context}: key {i} changed")
             }
@@ -237,7 +237,7 @@ fn a_leftover_empty_segment_is_removed_and_reported() {
     assert_completed(&store, &acked, "leftover");
     let k = Key::new("crash-points", "after");
     assert!(matches!(
-        store.begin(k, Fingerprint::NONE, LEASE),
+        store.blocking_begin(k, Fingerprint::NONE, LEASE),
         Ok(Begin::Acquired(_))
     ));
 }

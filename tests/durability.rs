@@ -25,14 +25,14 @@ fn fp() -> Fingerprint {
 }
 
 fn acquire(s: &Store, k: Key<'_>) -> idemkv::Lease {
-    match s.begin(k, fp(), LEASE).expect("begin") {
+    match s.blocking_begin(k, fp(), LEASE).expect("begin") {
         Begin::Acquired(l) => l,
         other => panic!("{other:?}"),
     }
 }
 
 fn completed(s: &Store, k: Key<'_>) -> Option<Vec<u8>> {
-    match s.get(k).expect("get") {
+    match s.blocking_get(k).expect("get") {
         Some(Snapshot::Completed(c)) => Some(c.response),
         None => None,
         other => panic!("{other:?}"),
@@ -48,16 +48,17 @@ fn every_kind_of_state_survives_a_reopen() {
     {
         let s = builder(&clock).open(dir.path()).expect("open");
         let l = acquire(&s, Key::new("t", "done"));
-        s.complete(&l, b"response bytes", None).expect("complete");
+        s.blocking_complete(&l, b"response bytes", None)
+            .expect("complete");
         held_token = acquire(&s, Key::new("t", "held")).token();
         let CasOutcome::Applied { version: Some(v) } = s
-            .cas(&Write::put_if_absent(OwnedKey::new("acct", "c1"), "100.00"))
+            .blocking_cas(&Write::put_if_absent(OwnedKey::new("acct", "c1"), "100.00"))
             .expect("cas")
         else {
             panic!()
         };
         let l = acquire(&s, Key::new("t", "batch"));
-        s.complete_with(
+        s.blocking_complete_with(
             &l,
             b"paid",
             None,
@@ -68,29 +69,31 @@ fn every_kind_of_state_survives_a_reopen() {
             )],
         )
         .expect("batch");
-        version = match s.get(Key::new("acct", "c1")).expect("get") {
+        version = match s.blocking_get(Key::new("acct", "c1")).expect("get") {
             Some(Snapshot::Value(v)) => v.version,
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            s.put_pending(Key::new("pay", "p1"), b"payload", None)
+            s.blocking_put_pending(Key::new("pay", "p1"), b"payload", None)
                 .expect("put"),
             PutPending::Stored
         );
         let _ = s
-            .put_pending(Key::new("pay", "p2"), b"payload 2", None)
+            .blocking_put_pending(Key::new("pay", "p2"), b"payload 2", None)
             .expect("put");
-        let Take::Acquired { lease, .. } =
-            s.take_pending(Key::new("pay", "p2"), LEASE).expect("take")
+        let Take::Acquired { lease, .. } = s
+            .blocking_take_pending(Key::new("pay", "p2"), LEASE)
+            .expect("take")
         else {
             panic!()
         };
-        s.complete(&lease, b"authorized", None).expect("complete");
+        s.blocking_complete(&lease, b"authorized", None)
+            .expect("complete");
         let l = acquire(&s, Key::new("t", "removed"));
-        s.complete(&l, b"x", None).expect("complete");
-        assert!(s.remove(Key::new("t", "removed")).expect("remove"));
+        s.blocking_complete(&l, b"x", None).expect("complete");
+        assert!(s.blocking_remove(Key::new("t", "removed")).expect("remove"));
         let l = acquire(&s, Key::new("t", "released"));
-        s.release(l).expect("release");
+        s.blocking_release(l).expect("release");
     }
     let s = builder(&clock).open(dir.path()).expect("reopen");
     let report = s.recovery_report().expect("report");
@@ -108,31 +111,38 @@ fn every_kind_of_state_survives_a_reopen() {
         completed(&s, Key::new("pay", "p2")).as_deref(),
         Some(&b"authorized"[..])
     );
-    match s.get(Key::new("acct", "c1")).expect("get") {
+    match s.blocking_get(Key::new("acct", "c1")).expect("get") {
         Some(Snapshot::Value(v)) => {
             assert_eq!((v.version, v.value.as_slice()), (version, &b"87.50"[..]))
         }
         other => panic!("{other:?}"),
     }
     assert!(
-        matches!(s.get(Key::new("pay", "p1")).expect("get"), Some(Snapshot::Pending { payload, .. }) if payload == b"payload")
+        matches!(s.blocking_get(Key::new("pay", "p1")).expect("get"), Some(Snapshot::Pending { payload, .. }) if payload == b"payload")
     );
-    assert_eq!(s.get(Key::new("t", "removed")).expect("get"), None);
-    assert_eq!(s.get(Key::new("t", "released")).expect("get"), None);
+    assert_eq!(s.blocking_get(Key::new("t", "removed")).expect("get"), None);
+    assert_eq!(
+        s.blocking_get(Key::new("t", "released")).expect("get"),
+        None
+    );
     // A lease survives as what it is: held until its deadline, then taken over with a larger token.
     assert!(matches!(
-        s.begin(Key::new("t", "held"), fp(), LEASE).expect("begin"),
+        s.blocking_begin(Key::new("t", "held"), fp(), LEASE)
+            .expect("begin"),
         Begin::InProgress { .. }
     ));
     clock.advance(LEASE);
-    let Begin::Acquired(l) = s.begin(Key::new("t", "held"), fp(), LEASE).expect("begin") else {
+    let Begin::Acquired(l) = s
+        .blocking_begin(Key::new("t", "held"), fp(), LEASE)
+        .expect("begin")
+    else {
         panic!()
     };
     assert!(l.is_takeover());
     assert!(l.token() > held_token);
     // Versions after a restart are above every version handed out before it.
     let CasOutcome::Applied { version: Some(v2) } = s
-        .cas(&Write::set_if_version(
+        .blocking_cas(&Write::set_if_version(
             OwnedKey::new("acct", "c1"),
             version,
             "80.00",
@@ -175,7 +185,8 @@ fn batched_mode_keeps_everything_over_a_clean_close() {
         for i in 0..200 {
             let id = format!("k{i}");
             let l = acquire(&s, Key::new("t", &id));
-            s.complete(&l, id.as_bytes(), None).expect("complete");
+            s.blocking_complete(&l, id.as_bytes(), None)
+                .expect("complete");
         }
     }
     let s = builder(&clock).open(dir.path()).expect("reopen");
@@ -195,7 +206,7 @@ fn write_log(dir: &Path, n: usize) {
     for i in 0..n {
         let id = format!("k{i}");
         let l = acquire(&s, Key::new("t", &id));
-        s.complete(&l, format!("response {i}").as_bytes(), None)
+        s.blocking_complete(&l, format!("response {i}").as_bytes(), None)
             .expect("complete");
     }
 }
@@ -221,7 +232,7 @@ fn prefix_present(s: &Store, n: usize) -> usize {
     let mut present = 0;
     for i in 0..n {
         let id = format!("k{i}");
-        match s.get(Key::new("t", &id)).expect("get") {
+        match s.blocking_get(Key::new("t", &id)).expect("get") {
             Some(Snapshot::Completed(c)) => {
                 assert_eq!(present, i, "k{i} present after a missing key");
                 assert_eq!(c.response, format!("response {i}").into_bytes());
@@ -319,11 +330,11 @@ fn damage_in_the_middle_is_a_hard_error_unless_dropped() {
     // Only what came before the damage is there; the store works on.
     assert_eq!(prefix_present(&s, 6), 0);
     assert!(matches!(
-        s.get(Key::new("t", "k0")).expect("get"),
+        s.blocking_get(Key::new("t", "k0")).expect("get"),
         Some(Snapshot::InFlight { .. })
     ));
     let l = acquire(&s, Key::new("t", "after"));
-    s.complete(&l, b"ok", None).expect("complete");
+    s.blocking_complete(&l, b"ok", None).expect("complete");
 }
 
 #[test]
@@ -334,7 +345,8 @@ fn writes_after_recovery_go_to_a_new_segment_and_replay_in_order() {
         let s = builder(&clock).open(dir.path()).expect("open");
         let id = format!("round-{round}");
         let l = acquire(&s, Key::new("t", &id));
-        s.complete(&l, id.as_bytes(), None).expect("complete");
+        s.blocking_complete(&l, id.as_bytes(), None)
+            .expect("complete");
     }
     assert_eq!(segments(dir.path()).len(), 3);
     let s = builder(&clock).open(dir.path()).expect("open");
@@ -356,7 +368,7 @@ fn memory_only_stores_refuse_nothing_and_write_nothing() {
         .open(dir.path())
         .expect("open");
     let l = acquire(&s, Key::new("t", "k"));
-    s.complete(&l, b"r", None).expect("complete");
+    s.blocking_complete(&l, b"r", None).expect("complete");
     assert!(s.recovery_report().is_none());
     assert!(!dir.path().join("wal").exists());
     let _ = Error::EmptyKey; // the error type is shared with the in-memory store
@@ -364,7 +376,10 @@ fn memory_only_stores_refuse_nothing_and_write_nothing() {
 
 fn all_completed(s: &Store, n: usize) -> Vec<Option<Snapshot>> {
     (0..n)
-        .map(|i| s.get(Key::new("t", &format!("k{i}"))).expect("get"))
+        .map(|i| {
+            s.blocking_get(Key::new("t", &format!("k{i}")))
+                .expect("get")
+        })
         .collect()
 }
 
@@ -380,7 +395,7 @@ fn recovery_from_checkpoint_and_log_equals_recovery_from_the_log_alone() {
             let id = format!("k{i}");
             let l = acquire(&s, Key::new("t", &id));
             if i % 5 != 0 {
-                s.complete(&l, format!("r{i}").as_bytes(), None)
+                s.blocking_complete(&l, format!("r{i}").as_bytes(), None)
                     .expect("complete");
             }
         }
@@ -395,12 +410,15 @@ fn recovery_from_checkpoint_and_log_equals_recovery_from_the_log_alone() {
             if i < 150 && i % 5 == 0 {
                 clock.advance(LEASE);
             }
-            if let Begin::Acquired(l) = s.begin(Key::new("t", &id), fp(), LEASE).expect("begin") {
-                s.complete(&l, format!("second {i}").as_bytes(), None)
+            if let Begin::Acquired(l) = s
+                .blocking_begin(Key::new("t", &id), fp(), LEASE)
+                .expect("begin")
+            {
+                s.blocking_complete(&l, format!("second {i}").as_bytes(), None)
                     .expect("complete");
             }
             if i % 7 == 0 {
-                s.remove(Key::new("t", &id)).expect("remove");
+                s.blocking_remove(Key::new("t", &id)).expect("remove");
             }
         }
     }
@@ -422,10 +440,10 @@ fn expired_records_are_not_carried_into_checkpoints() {
     let clock = ManualClock::new(T0);
     let s = builder(&clock).open(dir.path()).expect("open");
     let l = acquire(&s, Key::new("t", "short"));
-    s.complete(&l, b"x", Some(Duration::from_secs(1)))
+    s.blocking_complete(&l, b"x", Some(Duration::from_secs(1)))
         .expect("complete");
     let l = acquire(&s, Key::new("t", "long"));
-    s.complete(&l, b"y", None).expect("complete");
+    s.blocking_complete(&l, b"y", None).expect("complete");
     clock.advance(Duration::from_secs(2));
     assert_eq!(s.checkpoint().expect("checkpoint").records, 1);
     drop(s);
@@ -435,7 +453,7 @@ fn expired_records_are_not_carried_into_checkpoints() {
         completed(&s, Key::new("t", "long")).as_deref(),
         Some(&b"y"[..])
     );
-    assert_eq!(s.get(Key::new("t", "short")).expect("get"), None);
+    assert_eq!(s.blocking_get(Key::new("t", "short")).expect("get"), None);
 }
 
 #[test]
@@ -445,7 +463,7 @@ fn a_damaged_checkpoint_is_a_hard_error() {
     {
         let s = builder(&clock).open(dir.path()).expect("open");
         let l = acquire(&s, Key::new("t", "k"));
-        s.complete(&l, b"a response long enough to find in the file", None)
+        s.blocking_complete(&l, b"a response long enough to find in the file", None)
             .expect("complete");
         s.checkpoint().expect("checkpoint");
     }
@@ -481,17 +499,24 @@ fn durability_can_be_raised_per_call() {
         .expect("open");
     // A Batched call returns at once; its record is not on disk yet (the writer waits an hour).
     let l = acquire(&store, Key::new("t", "relaxed"));
-    store.complete(&l, b"later", None).expect("complete");
+    store
+        .blocking_complete(&l, b"later", None)
+        .expect("complete");
     let copy = tempfile::tempdir().expect("tempdir");
     copy_dir(dir.path(), copy.path());
     let seen = builder(&clock).open(copy.path()).expect("open copy");
-    assert_eq!(seen.get(Key::new("t", "relaxed")).expect("get"), None);
+    assert_eq!(
+        seen.blocking_get(Key::new("t", "relaxed")).expect("get"),
+        None
+    );
     drop(seen);
     // The same store through an Immediate handle: synced when the call returns. (Were the
     // writer not hurried by the waiting caller, this call would block for the hour.)
     let strict = store.with_durability(Durability::Immediate);
     let l = acquire(&strict, Key::new("t", "strict"));
-    strict.complete(&l, b"now", None).expect("complete");
+    strict
+        .blocking_complete(&l, b"now", None)
+        .expect("complete");
     let copy = tempfile::tempdir().expect("tempdir");
     copy_dir(dir.path(), copy.path());
     let seen = builder(&clock).open(copy.path()).expect("open copy");
@@ -516,7 +541,7 @@ fn checkpoints_happen_on_their_own_by_time() {
         .open(dir.path())
         .expect("open");
     let l = acquire(&store, Key::new("t", "k"));
-    store.complete(&l, b"r", None).expect("complete");
+    store.blocking_complete(&l, b"r", None).expect("complete");
     // Wait (bounded) for the background thread to write a checkpoint holding the record.
     let started = std::time::Instant::now();
     while store.stats().checkpoints == 0 {

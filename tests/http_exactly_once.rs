@@ -26,7 +26,7 @@ impl ExactlyOnceHandler for Payments {
         let (customer, amount) = text.split_once(':').unwrap_or(("?", "0"));
         let amount: i64 = amount.parse().unwrap_or(0);
         let account = OwnedKey::new("accounts", customer);
-        let (balance, write) = match self.store.get(account.as_key()) {
+        let (balance, write) = match self.store.blocking_get(account.as_key()) {
             Ok(Some(Snapshot::Value(v))) => {
                 let b: i64 = String::from_utf8_lossy(&v.value).parse().unwrap_or(0);
                 (b, Some(v.version))
@@ -81,7 +81,7 @@ fn setup() -> (ExactlyOnce<Store, Payments>, Payments, Store) {
 
 fn balance(store: &Store, customer: &str) -> String {
     match store
-        .get(OwnedKey::new("accounts", customer).as_key())
+        .blocking_get(OwnedKey::new("accounts", customer).as_key())
         .expect("get")
     {
         Some(Snapshot::Value(v)) => String::from_utf8_lossy(&v.value).into_owned(),
@@ -156,7 +156,7 @@ async fn put_post_get_delete() {
     assert_eq!(payments.runs.load(Ordering::SeqCst), 1);
     assert_eq!(
         store
-            .get(idemkv::Key::new("payments/authorize", "p1"))
+            .blocking_get(idemkv::Key::new("payments/authorize", "p1"))
             .expect("get"),
         None
     );
@@ -312,7 +312,7 @@ async fn a_cancelled_post_frees_its_id_at_once() {
     let key = OwnedKey::new("slow", "c1");
     let mut pending = false;
     for _ in 0..100 {
-        if let Some(Snapshot::Pending { .. }) = store.get(key.as_key()).expect("get") {
+        if let Some(Snapshot::Pending { .. }) = store.blocking_get(key.as_key()).expect("get") {
             pending = true;
             break;
         }

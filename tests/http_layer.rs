@@ -335,7 +335,7 @@ async fn a_dead_holder_is_taken_over_after_its_lease_and_the_handler_knows() {
     let fp = Fingerprint::of(b"payload");
     assert!(matches!(
         store
-            .begin(Key::new("orders", "k"), fp, Duration::from_millis(300))
+            .blocking_begin(Key::new("orders", "k"), fp, Duration::from_millis(300))
             .expect("begin"),
         Begin::Acquired(_)
     ));
@@ -503,18 +503,20 @@ async fn a_handler_that_loses_its_lease_gets_no_silent_completion() {
         1,
         "the default scope changed"
     );
-    assert!(store.remove(key).expect("remove"));
+    assert!(store.blocking_remove(key).expect("remove"));
     let Begin::Acquired(other) = store
-        .begin(key, Fingerprint::NONE, Duration::from_secs(60))
+        .blocking_begin(key, Fingerprint::NONE, Duration::from_secs(60))
         .expect("begin")
     else {
         panic!("the removed key was not free");
     };
-    store.complete(&other, b"other", None).expect("complete");
+    store
+        .blocking_complete(&other, b"other", None)
+        .expect("complete");
     let (s, _, b) = running.await.expect("task");
     assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
     assert!(String::from_utf8_lossy(&b).contains("lease-lost"));
-    match store.get(key).expect("get") {
+    match store.blocking_get(key).expect("get") {
         Some(idemkv::Snapshot::Completed(c)) => assert_eq!(c.response, b"other"),
         other => panic!("{other:?}"),
     }

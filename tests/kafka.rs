@@ -388,12 +388,17 @@ async fn retries_failures_and_dead_letters_keep_the_partition_moving() {
     // a re-drive from the dead-letter topic runs afresh.
     for key in ["poison", "flaky"] {
         assert_eq!(
-            store.get(Key::new("kafka:g#attempts", key)).unwrap(),
+            store
+                .blocking_get(Key::new("kafka:g#attempts", key))
+                .unwrap(),
             None,
             "{key}"
         );
     }
-    assert_eq!(store.get(Key::new("kafka:g", "poison")).unwrap(), None);
+    assert_eq!(
+        store.blocking_get(Key::new("kafka:g", "poison")).unwrap(),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,7 +510,7 @@ async fn shutdown_finishes_in_flight_work_or_releases_it() {
     let stats = task.await.unwrap().unwrap();
     assert_eq!(stats.processed, 1);
     assert!(matches!(
-        store.get(Key::new("kafka:g", "slow")).unwrap(),
+        store.blocking_get(Key::new("kafka:g", "slow")).unwrap(),
         Some(Snapshot::Completed(_))
     ));
 
@@ -523,7 +528,7 @@ async fn shutdown_finishes_in_flight_work_or_releases_it() {
         .unwrap();
     assert_eq!(stats.processed, 0);
     assert_eq!(
-        store.get(Key::new("kafka:g", "stuck")).unwrap(),
+        store.blocking_get(Key::new("kafka:g", "stuck")).unwrap(),
         None,
         "the lease was released"
     );

@@ -325,7 +325,7 @@ fn run(ops: Vec<Op>) {
             Op::Begin { key, fp, lease_ms } => {
                 let k = key_of(key);
                 let fp = fp_of(fp);
-                let got = store.begin(k.as_key(), fp, Duration::from_millis(lease_ms));
+                let got = store.blocking_begin(k.as_key(), fp, Duration::from_millis(lease_ms));
                 let deadline = now(&model) + lease_ms;
                 match (model.live(&k).cloned(), got) {
                     (None, Ok(Begin::Acquired(l))) => {
@@ -417,7 +417,7 @@ fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let l = &leases[lease % leases.len()];
-                let got = store.complete(l, &resp, ttl_ms.map(Duration::from_millis));
+                let got = store.blocking_complete(l, &resp, ttl_ms.map(Duration::from_millis));
                 match model.holder(l).cloned() {
                     Some(M::InFlight { fp, .. }) => {
                         let exp = model.now + ttl_ms.unwrap_or(DEFAULT_TTL_MS);
@@ -450,7 +450,7 @@ fn run(ops: Vec<Op>) {
                         ttl: None,
                     });
                 }
-                let got = store.complete_with(l, &resp, None, &batch);
+                let got = store.blocking_complete_with(l, &resp, None, &batch);
                 let dup = batch
                     .iter()
                     .enumerate()
@@ -481,7 +481,7 @@ fn run(ops: Vec<Op>) {
                 assert_eq!(got, Ok(Timestamp::from_millis(exp)));
                 for w in &batch {
                     // Versions from a batch are read back from the store (they are fresh).
-                    match store.get(w.key.as_key()).expect("get") {
+                    match store.blocking_get(w.key.as_key()).expect("get") {
                         Some(Snapshot::Value(v)) => {
                             model.fresh(&w.key, v.version);
                             model.map.insert(
@@ -511,7 +511,7 @@ fn run(ops: Vec<Op>) {
                 let token = l.token();
                 let k = l.key().to_owned();
                 let expected = model.holder(&l).cloned();
-                let got = store.release(l);
+                let got = store.blocking_release(l);
                 match expected {
                     Some(M::InFlight {
                         pending: Some(p), ..
@@ -532,7 +532,7 @@ fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let i = lease % leases.len();
-                let got = store.renew(&mut leases[i], Duration::from_millis(ms));
+                let got = store.blocking_renew(&mut leases[i], Duration::from_millis(ms));
                 let new_deadline = model.now + ms;
                 let k = leases[i].key().to_owned();
                 match model.holder(&leases[i]).is_some() {
@@ -552,12 +552,15 @@ fn run(ops: Vec<Op>) {
             }
             Op::Get { key } => {
                 let k = key_of(key);
-                assert_eq!(store.get(k.as_key()).expect("get"), model.snapshot(&k));
+                assert_eq!(
+                    store.blocking_get(k.as_key()).expect("get"),
+                    model.snapshot(&k)
+                );
             }
             Op::Remove { key } => {
                 let k = key_of(key);
                 let was = model.live(&k).is_some();
-                assert_eq!(store.remove(k.as_key()), Ok(was));
+                assert_eq!(store.blocking_remove(k.as_key()), Ok(was));
                 model.map.remove(&k);
             }
             Op::Cas {
@@ -570,7 +573,7 @@ fn run(ops: Vec<Op>) {
                 let k = key_of(key);
                 let current = model.cas_current(&k);
                 let op = make_op(kind, use_current, current.ok().flatten(), value);
-                let got = store.cas(&Write {
+                let got = store.blocking_cas(&Write {
                     key: k.clone(),
                     op: op.clone(),
                     ttl: ttl_ms.map(Duration::from_millis),
@@ -592,8 +595,11 @@ fn run(ops: Vec<Op>) {
                 ttl_ms,
             } => {
                 let k = key_of(key);
-                let got =
-                    store.put_pending(k.as_key(), &payload, ttl_ms.map(Duration::from_millis));
+                let got = store.blocking_put_pending(
+                    k.as_key(),
+                    &payload,
+                    ttl_ms.map(Duration::from_millis),
+                );
                 let exp = model.now + ttl_ms.unwrap_or(DEFAULT_TTL_MS);
                 match model.live(&k).cloned() {
                     None | Some(M::Pending { .. }) => {
@@ -618,7 +624,7 @@ fn run(ops: Vec<Op>) {
             }
             Op::TakePending { key, lease_ms } => {
                 let k = key_of(key);
-                let got = store.take_pending(k.as_key(), Duration::from_millis(lease_ms));
+                let got = store.blocking_take_pending(k.as_key(), Duration::from_millis(lease_ms));
                 let deadline = model.now + lease_ms;
                 match (model.live(&k).cloned(), got) {
                     (None, Ok(Take::NotFound)) => {}
@@ -706,7 +712,7 @@ fn run(ops: Vec<Op>) {
         for i in 0..8 {
             let k = key_of(i);
             assert_eq!(
-                store.get(k.as_key()).expect("get"),
+                store.blocking_get(k.as_key()).expect("get"),
                 model.snapshot(&k),
                 "key {k:?}"
             );

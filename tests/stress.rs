@@ -31,14 +31,14 @@ fn every_key_runs_exactly_once() {
                     let key = Key::new("stress", &id);
                     // Half the threads wait for the holder, half take "in progress" and move on.
                     let outcome = if t % 2 == 0 {
-                        store.begin_wait(
+                        store.blocking_begin_wait(
                             key,
                             fp(),
                             Duration::from_secs(60),
                             Duration::from_secs(60),
                         )
                     } else {
-                        store.begin(key, fp(), Duration::from_secs(60))
+                        store.blocking_begin(key, fp(), Duration::from_secs(60))
                     }
                     .expect("begin");
                     match outcome {
@@ -51,7 +51,7 @@ fn every_key_runs_exactly_once() {
                             std::thread::yield_now();
                             held[k].store(false, Ordering::SeqCst);
                             store
-                                .complete(&lease, id.as_bytes(), None)
+                                .blocking_complete(&lease, id.as_bytes(), None)
                                 .expect("complete");
                         }
                         Begin::Completed(c) => assert_eq!(c.response, id.as_bytes()),
@@ -92,17 +92,17 @@ fn with_expiring_leases_exactly_one_completion_wins() {
                     let key = Key::new("stress", &id);
                     // 1 ms leases: holders are routinely overtaken while they "work".
                     if let Begin::Acquired(lease) = store
-                        .begin(key, fp(), Duration::from_millis(1))
+                        .blocking_begin(key, fp(), Duration::from_millis(1))
                         .expect("begin")
                     {
                         if round % 3 == 0 {
                             std::thread::sleep(Duration::from_millis(2));
                         }
                         let mine = format!("{k}:{t}:{}", lease.token());
-                        match store.complete(&lease, mine.as_bytes(), None) {
+                        match store.blocking_complete(&lease, mine.as_bytes(), None) {
                             Ok(_) => {
                                 wins[k].fetch_add(1, Ordering::SeqCst);
-                                match store.get(key).expect("get") {
+                                match store.blocking_get(key).expect("get") {
                                     Some(Snapshot::Completed(c)) => {
                                         assert_eq!(c.response, mine.as_bytes())
                                     }

@@ -116,12 +116,12 @@ fn a_takeover_is_a_warning() {
         let fp = idemkv::Fingerprint::of(b"x");
         let lease = Duration::from_millis(20);
         assert!(matches!(
-            store.begin(key, fp, lease),
+            store.blocking_begin(key, fp, lease),
             Ok(idemkv::Begin::Acquired(_))
         ));
         std::thread::sleep(Duration::from_millis(40));
         assert!(
-            matches!(store.begin(key, fp, lease), Ok(idemkv::Begin::Acquired(l)) if l.is_takeover())
+            matches!(store.blocking_begin(key, fp, lease), Ok(idemkv::Begin::Acquired(l)) if l.is_takeover())
         );
     });
     let ev = rec.events("idemkv::lease");
@@ -136,7 +136,7 @@ fn a_torn_tail_cut_at_recovery_is_a_warning_with_the_report() {
     {
         let store = idemkv::Store::builder().open(dir.path()).expect("open");
         let w = idemkv::Write::put_if_absent(idemkv::OwnedKey::new("s", "a"), b"v".to_vec());
-        let _ = store.cas(&w).expect("cas");
+        let _ = store.blocking_cas(&w).expect("cas");
     }
     // A batch a crash interrupted: garbage after the last batch of the newest segment.
     let wal = dir.path().join("wal");

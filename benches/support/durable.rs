@@ -169,8 +169,8 @@ pub fn run_all(quick: bool) -> Vec<Row> {
                 let t = Instant::now();
                 let id = format!("{c}-{i}");
                 if let Ok(Begin::Acquired(l)) =
-                    s.begin(Key::new("bench", &id), fp, Duration::from_secs(30))
-                    && s.complete(&l, RESPONSE, None).is_ok()
+                    s.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
+                    && s.blocking_complete(&l, RESPONSE, None).is_ok()
                 {
                     lat.push(t.elapsed());
                 }
@@ -273,9 +273,9 @@ pub fn recovery(n: u64) -> (f64, f64, f64, f64) {
         for i in 0..n {
             let id = format!("{i:016x}");
             if let Ok(Begin::Acquired(l)) =
-                store.begin(Key::new("bench", &id), fp, Duration::from_secs(30))
+                store.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
             {
-                let _ = store.complete(&l, RESPONSE, None);
+                let _ = store.blocking_complete(&l, RESPONSE, None);
             }
         }
     }

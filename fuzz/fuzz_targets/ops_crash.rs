@@ -37,7 +37,7 @@ fn vkey(k: u8) -> OwnedKey {
 }
 
 fn norm(s: &Store, k: &OwnedKey) -> Option<Snapshot> {
-    match s.get(k.as_key()).ok()? {
+    match s.blocking_get(k.as_key()).ok()? {
         Some(Snapshot::InFlight { deadline, fingerprint, pending, .. }) => {
             Some(Snapshot::InFlight { token: 0, deadline, fingerprint, pending })
         }
@@ -54,13 +54,13 @@ fn apply(s: &Store, clock: &ManualClock, leases: &mut [Option<idemkv::Lease>; 16
     match *op {
         Op::Begin { key: k, fp } => {
             let f = Fingerprint::of(&[u8::from(fp)]);
-            if let Begin::Acquired(l) = s.begin(key(k).as_key(), f, Duration::from_secs(5))? {
+            if let Begin::Acquired(l) = s.blocking_begin(key(k).as_key(), f, Duration::from_secs(5))? {
                 leases[usize::from(k % 16)] = Some(l);
             }
         }
         Op::Complete { key: k, len } => {
             if let Some(l) = leases[usize::from(k % 16)].take() {
-                match s.complete(&l, &vec![len; usize::from(len)], None) {
+                match s.blocking_complete(&l, &vec![len; usize::from(len)], None) {
                     Ok(_) | Err(Error::StaleLease { .. }) => {}
                     Err(e) => return Err(e),
                 }
@@ -68,21 +68,21 @@ fn apply(s: &Store, clock: &ManualClock, leases: &mut [Option<idemkv::Lease>; 16
         }
         Op::Release { key: k } => {
             if let Some(l) = leases[usize::from(k % 16)].take() {
-                match s.release(l) {
+                match s.blocking_release(l) {
                     Ok(()) | Err(Error::StaleLease { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
         }
         Op::Cas { key: k, value } => {
-            let w = match s.get(vkey(k).as_key())? {
+            let w = match s.blocking_get(vkey(k).as_key())? {
                 Some(Snapshot::Value(v)) => Write::set_if_version(vkey(k), v.version, vec![value]),
                 _ => Write::put_if_absent(vkey(k), vec![value]),
             };
-            let _ = s.cas(&w)?;
+            let _ = s.blocking_cas(&w)?;
         }
         Op::Remove { key: k } => {
-            let _ = s.remove(key(k).as_key())?;
+            let _ = s.blocking_remove(key(k).as_key())?;
         }
         Op::Advance { secs } => clock.advance(Duration::from_secs(u64::from(secs % 8))),
     }

@@ -165,7 +165,7 @@ mod tests {
     use crate::{Begin, Fingerprint, Key, Snapshot, Store};
 
     fn acquire(store: &Store, id: &str, lease: Duration) -> Lease {
-        match store.begin(Key::new("runner", id), Fingerprint::NONE, lease) {
+        match store.blocking_begin(Key::new("runner", id), Fingerprint::NONE, lease) {
             Ok(Begin::Acquired(l)) => l,
             other => panic!("{other:?}"),
         }
@@ -180,7 +180,9 @@ mod tests {
         match run(&store, held, lease, work, std::future::pending::<()>()).await {
             Ran::Done((), held) => {
                 let l = held.take();
-                store.complete(&l, b"done", None).expect("still the holder");
+                store
+                    .blocking_complete(&l, b"done", None)
+                    .expect("still the holder");
             }
             _ => panic!("the lease was lost"),
         }
@@ -198,7 +200,9 @@ mod tests {
             let store = store.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                store.remove(Key::new("runner", "taken")).expect("remove");
+                store
+                    .blocking_remove(Key::new("runner", "taken"))
+                    .expect("remove");
                 acquire(&store, "taken", Duration::from_secs(60))
             }
         };
@@ -227,13 +231,18 @@ mod tests {
         drop(ran);
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(store.get(Key::new("runner", "cancel")).expect("get"), None);
+        assert_eq!(
+            store
+                .blocking_get(Key::new("runner", "cancel"))
+                .expect("get"),
+            None
+        );
 
         // A dropped guard (the request's future dropped, or a panic) releases too.
         drop(Held::new(store.clone(), acquire(&store, "drop", lease)));
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(!matches!(
-            store.get(Key::new("runner", "drop")).expect("get"),
+            store.blocking_get(Key::new("runner", "drop")).expect("get"),
             Some(Snapshot::InFlight { .. })
         ));
     }

@@ -319,7 +319,7 @@ fn inspect(dir: &Path, scope: &str, key: &str, out: &mut impl Write) -> Result<(
     let copy = idemkv::tools::read_dir(dir)?;
     let snap = copy
         .store
-        .get(Key::new(scope, key))?
+        .blocking_get(Key::new(scope, key))?
         .ok_or_else(|| Fail(3, format!("no record {scope:?} / {key:?}")))?;
     writeln!(out, "state        {}", kind(&snap))?;
     match &snap {
@@ -432,7 +432,7 @@ fn evict(dir: &Path, scope: &str, key: &str, out: &mut impl Write) -> Result<(),
         ));
     }
     let store = Store::builder().sweep_interval(None).open(dir)?;
-    if store.remove(Key::new(scope, key))? {
+    if store.blocking_remove(Key::new(scope, key))? {
         writeln!(out, "removed {scope:?} / {key:?}")?;
         Ok(())
     } else {
@@ -555,7 +555,9 @@ fn restore(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
         }
         // Restoring is repeatable: a key that holds anything is left as it is.
         let kind = v["kind"].as_str();
-        if !matches!(kind, Some("in-flight" | "in-flight-pending")) && store.get(key)?.is_some() {
+        if !matches!(kind, Some("in-flight" | "in-flight-pending"))
+            && store.blocking_get(key)?.is_some()
+        {
             r.already_there += 1;
             continue;
         }
@@ -566,15 +568,15 @@ fn restore(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
                     .and_then(unhex)
                     .map(Fingerprint::from_bytes)
                     .ok_or_else(|| bad(n, "bad fingerprint"))?;
-                match store.begin(key, fp, Duration::from_secs(60))? {
+                match store.blocking_begin(key, fp, Duration::from_secs(60))? {
                     Begin::Acquired(lease) => {
-                        store.complete(&lease, &b64("value")?, ttl)?;
+                        store.blocking_complete(&lease, &b64("value")?, ttl)?;
                         r.completed += 1;
                     }
                     _ => r.already_there += 1,
                 }
             }
-            Some("pending") => match store.put_pending(key, &b64("value")?, ttl)? {
+            Some("pending") => match store.blocking_put_pending(key, &b64("value")?, ttl)? {
                 PutPending::Stored => r.pending += 1,
                 _ => r.already_there += 1,
             },

@@ -222,11 +222,11 @@ impl StoreBuilder {
     /// let fp = Fingerprint::of(b"body");
     /// {
     ///     let store = Store::builder().open(&dir)?;
-    ///     let Begin::Acquired(lease) = store.begin(key, fp, Duration::from_secs(30))? else { panic!() };
-    ///     store.complete(&lease, b"created", None)?; // durable when this returns
+    ///     let Begin::Acquired(lease) = store.blocking_begin(key, fp, Duration::from_secs(30))? else { panic!() };
+    ///     store.blocking_complete(&lease, b"created", None)?; // durable when this returns
     /// }
     /// let store = Store::builder().open(&dir)?; // after a restart (or a crash)
-    /// assert!(matches!(store.begin(key, fp, Duration::from_secs(30))?, Begin::Completed(c) if c.response == b"created"));
+    /// assert!(matches!(store.blocking_begin(key, fp, Duration::from_secs(30))?, Begin::Completed(c) if c.response == b"created"));
     /// # drop(store); std::fs::remove_dir_all(&dir).ok();
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```

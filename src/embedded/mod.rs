@@ -38,6 +38,10 @@ use engine::snapshot_of;
 
 /// The embedded idempotency store. Cheap to clone (clones share the same store).
 ///
+/// Its methods here block the calling thread (`blocking_*`, waiting for a holder or for the
+/// disk); in async code use the same operations through [`IdempotencyStore`](crate::IdempotencyStore), which `Store`
+/// implements, as `store.begin(..).await` (see the crate docs, "Blocking and async").
+///
 /// All operations are atomic per key, and a completion with a batch of writes is atomic across
 /// all the keys it touches. Every operation is *linearizable*: it takes effect at one instant
 /// between its call and its return.
@@ -51,11 +55,11 @@ use engine::snapshot_of;
 /// let fp = Fingerprint::of(b"POST /orders {\"sku\":1}");
 ///
 /// // First request: we hold the lease, do the work, store the response.
-/// let Begin::Acquired(lease) = store.begin(key, fp, Duration::from_secs(30))? else { panic!() };
-/// store.complete(&lease, b"201 order o-1", None)?;
+/// let Begin::Acquired(lease) = store.blocking_begin(key, fp, Duration::from_secs(30))? else { panic!() };
+/// store.blocking_complete(&lease, b"201 order o-1", None)?;
 ///
 /// // A retry replays it.
-/// match store.begin(key, fp, Duration::from_secs(30))? {
+/// match store.blocking_begin(key, fp, Duration::from_secs(30))? {
 ///     Begin::Completed(done) => assert_eq!(done.response, b"201 order o-1"),
 ///     other => panic!("{other:?}"),
 /// }
@@ -117,7 +121,7 @@ impl Store {
     ///
     /// An expired lease is taken over (the new lease says so); a different `fingerprint` on a
     /// key in use is a [`Begin::Mismatch`].
-    pub fn begin(
+    pub fn blocking_begin(
         &self,
         key: Key<'_>,
         fingerprint: Fingerprint,
@@ -129,10 +133,10 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Like [`begin`](Self::begin), but if someone else holds the key, blocks until they
+    /// Like [`begin`](Self::blocking_begin), but if someone else holds the key, blocks until they
     /// complete or release it (or their lease expires) for at most `max_wait`, then answers as
     /// `begin` would. No polling: the holder's completion wakes the waiter.
-    pub fn begin_wait(
+    pub fn blocking_begin_wait(
         &self,
         key: Key<'_>,
         fingerprint: Fingerprint,
@@ -166,16 +170,16 @@ impl Store {
     /// Stores `response` for the lease's key and ends the lease. Only the current holder can
     /// complete; anyone else gets [`Error::StaleLease`] and nothing is written. Returns when the
     /// record expires (`ttl`, or the store's default).
-    pub fn complete(
+    pub fn blocking_complete(
         &self,
         lease: &Lease,
         response: &[u8],
         ttl: Option<Duration>,
     ) -> Result<Timestamp, Error> {
-        self.complete_with(lease, response, ttl, &[])
+        self.blocking_complete_with(lease, response, ttl, &[])
     }
 
-    /// [`complete`](Self::complete) together with versioned writes on other keys, all or none:
+    /// [`complete`](Self::blocking_complete) together with versioned writes on other keys, all or none:
     /// if any write's condition fails, nothing is written ([`Error::BatchConflict`]) and the
     /// lease is still held.
     ///
@@ -186,18 +190,18 @@ impl Store {
     /// let store = Store::in_memory();
     /// let balance = OwnedKey::new("accounts", "c1");
     /// let CasOutcome::Applied { version: Some(v) } =
-    ///     store.cas(&Write::put_if_absent(balance.clone(), "100.00"))? else { panic!() };
+    ///     store.blocking_cas(&Write::put_if_absent(balance.clone(), "100.00"))? else { panic!() };
     ///
     /// let Begin::Acquired(lease) =
-    ///     store.begin(Key::new("payments", "p-1"), Fingerprint::of(b"12.50"), Duration::from_secs(10))?
+    ///     store.blocking_begin(Key::new("payments", "p-1"), Fingerprint::of(b"12.50"), Duration::from_secs(10))?
     /// else { panic!() };
     /// // The debit and "payment p-1 processed" commit together.
-    /// store.complete_with(&lease, b"ok", None, &[Write::set_if_version(balance.clone(), v, "87.50")])?;
-    /// let Some(Snapshot::Value(now)) = store.get(balance.as_key())? else { panic!() };
+    /// store.blocking_complete_with(&lease, b"ok", None, &[Write::set_if_version(balance.clone(), v, "87.50")])?;
+    /// let Some(Snapshot::Value(now)) = store.blocking_get(balance.as_key())? else { panic!() };
     /// assert_eq!(now.value, b"87.50");
     /// # Ok::<(), idemkv::Error>(())
     /// ```
-    pub fn complete_with(
+    pub fn blocking_complete_with(
         &self,
         lease: &Lease,
         response: &[u8],
@@ -214,7 +218,7 @@ impl Store {
 
     /// Abandons the lease: the next `begin` runs the work again. For a stored request
     /// (`take_pending`), the request goes back to waiting.
-    pub fn release(&self, lease: Lease) -> Result<(), Error> {
+    pub fn blocking_release(&self, lease: Lease) -> Result<(), Error> {
         let settle = Settle::default();
         self.inner.note(self.inner.release(&lease, &settle))?;
         self.inner.settle(&settle, self.durability)
@@ -222,7 +226,7 @@ impl Store {
 
     /// Extends the lease to `extend` from now (a heartbeat for long handlers) and returns the
     /// new deadline. A lease that expired but was not taken over yet can still be renewed.
-    pub fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
+    pub fn blocking_renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
         let settle = Settle::default();
         let d = self.inner.note(self.inner.renew(lease, extend, &settle))?;
         self.inner.settle(&settle, self.durability)?;
@@ -231,7 +235,7 @@ impl Store {
     }
 
     /// What `key` holds now, if anything (expired records are absent).
-    pub fn get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
+    pub fn blocking_get(&self, key: Key<'_>) -> Result<Option<Snapshot>, Error> {
         let settle = Settle::default();
         let found = self.inner.get(key, &settle)?;
         self.inner.settle(&settle, self.durability)?;
@@ -240,7 +244,7 @@ impl Store {
 
     /// Removes whatever `key` holds; returns whether there was something. A lease on it
     /// becomes stale, and waiters on it wake.
-    pub fn remove(&self, key: Key<'_>) -> Result<bool, Error> {
+    pub fn blocking_remove(&self, key: Key<'_>) -> Result<bool, Error> {
         let settle = Settle::default();
         let removed = self.inner.remove(key, &settle)?;
         self.inner.settle(&settle, self.durability)?;
@@ -253,12 +257,12 @@ impl Store {
     /// use idemkv::{CasOutcome, OwnedKey, Store, Write};
     /// let store = Store::in_memory();
     /// let k = OwnedKey::new("consumer-offsets", "orders/0");
-    /// let CasOutcome::Applied { version: Some(v1) } = store.cas(&Write::put_if_absent(k.clone(), "17"))? else { panic!() };
-    /// assert!(matches!(store.cas(&Write::put_if_absent(k.clone(), "18"))?, CasOutcome::Conflict { current: Some(v) } if v == v1));
-    /// assert!(matches!(store.cas(&Write::set_if_version(k.clone(), v1, "18"))?, CasOutcome::Applied { .. }));
+    /// let CasOutcome::Applied { version: Some(v1) } = store.blocking_cas(&Write::put_if_absent(k.clone(), "17"))? else { panic!() };
+    /// assert!(matches!(store.blocking_cas(&Write::put_if_absent(k.clone(), "18"))?, CasOutcome::Conflict { current: Some(v) } if v == v1));
+    /// assert!(matches!(store.blocking_cas(&Write::set_if_version(k.clone(), v1, "18"))?, CasOutcome::Applied { .. }));
     /// # Ok::<(), idemkv::Error>(())
     /// ```
-    pub fn cas(&self, write: &Write) -> Result<CasOutcome, Error> {
+    pub fn blocking_cas(&self, write: &Write) -> Result<CasOutcome, Error> {
         let settle = Settle::default();
         let outcome = self.inner.cas(write, &settle)?;
         self.inner.settle(&settle, self.durability)?;
@@ -267,7 +271,7 @@ impl Store {
 
     /// Stores a request `payload` under `key` to be processed once later (the PUT of the
     /// exactly-once protocol). Repeatable until the request is taken.
-    pub fn put_pending(
+    pub fn blocking_put_pending(
         &self,
         key: Key<'_>,
         payload: &[u8],
@@ -281,7 +285,7 @@ impl Store {
 
     /// Takes the stored request under `key` for processing, exactly once: the first caller gets
     /// a lease and the payload; `complete` turns it into a stored response.
-    pub fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
+    pub fn blocking_take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
         let settle = Settle::default();
         let outcome = self.inner.take_pending(key, lease, &settle)?;
         self.inner.settle(&settle, self.durability)?;

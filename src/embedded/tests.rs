@@ -22,14 +22,14 @@ fn fp(s: &str) -> Fingerprint {
 }
 
 fn acquire(s: &Store, k: Key<'_>, f: &str) -> Lease {
-    match s.begin(k, fp(f), LEASE).unwrap() {
+    match s.blocking_begin(k, fp(f), LEASE).unwrap() {
         Begin::Acquired(l) => l,
         other => panic!("expected Acquired, got {other:?}"),
     }
 }
 
 fn value_of(s: &Store, k: &OwnedKey) -> Option<Versioned> {
-    match s.get(k.as_key()).unwrap() {
+    match s.blocking_get(k.as_key()).unwrap() {
         Some(Snapshot::Value(v)) => Some(v),
         None => None,
         other => panic!("not a value: {other:?}"),
@@ -44,12 +44,12 @@ fn begin_complete_replay() {
     assert!(!lease.is_takeover());
     assert_eq!(lease.deadline(), Timestamp::from_millis(T0 + 10_000));
     assert!(matches!(
-        s.begin(k, fp("a"), LEASE).unwrap(),
+        s.blocking_begin(k, fp("a"), LEASE).unwrap(),
         Begin::InProgress { deadline } if deadline == lease.deadline()
     ));
-    let exp = s.complete(&lease, b"resp", None).unwrap();
+    let exp = s.blocking_complete(&lease, b"resp", None).unwrap();
     assert_eq!(exp, Timestamp::from_millis(T0 + 24 * 3600 * 1000));
-    match s.begin(k, fp("a"), LEASE).unwrap() {
+    match s.blocking_begin(k, fp("a"), LEASE).unwrap() {
         Begin::Completed(c) => {
             assert_eq!(c.response, b"resp");
             assert_eq!(c.completed_at, Timestamp::from_millis(T0));
@@ -58,7 +58,7 @@ fn begin_complete_replay() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        s.begin(k, fp("b"), LEASE).unwrap(),
+        s.blocking_begin(k, fp("b"), LEASE).unwrap(),
         Begin::Mismatch
     ));
     let st = s.stats();
@@ -81,7 +81,7 @@ fn mismatch_while_in_flight() {
     let k = Key::new("t", "k");
     let _l = acquire(&s, k, "a");
     assert!(matches!(
-        s.begin(k, fp("b"), LEASE).unwrap(),
+        s.blocking_begin(k, fp("b"), LEASE).unwrap(),
         Begin::Mismatch
     ));
 }
@@ -91,10 +91,10 @@ fn scopes_never_meet() {
     let (s, _) = store();
     let l1 = acquire(&s, Key::new("tenant-a", "same"), "x");
     let l2 = acquire(&s, Key::new("tenant-b", "same"), "x");
-    s.complete(&l1, b"a", None).unwrap();
-    s.complete(&l2, b"b", None).unwrap();
+    s.blocking_complete(&l1, b"a", None).unwrap();
+    s.blocking_complete(&l2, b"b", None).unwrap();
     let Begin::Completed(c) = s
-        .begin(Key::new("tenant-b", "same"), fp("x"), LEASE)
+        .blocking_begin(Key::new("tenant-b", "same"), fp("x"), LEASE)
         .unwrap()
     else {
         panic!()
@@ -115,19 +115,22 @@ fn expired_lease_is_taken_over_and_old_holder_is_fenced() {
     assert!(new.is_takeover());
     assert!(new.token() > old.token());
     assert_eq!(
-        s.complete(&old, b"old", None),
+        s.blocking_complete(&old, b"old", None),
         Err(Error::StaleLease { token: old.token() })
     );
     let mut old = old;
     assert!(matches!(
-        s.renew(&mut old, LEASE),
+        s.blocking_renew(&mut old, LEASE),
         Err(Error::StaleLease { .. })
     ));
-    assert!(matches!(s.release(old), Err(Error::StaleLease { .. })));
+    assert!(matches!(
+        s.blocking_release(old),
+        Err(Error::StaleLease { .. })
+    ));
     assert!(
-        matches!(s.get(k).unwrap(), Some(Snapshot::InFlight { token, .. }) if token == new.token())
+        matches!(s.blocking_get(k).unwrap(), Some(Snapshot::InFlight { token, .. }) if token == new.token())
     );
-    s.complete(&new, b"new", None).unwrap();
+    s.blocking_complete(&new, b"new", None).unwrap();
     assert_eq!(s.stats().takeovers, 1);
 }
 
@@ -137,7 +140,7 @@ fn an_expired_lease_not_taken_over_can_still_complete() {
     let k = Key::new("t", "k");
     let l = acquire(&s, k, "a");
     clock.advance(LEASE * 3);
-    s.complete(&l, b"late but fine", None).unwrap();
+    s.blocking_complete(&l, b"late but fine", None).unwrap();
 }
 
 #[test]
@@ -145,7 +148,7 @@ fn release_lets_the_next_begin_run_again() {
     let (s, _) = store();
     let k = Key::new("t", "k");
     let l = acquire(&s, k, "a");
-    s.release(l).unwrap();
+    s.blocking_release(l).unwrap();
     assert_eq!(s.stats().records, 0);
     let l2 = acquire(&s, k, "other fingerprint is fine after a release");
     assert!(!l2.is_takeover());
@@ -157,16 +160,16 @@ fn renew_extends_the_deadline() {
     let k = Key::new("t", "k");
     let mut l = acquire(&s, k, "a");
     clock.advance(Duration::from_secs(8));
-    let d = s.renew(&mut l, Duration::from_secs(10)).unwrap();
+    let d = s.blocking_renew(&mut l, Duration::from_secs(10)).unwrap();
     assert_eq!(d, Timestamp::from_millis(T0 + 18_000));
     assert_eq!(l.deadline(), d);
     clock.advance(Duration::from_secs(5));
     assert!(matches!(
-        s.begin(k, fp("a"), LEASE).unwrap(),
+        s.blocking_begin(k, fp("a"), LEASE).unwrap(),
         Begin::InProgress { .. }
     ));
     assert_eq!(
-        s.renew(&mut l, Duration::ZERO),
+        s.blocking_renew(&mut l, Duration::ZERO),
         Err(Error::ZeroDuration {
             what: "the lease extension"
         })
@@ -178,16 +181,18 @@ fn completed_records_expire_and_are_swept() {
     let (s, clock) = store();
     let k = Key::new("t", "k");
     let l = acquire(&s, k, "a");
-    s.complete(&l, b"r", Some(Duration::from_secs(60))).unwrap();
+    s.blocking_complete(&l, b"r", Some(Duration::from_secs(60)))
+        .unwrap();
     clock.advance(Duration::from_secs(59));
-    assert!(s.get(k).unwrap().is_some());
+    assert!(s.blocking_get(k).unwrap().is_some());
     assert_eq!(s.sweep_expired(), 0);
     clock.advance(Duration::from_secs(1));
     // Invisible at once, before any sweep.
-    assert_eq!(s.get(Key::new("t", "k")).unwrap(), None);
+    assert_eq!(s.blocking_get(Key::new("t", "k")).unwrap(), None);
     let k2 = Key::new("t", "k2");
     let l2 = acquire(&s, k2, "a");
-    s.complete(&l2, b"r", Some(Duration::from_secs(1))).unwrap();
+    s.blocking_complete(&l2, b"r", Some(Duration::from_secs(1)))
+        .unwrap();
     clock.advance(Duration::from_secs(1));
     assert_eq!(s.sweep_expired(), 1);
     let st = s.stats();
@@ -222,7 +227,8 @@ fn background_sweeper_runs_and_stops_with_the_store() {
         .build()
         .unwrap();
     let l = acquire(&s, Key::new("t", "k"), "a");
-    s.complete(&l, b"r", Some(Duration::from_secs(1))).unwrap();
+    s.blocking_complete(&l, b"r", Some(Duration::from_secs(1)))
+        .unwrap();
     clock.advance(Duration::from_secs(2));
     let start = Instant::now();
     while s.stats().records != 0 {
@@ -239,25 +245,26 @@ fn background_sweeper_runs_and_stops_with_the_store() {
 fn bad_input_is_a_typed_error_and_changes_nothing() {
     let (s, _) = store();
     let l = acquire(&s, Key::new("t", "keep"), "a");
-    s.complete(&l, b"kept", None).unwrap();
+    s.blocking_complete(&l, b"kept", None).unwrap();
     let before = s.stats();
     let long = vec![b'x'; 256];
     assert_eq!(
-        s.begin(Key::new("t", &long[..]), fp("a"), LEASE)
+        s.blocking_begin(Key::new("t", &long[..]), fp("a"), LEASE)
             .unwrap_err(),
         Error::KeyTooLong { len: 256, max: 255 }
     );
     assert_eq!(
-        s.begin(Key::new(&long[..], "k"), fp("a"), LEASE)
+        s.blocking_begin(Key::new(&long[..], "k"), fp("a"), LEASE)
             .unwrap_err(),
         Error::ScopeTooLong { len: 256, max: 255 }
     );
     assert_eq!(
-        s.begin(Key::new("t", ""), fp("a"), LEASE).unwrap_err(),
+        s.blocking_begin(Key::new("t", ""), fp("a"), LEASE)
+            .unwrap_err(),
         Error::EmptyKey
     );
     assert_eq!(
-        s.begin(Key::new("t", "k"), fp("a"), Duration::ZERO)
+        s.blocking_begin(Key::new("t", "k"), fp("a"), Duration::ZERO)
             .unwrap_err(),
         Error::ZeroDuration {
             what: "the lease duration"
@@ -266,26 +273,29 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     let l = acquire(&s, Key::new("t", "k"), "a");
     let big = vec![0u8; (1 << 20) + 1];
     assert!(matches!(
-        s.complete(&l, &big, None),
+        s.blocking_complete(&l, &big, None),
         Err(Error::ValueTooLarge { .. })
     ));
     assert!(matches!(
-        s.complete(&l, b"x", Some(Duration::ZERO)),
+        s.blocking_complete(&l, b"x", Some(Duration::ZERO)),
         Err(Error::ZeroDuration { .. })
     ));
     assert!(matches!(
-        s.put_pending(Key::new("t", "p"), &big, None),
+        s.blocking_put_pending(Key::new("t", "p"), &big, None),
         Err(Error::ValueTooLarge { .. })
     ));
     assert!(matches!(
-        s.cas(&Write::put_if_absent(OwnedKey::new("t", "v"), big.clone())),
+        s.blocking_cas(&Write::put_if_absent(OwnedKey::new("t", "v"), big.clone())),
         Err(Error::ValueTooLarge { .. })
     ));
     // The lease still works after the refusals.
-    s.release(l).unwrap();
+    s.blocking_release(l).unwrap();
     let after = s.stats();
     assert_eq!((before.records, before.bytes), (after.records, after.bytes));
-    let Begin::Completed(c) = s.begin(Key::new("t", "keep"), fp("a"), LEASE).unwrap() else {
+    let Begin::Completed(c) = s
+        .blocking_begin(Key::new("t", "keep"), fp("a"), LEASE)
+        .unwrap()
+    else {
         panic!()
     };
     assert_eq!(c.response, b"kept");
@@ -303,13 +313,15 @@ fn record_and_byte_limits_refuse_without_evicting() {
     let a = acquire(&s, Key::new("t", "a"), "x");
     let _b = acquire(&s, Key::new("t", "b"), "x");
     assert_eq!(
-        s.begin(Key::new("t", "c"), fp("x"), LEASE).unwrap_err(),
+        s.blocking_begin(Key::new("t", "c"), fp("x"), LEASE)
+            .unwrap_err(),
         Error::RecordLimit { max: 2 }
     );
     assert_eq!(s.stats().records, 2);
-    s.complete(&a, b"done", None).unwrap();
+    s.blocking_complete(&a, b"done", None).unwrap();
     assert!(matches!(
-        s.begin(Key::new("t", "a"), fp("x"), LEASE).unwrap(),
+        s.blocking_begin(Key::new("t", "a"), fp("x"), LEASE)
+            .unwrap(),
         Begin::Completed(_)
     ));
 
@@ -320,17 +332,17 @@ fn record_and_byte_limits_refuse_without_evicting() {
         .unwrap();
     let l = acquire(&s, Key::new("t", "a"), "x"); // 42 bytes
     assert!(matches!(
-        s.complete(&l, &[0u8; 59], None),
+        s.blocking_complete(&l, &[0u8; 59], None),
         Err(Error::ByteLimit {
             needed: 59,
             max: 100
         })
     ));
     assert_eq!(s.stats().bytes, 42);
-    s.complete(&l, &[0u8; 58], None).unwrap();
+    s.blocking_complete(&l, &[0u8; 58], None).unwrap();
     assert_eq!(s.stats().bytes, 100);
     assert!(matches!(
-        s.begin(Key::new("t", "b"), fp("x"), LEASE),
+        s.blocking_begin(Key::new("t", "b"), fp("x"), LEASE),
         Err(Error::ByteLimit { .. })
     ));
     assert_eq!(s.stats().records, 1);
@@ -353,38 +365,44 @@ fn invalid_configurations_are_refused() {
 fn cas_versions_are_unique_and_never_reused() {
     let (s, clock) = store();
     let k = OwnedKey::new("offsets", "p0");
-    let CasOutcome::Applied { version: Some(v1) } =
-        s.cas(&Write::put_if_absent(k.clone(), "1")).unwrap()
+    let CasOutcome::Applied { version: Some(v1) } = s
+        .blocking_cas(&Write::put_if_absent(k.clone(), "1"))
+        .unwrap()
     else {
         panic!()
     };
     assert_eq!(
-        s.cas(&Write::put_if_absent(k.clone(), "x")).unwrap(),
-        CasOutcome::Conflict { current: Some(v1) }
-    );
-    assert_eq!(
-        s.cas(&Write::set_if_version(k.clone(), v1 + 100, "x"))
+        s.blocking_cas(&Write::put_if_absent(k.clone(), "x"))
             .unwrap(),
         CasOutcome::Conflict { current: Some(v1) }
     );
-    let CasOutcome::Applied { version: Some(v2) } =
-        s.cas(&Write::set_if_version(k.clone(), v1, "2")).unwrap()
+    assert_eq!(
+        s.blocking_cas(&Write::set_if_version(k.clone(), v1 + 100, "x"))
+            .unwrap(),
+        CasOutcome::Conflict { current: Some(v1) }
+    );
+    let CasOutcome::Applied { version: Some(v2) } = s
+        .blocking_cas(&Write::set_if_version(k.clone(), v1, "2"))
+        .unwrap()
     else {
         panic!()
     };
     assert!(v2 > v1);
     assert_eq!(value_of(&s, &k).unwrap().value, b"2");
     assert_eq!(
-        s.cas(&Write::delete_if_version(k.clone(), v1)).unwrap(),
+        s.blocking_cas(&Write::delete_if_version(k.clone(), v1))
+            .unwrap(),
         CasOutcome::Conflict { current: Some(v2) }
     );
     assert_eq!(
-        s.cas(&Write::delete_if_version(k.clone(), v2)).unwrap(),
+        s.blocking_cas(&Write::delete_if_version(k.clone(), v2))
+            .unwrap(),
         CasOutcome::Applied { version: None }
     );
     // After a delete, a re-created value gets a new version: a stale v1 or v2 cannot match.
-    let CasOutcome::Applied { version: Some(v3) } =
-        s.cas(&Write::put_if_absent(k.clone(), "3")).unwrap()
+    let CasOutcome::Applied { version: Some(v3) } = s
+        .blocking_cas(&Write::put_if_absent(k.clone(), "3"))
+        .unwrap()
     else {
         panic!()
     };
@@ -392,7 +410,7 @@ fn cas_versions_are_unique_and_never_reused() {
     // TTL on values.
     let t = OwnedKey::new("tokens", "x");
     let _ = s
-        .cas(&Write::put_if_absent(t.clone(), "t").with_ttl(Duration::from_secs(5)))
+        .blocking_cas(&Write::put_if_absent(t.clone(), "t").with_ttl(Duration::from_secs(5)))
         .unwrap();
     assert_eq!(
         value_of(&s, &t).unwrap().expires_at,
@@ -401,7 +419,8 @@ fn cas_versions_are_unique_and_never_reused() {
     clock.advance(Duration::from_secs(5));
     assert_eq!(value_of(&s, &t), None);
     assert!(matches!(
-        s.cas(&Write::put_if_absent(t.clone(), "again")).unwrap(),
+        s.blocking_cas(&Write::put_if_absent(t.clone(), "again"))
+            .unwrap(),
         CasOutcome::Applied { .. }
     ));
 }
@@ -411,7 +430,7 @@ fn kinds_do_not_mix() {
     let (s, _) = store();
     let _l = acquire(&s, Key::new("t", "idem"), "a");
     assert_eq!(
-        s.cas(&Write::put_if_absent(OwnedKey::new("t", "idem"), "v"))
+        s.blocking_cas(&Write::put_if_absent(OwnedKey::new("t", "idem"), "v"))
             .unwrap_err(),
         Error::WrongKind {
             expected: RecordKind::Value,
@@ -419,22 +438,25 @@ fn kinds_do_not_mix() {
         }
     );
     let _ = s
-        .cas(&Write::put_if_absent(OwnedKey::new("t", "val"), "v"))
+        .blocking_cas(&Write::put_if_absent(OwnedKey::new("t", "val"), "v"))
         .unwrap();
     assert_eq!(
-        s.begin(Key::new("t", "val"), fp("a"), LEASE).unwrap_err(),
+        s.blocking_begin(Key::new("t", "val"), fp("a"), LEASE)
+            .unwrap_err(),
         Error::WrongKind {
             expected: RecordKind::Idempotency,
             found: RecordKind::Value
         }
     );
-    let _ = s.put_pending(Key::new("t", "req"), b"p", None).unwrap();
+    let _ = s
+        .blocking_put_pending(Key::new("t", "req"), b"p", None)
+        .unwrap();
     assert!(matches!(
-        s.begin(Key::new("t", "req"), fp("a"), LEASE),
+        s.blocking_begin(Key::new("t", "req"), fp("a"), LEASE),
         Err(Error::WrongKind { .. })
     ));
     assert!(matches!(
-        s.take_pending(Key::new("t", "val"), LEASE),
+        s.blocking_take_pending(Key::new("t", "val"), LEASE),
         Err(Error::WrongKind { .. })
     ));
 }
@@ -448,8 +470,9 @@ fn completion_batch_is_all_or_nothing() {
         .collect();
     let mut versions = Vec::new();
     for a in &accounts {
-        let CasOutcome::Applied { version: Some(v) } =
-            s.cas(&Write::put_if_absent(a.clone(), "100")).unwrap()
+        let CasOutcome::Applied { version: Some(v) } = s
+            .blocking_cas(&Write::put_if_absent(a.clone(), "100"))
+            .unwrap()
         else {
             panic!()
         };
@@ -470,7 +493,7 @@ fn completion_batch_is_all_or_nothing() {
     writes[17] = Write::set_if_version(accounts[17].clone(), versions[17] + 999, "90");
     let bytes_before = s.stats().bytes;
     assert!(matches!(
-        s.complete_with(&lease, b"ok", None, &writes),
+        s.blocking_complete_with(&lease, b"ok", None, &writes),
         Err(Error::BatchConflict { index: 17, current: Some(v) }) if v == versions[17]
     ));
     assert_eq!(s.stats().bytes, bytes_before);
@@ -480,10 +503,14 @@ fn completion_batch_is_all_or_nothing() {
             .all(|a| value_of(&s, a).unwrap().value == b"100")
     );
     assert_eq!(value_of(&s, &OwnedKey::new("ledger", "p1")), None);
-    assert!(matches!(s.get(k).unwrap(), Some(Snapshot::InFlight { .. })));
+    assert!(matches!(
+        s.blocking_get(k).unwrap(),
+        Some(Snapshot::InFlight { .. })
+    ));
     // Fixed: everything lands together with the completion.
     writes[17] = Write::set_if_version(accounts[17].clone(), versions[17], "90");
-    s.complete_with(&lease, b"ok", None, &writes).unwrap();
+    s.blocking_complete_with(&lease, b"ok", None, &writes)
+        .unwrap();
     assert!(
         accounts
             .iter()
@@ -493,10 +520,13 @@ fn completion_batch_is_all_or_nothing() {
         value_of(&s, &OwnedKey::new("ledger", "p1")).unwrap().value,
         b"debit 10"
     );
-    assert!(matches!(s.get(k).unwrap(), Some(Snapshot::Completed(_))));
+    assert!(matches!(
+        s.blocking_get(k).unwrap(),
+        Some(Snapshot::Completed(_))
+    ));
     // A stale lease cannot apply a batch either.
     assert!(matches!(
-        s.complete_with(&lease, b"again", None, &writes),
+        s.blocking_complete_with(&lease, b"again", None, &writes),
         Err(Error::StaleLease { .. })
     ));
     // A delete in a batch.
@@ -504,7 +534,7 @@ fn completion_batch_is_all_or_nothing() {
     let v = value_of(&s, &OwnedKey::new("ledger", "p1"))
         .unwrap()
         .version;
-    s.complete_with(
+    s.blocking_complete_with(
         &l2,
         b"ok",
         None,
@@ -525,27 +555,27 @@ fn malformed_batches_are_refused() {
         Write::put_if_absent(OwnedKey::new("v", "x"), "2"),
     ];
     assert!(matches!(
-        s.complete_with(&lease, b"", None, &dup),
+        s.blocking_complete_with(&lease, b"", None, &dup),
         Err(Error::InvalidBatch { .. })
     ));
     let own = vec![Write::put_if_absent(OwnedKey::new("t", "k"), "1")];
     assert!(matches!(
-        s.complete_with(&lease, b"", None, &own),
+        s.blocking_complete_with(&lease, b"", None, &own),
         Err(Error::InvalidBatch { .. })
     ));
     let many: Vec<Write> = (0..65)
         .map(|i| Write::put_if_absent(OwnedKey::new("v", format!("{i}")), "1"))
         .collect();
     assert!(matches!(
-        s.complete_with(&lease, b"", None, &many),
+        s.blocking_complete_with(&lease, b"", None, &many),
         Err(Error::InvalidBatch { .. })
     ));
     let bad_key = vec![Write::put_if_absent(OwnedKey::new("v", ""), "1")];
     assert_eq!(
-        s.complete_with(&lease, b"", None, &bad_key),
+        s.blocking_complete_with(&lease, b"", None, &bad_key),
         Err(Error::EmptyKey)
     );
-    s.complete(&lease, b"still mine", None).unwrap();
+    s.blocking_complete(&lease, b"still mine", None).unwrap();
 }
 
 #[test]
@@ -560,11 +590,12 @@ fn batch_respects_limits() {
         .map(|i| Write::put_if_absent(OwnedKey::new("v", format!("{i}")), "1"))
         .collect();
     assert_eq!(
-        s.complete_with(&lease, b"", None, &writes),
+        s.blocking_complete_with(&lease, b"", None, &writes),
         Err(Error::RecordLimit { max: 3 })
     );
     assert_eq!(s.stats().records, 1);
-    s.complete_with(&lease, b"", None, &writes[..2]).unwrap();
+    s.blocking_complete_with(&lease, b"", None, &writes[..2])
+        .unwrap();
     assert_eq!(s.stats().records, 3);
 }
 
@@ -572,45 +603,57 @@ fn batch_respects_limits() {
 fn pending_request_protocol() {
     let (s, _) = store();
     let k = Key::new("payments", "auth-1");
-    assert!(matches!(s.take_pending(k, LEASE).unwrap(), Take::NotFound));
-    assert_eq!(s.put_pending(k, b"v1", None).unwrap(), PutPending::Stored);
-    assert_eq!(s.put_pending(k, b"v2", None).unwrap(), PutPending::Stored);
-    assert!(
-        matches!(s.get(k).unwrap(), Some(Snapshot::Pending { payload, .. }) if payload == b"v2")
+    assert!(matches!(
+        s.blocking_take_pending(k, LEASE).unwrap(),
+        Take::NotFound
+    ));
+    assert_eq!(
+        s.blocking_put_pending(k, b"v1", None).unwrap(),
+        PutPending::Stored
     );
-    let Take::Acquired { lease, payload } = s.take_pending(k, LEASE).unwrap() else {
+    assert_eq!(
+        s.blocking_put_pending(k, b"v2", None).unwrap(),
+        PutPending::Stored
+    );
+    assert!(
+        matches!(s.blocking_get(k).unwrap(), Some(Snapshot::Pending { payload, .. }) if payload == b"v2")
+    );
+    let Take::Acquired { lease, payload } = s.blocking_take_pending(k, LEASE).unwrap() else {
         panic!()
     };
     assert_eq!(payload, b"v2");
     assert!(matches!(
-        s.take_pending(k, LEASE).unwrap(),
+        s.blocking_take_pending(k, LEASE).unwrap(),
         Take::InProgress { .. }
     ));
     assert!(matches!(
-        s.put_pending(k, b"v3", None).unwrap(),
+        s.blocking_put_pending(k, b"v3", None).unwrap(),
         PutPending::InProgress { .. }
     ));
     // Released: the request waits again, payload intact.
-    s.release(lease).unwrap();
+    s.blocking_release(lease).unwrap();
     assert!(
-        matches!(s.get(k).unwrap(), Some(Snapshot::Pending { payload, .. }) if payload == b"v2")
+        matches!(s.blocking_get(k).unwrap(), Some(Snapshot::Pending { payload, .. }) if payload == b"v2")
     );
-    let Take::Acquired { lease, .. } = s.take_pending(k, LEASE).unwrap() else {
+    let Take::Acquired { lease, .. } = s.blocking_take_pending(k, LEASE).unwrap() else {
         panic!()
     };
-    s.complete(&lease, b"authorized", None).unwrap();
-    let Take::Completed(c) = s.take_pending(k, LEASE).unwrap() else {
+    s.blocking_complete(&lease, b"authorized", None).unwrap();
+    let Take::Completed(c) = s.blocking_take_pending(k, LEASE).unwrap() else {
         panic!()
     };
     assert_eq!(c.response, b"authorized");
     assert_eq!(
-        s.put_pending(k, b"v4", None).unwrap(),
+        s.blocking_put_pending(k, b"v4", None).unwrap(),
         PutPending::Completed
     );
     // DELETE forgets all of it; a later take runs nothing.
-    assert!(s.remove(k).unwrap());
-    assert!(!s.remove(k).unwrap());
-    assert!(matches!(s.take_pending(k, LEASE).unwrap(), Take::NotFound));
+    assert!(s.blocking_remove(k).unwrap());
+    assert!(!s.blocking_remove(k).unwrap());
+    assert!(matches!(
+        s.blocking_take_pending(k, LEASE).unwrap(),
+        Take::NotFound
+    ));
     assert_eq!(s.stats().records, 0);
     assert_eq!(s.stats().bytes, 0);
 }
@@ -620,28 +663,31 @@ fn pending_takeover_after_expiry() {
     let (s, clock) = store();
     let k = Key::new("payments", "auth-2");
     let _ = s
-        .put_pending(k, b"p", Some(Duration::from_secs(3600)))
+        .blocking_put_pending(k, b"p", Some(Duration::from_secs(3600)))
         .unwrap();
-    let Take::Acquired { lease: old, .. } = s.take_pending(k, LEASE).unwrap() else {
+    let Take::Acquired { lease: old, .. } = s.blocking_take_pending(k, LEASE).unwrap() else {
         panic!()
     };
     clock.advance(LEASE);
-    let Take::Acquired { lease, payload } = s.take_pending(k, LEASE).unwrap() else {
+    let Take::Acquired { lease, payload } = s.blocking_take_pending(k, LEASE).unwrap() else {
         panic!()
     };
     assert!(lease.is_takeover());
     assert_eq!(payload, b"p");
     assert!(matches!(
-        s.complete(&old, b"x", None),
+        s.blocking_complete(&old, b"x", None),
         Err(Error::StaleLease { .. })
     ));
     // A pending request not taken in time expires.
     let k2 = Key::new("payments", "auth-3");
     let _ = s
-        .put_pending(k2, b"p", Some(Duration::from_secs(1)))
+        .blocking_put_pending(k2, b"p", Some(Duration::from_secs(1)))
         .unwrap();
     clock.advance(Duration::from_secs(1));
-    assert!(matches!(s.take_pending(k2, LEASE).unwrap(), Take::NotFound));
+    assert!(matches!(
+        s.blocking_take_pending(k2, LEASE).unwrap(),
+        Take::NotFound
+    ));
 }
 
 #[test]
@@ -649,12 +695,12 @@ fn removing_an_in_flight_key_fences_its_holder() {
     let (s, _) = store();
     let k = Key::new("t", "k");
     let l = acquire(&s, k, "a");
-    assert!(s.remove(k).unwrap());
+    assert!(s.blocking_remove(k).unwrap());
     assert!(matches!(
-        s.complete(&l, b"x", None),
+        s.blocking_complete(&l, b"x", None),
         Err(Error::StaleLease { .. })
     ));
-    assert_eq!(s.get(k).unwrap(), None);
+    assert_eq!(s.blocking_get(k).unwrap(), None);
 }
 
 #[test]
@@ -665,11 +711,11 @@ fn begin_wait_returns_the_replay_when_the_holder_completes() {
     let s2 = s.clone();
     let k2 = k.clone();
     let waiter = std::thread::spawn(move || {
-        s2.begin_wait(k2.as_key(), fp("a"), LEASE, Duration::from_secs(30))
+        s2.blocking_begin_wait(k2.as_key(), fp("a"), LEASE, Duration::from_secs(30))
             .unwrap()
     });
     std::thread::sleep(Duration::from_millis(20));
-    s.complete(&lease, b"done", None).unwrap();
+    s.blocking_complete(&lease, b"done", None).unwrap();
     match waiter.join().unwrap() {
         Begin::Completed(c) => assert_eq!(c.response, b"done"),
         other => panic!("{other:?}"),
@@ -690,7 +736,7 @@ fn begin_wait_acquires_after_a_release_and_times_out_otherwise() {
     // Bounded: gives up with InProgress and leaves no waiter behind.
     let started = Instant::now();
     assert!(matches!(
-        s.begin_wait(k.as_key(), fp("a"), LEASE, Duration::from_millis(30))
+        s.blocking_begin_wait(k.as_key(), fp("a"), LEASE, Duration::from_millis(30))
             .unwrap(),
         Begin::InProgress { .. }
     ));
@@ -704,11 +750,11 @@ fn begin_wait_acquires_after_a_release_and_times_out_otherwise() {
     let s2 = s.clone();
     let k2 = k.clone();
     let waiter = std::thread::spawn(move || {
-        s2.begin_wait(k2.as_key(), fp("a"), LEASE, Duration::from_secs(30))
+        s2.blocking_begin_wait(k2.as_key(), fp("a"), LEASE, Duration::from_secs(30))
             .unwrap()
     });
     std::thread::sleep(Duration::from_millis(20));
-    s.release(lease).unwrap();
+    s.blocking_release(lease).unwrap();
     assert!(matches!(waiter.join().unwrap(), Begin::Acquired(l) if !l.is_takeover()));
 }
 
@@ -717,9 +763,11 @@ fn begin_wait_takes_over_when_the_holder_dies() {
     // Real clock: the holder never completes; its 50 ms lease runs out and the waiter takes over.
     let s = Store::builder().sweep_interval(None).build().unwrap();
     let k = Key::new("t", "k");
-    let _dead = s.begin(k, fp("a"), Duration::from_millis(50)).unwrap();
+    let _dead = s
+        .blocking_begin(k, fp("a"), Duration::from_millis(50))
+        .unwrap();
     match s
-        .begin_wait(k, fp("a"), LEASE, Duration::from_secs(30))
+        .blocking_begin_wait(k, fp("a"), LEASE, Duration::from_secs(30))
         .unwrap()
     {
         Begin::Acquired(l) => assert!(l.is_takeover()),
@@ -801,7 +849,7 @@ fn limits_hold_across_reopen_removal_and_sweeping() {
         let s = open();
         for id in ["a", "b"] {
             let l = acquire(&s, Key::new("t", id), "x");
-            s.complete(&l, b"done", Some(Duration::from_secs(10)))
+            s.blocking_complete(&l, b"done", Some(Duration::from_secs(10)))
                 .unwrap();
         }
         let _held = acquire(&s, Key::new("t", "c"), "x");
@@ -809,10 +857,11 @@ fn limits_hold_across_reopen_removal_and_sweeping() {
     let s = open();
     assert_eq!(s.stats().records, 3);
     assert_eq!(
-        s.begin(Key::new("t", "d"), fp("x"), LEASE).unwrap_err(),
+        s.blocking_begin(Key::new("t", "d"), fp("x"), LEASE)
+            .unwrap_err(),
         Error::RecordLimit { max: 3 }
     );
-    assert!(s.remove(Key::new("t", "a")).unwrap());
+    assert!(s.blocking_remove(Key::new("t", "a")).unwrap());
     let _d = acquire(&s, Key::new("t", "d"), "x");
     // "b" expires; the sweeper's removal (logged, through the same path) frees its place.
     clock.advance(Duration::from_secs(11));
@@ -823,7 +872,8 @@ fn limits_hold_across_reopen_removal_and_sweeping() {
     let s = open();
     assert_eq!(s.stats().records, 3);
     assert_eq!(
-        s.begin(Key::new("t", "f"), fp("x"), LEASE).unwrap_err(),
+        s.blocking_begin(Key::new("t", "f"), fp("x"), LEASE)
+            .unwrap_err(),
         Error::RecordLimit { max: 3 }
     );
 }
@@ -831,27 +881,27 @@ fn limits_hold_across_reopen_removal_and_sweeping() {
 #[test]
 fn stats_count_completions_releases_and_stale_leases() {
     let s = Store::in_memory();
-    let Ok(Begin::Acquired(a)) = s.begin(Key::new("t", "a"), fp("x"), LEASE) else {
+    let Ok(Begin::Acquired(a)) = s.blocking_begin(Key::new("t", "a"), fp("x"), LEASE) else {
         panic!("acquire a")
     };
-    let Ok(Begin::Acquired(b)) = s.begin(Key::new("t", "b"), fp("x"), LEASE) else {
+    let Ok(Begin::Acquired(b)) = s.blocking_begin(Key::new("t", "b"), fp("x"), LEASE) else {
         panic!("acquire b")
     };
-    s.complete(&a, b"done", None).unwrap();
-    s.release(b).unwrap();
+    s.blocking_complete(&a, b"done", None).unwrap();
+    s.blocking_release(b).unwrap();
     // Completing again: the lease is no longer held.
     assert!(matches!(
-        s.complete(&a, b"again", None),
+        s.blocking_complete(&a, b"again", None),
         Err(Error::StaleLease { .. })
     ));
     let st = s.stats();
     assert_eq!((st.completions, st.releases, st.stale_leases), (1, 1, 1));
     assert_eq!(st.in_flight, 0);
-    let Ok(Begin::Acquired(c)) = s.begin(Key::new("t", "c"), fp("x"), LEASE) else {
+    let Ok(Begin::Acquired(c)) = s.blocking_begin(Key::new("t", "c"), fp("x"), LEASE) else {
         panic!("acquire c")
     };
     assert_eq!(s.stats().in_flight, 1);
-    s.release(c).unwrap();
+    s.blocking_release(c).unwrap();
     assert_eq!(s.stats().in_flight, 0);
     assert_eq!((st.log_bytes, st.poisoned), (0, false));
 }
@@ -860,15 +910,15 @@ fn stats_count_completions_releases_and_stale_leases() {
 #[test]
 fn public_data_types_round_trip_through_serde() {
     let s = Store::in_memory();
-    let Ok(Begin::Acquired(l)) = s.begin(Key::new("t", "a"), fp("x"), LEASE) else {
+    let Ok(Begin::Acquired(l)) = s.blocking_begin(Key::new("t", "a"), fp("x"), LEASE) else {
         panic!("acquire")
     };
-    s.complete(&l, b"done", None).unwrap();
+    s.blocking_complete(&l, b"done", None).unwrap();
     let stats = s.stats();
     let json = serde_json::to_string(&stats).unwrap();
     assert!(json.contains("\"completions\":1"), "{json}");
     assert_eq!(serde_json::from_str::<Stats>(&json).unwrap(), stats);
-    let snap = s.get(Key::new("t", "a")).unwrap().unwrap();
+    let snap = s.blocking_get(Key::new("t", "a")).unwrap().unwrap();
     let back: Snapshot = serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
     assert_eq!(back, snap);
     let d = Durability::Batched {
@@ -885,20 +935,20 @@ fn public_data_types_round_trip_through_serde() {
 fn the_in_flight_count_follows_takeovers_completions_and_sweeps() {
     let (s, clock) = store();
     let key = Key::new("t", "k");
-    let Ok(Begin::Acquired(_dead)) = s.begin(key, fp("x"), LEASE) else {
+    let Ok(Begin::Acquired(_dead)) = s.blocking_begin(key, fp("x"), LEASE) else {
         panic!("acquire")
     };
     assert_eq!(s.stats().in_flight, 1);
     clock.advance(LEASE * 2);
     // Taken over: still one record held by a lease.
-    let Ok(Begin::Acquired(l)) = s.begin(key, fp("x"), LEASE) else {
+    let Ok(Begin::Acquired(l)) = s.blocking_begin(key, fp("x"), LEASE) else {
         panic!("take over")
     };
     assert_eq!(s.stats().in_flight, 1);
-    s.complete(&l, b"r", None).unwrap();
+    s.blocking_complete(&l, b"r", None).unwrap();
     assert_eq!(s.stats().in_flight, 0);
     // An abandoned lease, reclaimed by the sweeper after its retention.
-    let Ok(Begin::Acquired(_gone)) = s.begin(Key::new("t", "j"), fp("x"), LEASE) else {
+    let Ok(Begin::Acquired(_gone)) = s.blocking_begin(Key::new("t", "j"), fp("x"), LEASE) else {
         panic!("acquire j")
     };
     assert_eq!(s.stats().in_flight, 1);

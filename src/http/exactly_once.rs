@@ -13,7 +13,7 @@
 //!
 //! The id is the last path segment. The handler returns a [`Processed`]: the response and a
 //! batch of versioned [`Write`]s (an account balance, a stock count) that
-//! [`IdempotencyStore::complete`] applies together with "processed": all or none. If one of
+//! [`IdempotencyStore::blocking_complete`] applies together with "processed": all or none. If one of
 //! them conflicts (another request changed the balance meanwhile), the handler runs again on
 //! fresh state, under the same lease, up to 8 times.
 

@@ -213,7 +213,7 @@ impl Outcome {
     }
 
     /// Commits `write` atomically with the record of this message (see
-    /// [`crate::Store::complete_with`]). If any write's condition fails, nothing is recorded
+    /// [`crate::Store::blocking_complete_with`]). If any write's condition fails, nothing is recorded
     /// and the attempt counts as a retryable failure.
     pub fn write(mut self, write: crate::Write) -> Self {
         self.writes.push(write);
