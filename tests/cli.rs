@@ -4,6 +4,9 @@
 #![cfg(all(feature = "cli", not(loom)))]
 
 #[cfg(feature = "redis")]
+#[path = "support/child.rs"]
+mod child;
+#[cfg(feature = "redis")]
 #[path = "support/redis.rs"]
 mod redis_support;
 

@@ -9,6 +9,9 @@
 #![allow(clippy::unwrap_used)]
 
 #[cfg(feature = "redis")]
+#[path = "support/child.rs"]
+mod child;
+#[cfg(feature = "redis")]
 #[path = "support/redis.rs"]
 mod redis_support;
 

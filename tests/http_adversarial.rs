@@ -11,6 +11,8 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/http_client.rs"]
 mod support;
 use support::{Server, http};

@@ -8,6 +8,8 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/http_client.rs"]
 mod support;
 use support::{Server, http};

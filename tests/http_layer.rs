@@ -413,6 +413,9 @@ async fn echo_headers<St: IdempotencyStore + Clone>(store: St, p: &str) {
 /// The same behaviour on the Redis backend (`tests/support/redis.rs`: required under `CI=true`),
 /// with keys of this run's own.
 #[cfg(feature = "redis")]
+#[path = "support/child.rs"]
+mod child;
+#[cfg(feature = "redis")]
 #[path = "support/redis.rs"]
 mod redis_support;
 

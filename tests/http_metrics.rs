@@ -3,6 +3,8 @@
 //! it builds the example with other features than the other example tests.
 #![cfg(all(feature = "http", not(loom)))]
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/http_client.rs"]
 mod support;
 use support::{Server, http};

@@ -19,6 +19,12 @@ use idemkv::redis::RedisStore;
 use idemkv::{Error, Fingerprint, IdempotencyStore, Key};
 use tower::{ServiceBuilder, ServiceExt};
 
+#[path = "support/child.rs"]
+mod child;
+#[path = "support/redis.rs"]
+mod redis_support;
+use child::{Stderr, sigkill};
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -27,29 +33,26 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_redis(port: u16, dir: &std::path::Path) -> Child {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server");
+/// A redis-server this test stops and starts, its output kept for when it dies on its own.
+fn start_redis(port: u16, dir: &std::path::Path) -> (Child, Stderr) {
+    let mut child = redis_support::spawn(port, dir);
+    let output = Stderr::capture(&mut child, "redis-server");
     let until = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "redis-server did not start");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "redis-server exited ({status}); its output:\n{}",
+                output.text()
+            );
+        }
+        assert!(
+            Instant::now() < until,
+            "redis-server did not start:\n{}",
+            output.text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    (child, output)
 }
 
 fn post(key: &str) -> Request<Full<Bytes>> {
@@ -76,7 +79,7 @@ async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut server = start_redis(port, dir.path());
+    let (mut server, output) = start_redis(port, dir.path());
     let store = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
         .timeout(Duration::from_millis(500))
         .connect()
@@ -98,8 +101,8 @@ async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     // The server goes away.
-    server.kill().unwrap();
-    server.wait().unwrap();
+    // It must still be running until this kill: one that died on its own fails here.
+    sigkill(&mut server, &output, "redis-server");
     let err = store
         .begin(
             Key::new("s", "k"),
@@ -124,7 +127,7 @@ async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
     );
 
     // It comes back on the same port: the store reconnects by itself.
-    let mut server = start_redis(port, dir.path());
+    let (mut server, output) = start_redis(port, dir.path());
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let res = svc.clone().oneshot(post("after")).await.unwrap();
@@ -136,6 +139,6 @@ async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    // It must still be running until this kill: one that died on its own fails here.
+    sigkill(&mut server, &output, "redis-server");
 }

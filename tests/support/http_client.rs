@@ -10,8 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[path = "child.rs"]
-pub mod child;
+use crate::child;
 
 /// The example binary, built now (with `features`) so it is never stale: `cargo test` with a
 /// filter does not rebuild examples; this is a no-op when it is up to date.

@@ -1,7 +1,8 @@
 //! A Redis server for the tests, so that one `cargo test --features redis` covers the Redis
 //! backend: `IDEMKV_REDIS_URL` if it is set; otherwise a `redis-server` of this test process's
 //! own, on a free loopback port, when one is on `PATH` (started once per test binary, and
-//! stopped by a watchdog when this process exits, however it exits); otherwise `None`, said
+//! stopped by a watchdog when this process exits, however it exits; a server that exits on its
+//! own before that aborts the run with its output shown); otherwise `None`, said
 //! loudly on stderr — and a failure under `CI=true`, where a skipped backend would be a blind
 //! test.
 #![allow(dead_code)]
@@ -11,6 +12,8 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::child;
 
 /// The Redis URL the tests use, or `None` (skipped, loudly) when there is none.
 pub fn url() -> Option<String> {
@@ -48,21 +51,38 @@ fn start() -> Option<String> {
         .ok()?
         .port();
     let dir = tempfile::tempdir().ok()?.keep();
-    // The watchdog shell starts the server, then waits for this process to go and stops it.
-    let script = format!(
-        "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{dir}' \
-         --logfile '{dir}/redis.log' & r=$!; \
-         while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill $r; rm -rf '{dir}'",
-        dir = dir.display(),
-        me = std::process::id()
+    let mut server = spawn(port, &dir);
+    let output = child::Stderr::capture(&mut server, "redis-server");
+    // A watchdog stops the server when this process exits, however it exits.
+    let watchdog = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill {pid}; rm -rf '{dir}'",
+        me = std::process::id(),
+        pid = server.id(),
+        dir = dir.display()
     );
+    // Never waited for: it must outlive this process (init reaps it).
+    #[allow(clippy::zombie_processes)]
     Command::new("sh")
-        .args(["-c", &script])
+        .args(["-c", &watchdog])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
+        .expect("start the redis-server watchdog");
+    // While this process lives, the server may only die by the watchdog's hand, after it: a
+    // server that exits on its own fails the run, with its output shown. Written to fd 2
+    // directly (not through the test harness's capture, which an abort would discard).
+    let seen = output.clone();
+    std::thread::spawn(move || {
+        let status = server.wait();
+        std::thread::sleep(Duration::from_millis(100)); // the last lines
+        let _ = writeln!(
+            std::io::stderr(),
+            "redis-server on port {port} exited on its own ({status:?}) during the tests; its output:\n{}",
+            seen.text()
+        );
+        std::process::abort();
+    });
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {
         if ping(port) {
@@ -71,7 +91,25 @@ fn start() -> Option<String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("redis-server on port {port} did not answer within 10 s");
+    panic!(
+        "redis-server on port {port} did not answer within 10 s; its output:\n{}",
+        output.text()
+    );
+}
+
+/// `redis-server` on `port`, its log (which it writes to stdout) sent to a piped stderr, so
+/// that `child::Stderr` keeps it. `exec`: the child's pid is the server's own.
+pub fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+    Command::new("sh")
+        .args(["-c", "exec redis-server \"$@\" 1>&2", "sh"])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start redis-server")
 }
 
 fn ping(port: u16) -> bool {
