@@ -16,6 +16,7 @@ use crate::key::{Fingerprint, Key};
 use crate::limits::nonzero;
 use crate::model::{Begin, Lease, Write};
 use crate::record::{Kind, Record};
+use crate::shard::Counters;
 use crate::shard::{eq_key, is_dead};
 use crate::sync::Arc;
 use crate::wait::Signal;
@@ -168,10 +169,40 @@ impl Inner {
         if !writes.is_empty() {
             return self.complete_batch(lease, response, ttl_ms, writes, settle);
         }
-        let key = lease.key();
-        let hash = self.lease_hash(lease);
         let now = self.now();
         let expires = now.saturating_add(ttl_ms);
+        let done = |rec: &Record| Change::Put {
+            kind: Kind::Completed,
+            a: now,
+            b: expires,
+            fingerprint: rec.header().fingerprint,
+            value: response,
+        };
+        self.commit_held(
+            lease,
+            settle,
+            Op::Complete,
+            done,
+            |c| c.completions += 1,
+            true,
+        )?;
+        Ok(Timestamp::from_millis(expires))
+    }
+    /// The one shape of complete, release and renew: under the lease's shard lock, check that
+    /// this lease still holds its key, commit the change `make` builds from the record as
+    /// `op`, count it, and wake the key's waiters if `wake`.
+    #[inline]
+    fn commit_held<'v>(
+        &self,
+        lease: &Lease,
+        settle: &Settle,
+        op: Op,
+        make: impl FnOnce(&Record) -> Change<'v>,
+        count: impl FnOnce(&mut Counters),
+        wake: bool,
+    ) -> Result<(), Error> {
+        let key = lease.key();
+        let hash = self.lease_hash(lease);
         let mut guard = self.lock(hash, settle);
         let shard = &mut *guard;
         let (table, mut book) = shard.parts();
@@ -179,23 +210,13 @@ impl Inner {
             return Err(Error::StaleLease { token: lease.token });
         };
         Self::check_holder(slot.get(), lease)?;
-        let done = Change::Put {
-            kind: Kind::Completed,
-            a: now,
-            b: expires,
-            fingerprint: slot.get().header().fingerprint,
-            value: response,
-        };
-        self.commit(
-            &mut book,
-            Entry::Occupied(slot),
-            key,
-            Some(Op::Complete),
-            done,
-        )?;
-        book.counters.completions += 1;
-        shard.wake(hash);
-        Ok(Timestamp::from_millis(expires))
+        let change = make(slot.get());
+        self.commit(&mut book, Entry::Occupied(slot), key, Some(op), change)?;
+        count(book.counters);
+        if wake {
+            shard.wake(hash);
+        }
+        Ok(())
     }
     #[inline]
     pub(super) fn check_holder(rec: &Record, lease: &Lease) -> Result<(), Error> {
@@ -210,36 +231,27 @@ impl Inner {
     }
     #[inline]
     pub(crate) fn release(&self, lease: &Lease, settle: &Settle) -> Result<(), Error> {
-        let key = lease.key();
-        let hash = self.lease_hash(lease);
         let now = self.now();
-        let mut guard = self.lock(hash, settle);
-        let shard = &mut *guard;
-        let (table, mut book) = shard.parts();
-        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
-            return Err(Error::StaleLease { token: lease.token });
-        };
-        Self::check_holder(slot.get(), lease)?;
-        let change = if slot.get().kind() == Kind::InFlightPending {
-            // The stored request goes back to waiting, with a fresh expiry.
-            Change::Restamp {
-                kind: Kind::Pending,
-                a: now,
-                b: now.saturating_add(self.pending_ttl_ms),
+        let change = |rec: &Record| {
+            if rec.kind() == Kind::InFlightPending {
+                // The stored request goes back to waiting, with a fresh expiry.
+                Change::Restamp {
+                    kind: Kind::Pending,
+                    a: now,
+                    b: now.saturating_add(self.pending_ttl_ms),
+                }
+            } else {
+                Change::Delete
             }
-        } else {
-            Change::Delete
         };
-        self.commit(
-            &mut book,
-            Entry::Occupied(slot),
-            key,
-            Some(Op::Release),
+        self.commit_held(
+            lease,
+            settle,
+            Op::Release,
             change,
-        )?;
-        book.counters.releases += 1;
-        shard.wake(hash);
-        Ok(())
+            |c| c.releases += 1,
+            true,
+        )
     }
     #[inline]
     pub(crate) fn renew(
@@ -249,28 +261,13 @@ impl Inner {
         settle: &Settle,
     ) -> Result<Timestamp, Error> {
         let extend_ms = nonzero(extend, "the lease extension")?;
-        let key = lease.key();
-        let hash = self.lease_hash(lease);
         let deadline = self.now().saturating_add(extend_ms);
-        let mut guard = self.lock(hash, settle);
-        let shard = &mut *guard;
-        let (table, mut book) = shard.parts();
-        let Ok(slot) = table.find_entry(hash, eq_key(key)) else {
-            return Err(Error::StaleLease { token: lease.token });
-        };
-        Self::check_holder(slot.get(), lease)?;
-        let renewed = Change::Restamp {
-            kind: slot.get().kind(),
-            a: slot.get().header().a,
+        let renewed = |rec: &Record| Change::Restamp {
+            kind: rec.kind(),
+            a: rec.header().a,
             b: deadline,
         };
-        self.commit(
-            &mut book,
-            Entry::Occupied(slot),
-            key,
-            Some(Op::Renew),
-            renewed,
-        )?;
+        self.commit_held(lease, settle, Op::Renew, renewed, |_| {}, false)?;
         Ok(Timestamp::from_millis(deadline))
     }
 }
