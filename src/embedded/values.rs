@@ -58,6 +58,17 @@ impl Inner {
     }
     #[inline]
     pub(crate) fn cas(&self, write: &Write, settle: &Settle) -> Result<CasOutcome, Error> {
+        self.cas_versioned(write, settle, None)
+    }
+    /// `cas`, writing version `fixed` instead of the next one when given (restoring a dump);
+    /// the shard's versions then continue above it.
+    #[inline]
+    fn cas_versioned(
+        &self,
+        write: &Write,
+        settle: &Settle,
+        fixed: Option<u64>,
+    ) -> Result<CasOutcome, Error> {
         let key = write.key.as_key();
         self.check_key(key)?;
         if let Some(v) = cas_value(&write.op) {
@@ -89,7 +100,13 @@ impl Inner {
                 None
             }
             Some(value) => {
-                let version = self.next_seq(book.counters, hash);
+                let version = match fixed {
+                    Some(v) => {
+                        book.counters.seq = book.counters.seq.max(v >> 16);
+                        v
+                    }
+                    None => self.next_seq(book.counters, hash),
+                };
                 self.commit(
                     &mut book,
                     slot,
@@ -105,7 +122,7 @@ impl Inner {
         }
         Ok(CasOutcome::Applied { version })
     }
-    /// A value with a given version, if the key is absent (or dead): for restoring a dump.
+    /// A value with a given version, if the key holds nothing live: for restoring a dump.
     /// Later versions of the shard stay above it.
     pub(crate) fn restore_value(
         &self,
@@ -115,31 +132,14 @@ impl Inner {
         ttl: Option<Duration>,
         settle: &Settle,
     ) -> Result<bool, Error> {
-        self.check_key(key)?;
-        self.check_value(value)?;
-        let now = self.now();
-        let b = match ttl {
-            Some(d) => now.saturating_add(nonzero(d, "the ttl")?),
-            None => u64::MAX,
-        };
-        let hash = self.hash(key);
-        let mut guard = self.lock(hash, settle);
-        let (table, mut book) = guard.parts();
-        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
-        if let Entry::Occupied(e) = &slot
-            && !is_dead(e.get(), now)
-        {
-            return Ok(false);
+        let mut write = Write::put_if_absent(key.to_owned(), value);
+        write.ttl = ttl;
+        match self.cas_versioned(&write, settle, Some(version)) {
+            Ok(CasOutcome::Applied { .. }) => Ok(true),
+            // A live value, or a live record of another kind: left as it is.
+            Ok(CasOutcome::Conflict { .. }) | Err(Error::WrongKind { .. }) => Ok(false),
+            Err(e) => Err(e),
         }
-        book.counters.seq = book.counters.seq.max(version >> 16);
-        self.commit(
-            &mut book,
-            slot,
-            key,
-            Some(Op::Cas),
-            value_at(version, b, value),
-        )?;
-        Ok(true)
     }
     #[inline]
     pub(crate) fn put_pending(
