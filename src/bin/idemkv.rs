@@ -19,7 +19,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Parser, Subcommand};
-use idemkv::{Begin, Clock, Fingerprint, Key, OpenError, PutPending, Snapshot, Store, SystemClock};
+use idemkv::{
+    Begin, Clock, Fingerprint, IdempotencyStore, Key, OpenError, PutPending, Snapshot, Store,
+    SystemClock,
+};
 
 #[derive(Parser)]
 #[command(
@@ -508,7 +511,7 @@ fn dump(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
     err.map_or(Ok(()), |e| Err(e.into()))
 }
 
-/// What `restore` did with each kind of line.
+/// What `restore` and `migrate` did with the records.
 #[derive(Default)]
 struct Restored {
     completed: u64,
@@ -518,80 +521,184 @@ struct Restored {
     already_there: u64,
 }
 
+/// One record to put into a store: from a dump line (`restore`) or a directory (`migrate`).
+struct Item {
+    scope: Vec<u8>,
+    id: Vec<u8>,
+    /// What is left of its time; `None`: the store's default (values: never expires).
+    ttl: Option<Duration>,
+    what: What,
+}
+
+enum What {
+    Completed {
+        fingerprint: Fingerprint,
+        response: Vec<u8>,
+    },
+    Pending(Vec<u8>),
+    Value {
+        value: Vec<u8>,
+        version: u64,
+    },
+    /// A lease: not carried (its holder is gone; a retry runs the work).
+    InFlight,
+}
+
+/// Where `load` puts values: the embedded store keeps their versions, Redis assigns its own.
+trait Target: IdempotencyStore {
+    fn put_value(
+        &self,
+        key: Key<'_>,
+        value: &[u8],
+        version: u64,
+        ttl: Option<Duration>,
+    ) -> impl std::future::Future<Output = Result<bool, idemkv::Error>>;
+}
+
+impl Target for Store {
+    async fn put_value(
+        &self,
+        key: Key<'_>,
+        value: &[u8],
+        version: u64,
+        ttl: Option<Duration>,
+    ) -> Result<bool, idemkv::Error> {
+        self.restore_value(key, value, version, ttl)
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Target for idemkv::redis::RedisStore {
+    async fn put_value(
+        &self,
+        key: Key<'_>,
+        value: &[u8],
+        _version: u64,
+        ttl: Option<Duration>,
+    ) -> Result<bool, idemkv::Error> {
+        let mut w = idemkv::Write::put_if_absent(key.to_owned(), value);
+        w.ttl = ttl;
+        Ok(matches!(
+            self.cas(&w).await?,
+            idemkv::CasOutcome::Applied { .. }
+        ))
+    }
+}
+
+/// Puts every item into `store`, leaving keys that already hold something alone (so a
+/// restore or migration can be re-run), skipping leases and records whose time ran out.
+async fn load<T: Target>(
+    store: &T,
+    items: impl Iterator<Item = Result<Item, Fail>>,
+    bar: &indicatif::ProgressBar,
+) -> Result<Restored, Fail> {
+    let mut r = Restored::default();
+    for item in items {
+        let item = item?;
+        bar.inc(1);
+        if item.ttl.is_some_and(|t| t.is_zero()) {
+            continue;
+        }
+        if let What::InFlight = item.what {
+            r.skipped_in_flight += 1;
+            continue;
+        }
+        let key = Key::new(&item.scope, &item.id);
+        if store.get(key).await?.is_some() {
+            r.already_there += 1;
+            continue;
+        }
+        let put = match item.what {
+            What::Completed {
+                fingerprint,
+                response,
+            } => match store
+                .begin(key, fingerprint, Duration::from_secs(60))
+                .await?
+            {
+                Begin::Acquired(lease) => {
+                    store.complete(&lease, &response, item.ttl, &[]).await?;
+                    Some(&mut r.completed)
+                }
+                _ => None,
+            },
+            What::Pending(payload) => match store.put_pending(key, &payload, item.ttl).await? {
+                PutPending::Stored => Some(&mut r.pending),
+                _ => None,
+            },
+            What::Value { value, version } => store
+                .put_value(key, &value, version, item.ttl)
+                .await?
+                .then_some(&mut r.values),
+            What::InFlight => None,
+        };
+        match put {
+            Some(n) => *n += 1,
+            None => r.already_there += 1,
+        }
+    }
+    Ok(r)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Fail> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// One dump line as an item.
+fn parse_line(n: usize, line: &str) -> Result<Item, Fail> {
+    let bad = |why: &str| Fail(5, format!("dump line {n}: {why}"));
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+    let b64 = |field: &str| -> Result<Vec<u8>, Fail> {
+        let s = v[field]
+            .as_str()
+            .ok_or_else(|| bad(&format!("no {field}")))?;
+        B64.decode(s).map_err(|e| bad(&format!("{field}: {e}")))
+    };
+    let what = match v["kind"].as_str() {
+        Some("completed") => What::Completed {
+            fingerprint: v["fingerprint"]
+                .as_str()
+                .and_then(unhex)
+                .map(Fingerprint::from_bytes)
+                .ok_or_else(|| bad("bad fingerprint"))?,
+            response: b64("value")?,
+        },
+        Some("pending") => What::Pending(b64("value")?),
+        Some("value") => What::Value {
+            value: b64("value")?,
+            version: v["version"].as_u64().ok_or_else(|| bad("no version"))?,
+        },
+        Some("in-flight" | "in-flight-pending") => What::InFlight,
+        _ => return Err(bad("unknown kind")),
+    };
+    Ok(Item {
+        scope: b64("scope")?,
+        id: b64("id")?,
+        ttl: v["ttl_ms"].as_u64().map(Duration::from_millis),
+        what,
+    })
+}
+
 fn restore(dir: &Path, out: &mut impl Write) -> Result<(), Fail> {
     let store = Store::builder().sweep_interval(None).open(dir)?;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
-    let bad = |n: usize, why: &str| Fail(5, format!("dump line {n}: {why}"));
-    let header = lines.next().ok_or_else(|| bad(1, "empty input"))??;
+    let bad = |why: &str| Fail(5, format!("dump line 1: {why}"));
+    let header = lines.next().ok_or_else(|| bad("empty input"))??;
     let header: serde_json::Value =
-        serde_json::from_str(&header).map_err(|e| bad(1, &e.to_string()))?;
+        serde_json::from_str(&header).map_err(|e| bad(&e.to_string()))?;
     if header["format"] != "idemkv-dump" || header["version"].as_u64() != Some(DUMP_FORMAT) {
-        return Err(bad(1, "not an idemkv-dump of version 1"));
+        return Err(bad("not an idemkv-dump of version 1"));
     }
+    let items = lines.enumerate().filter_map(|(i, line)| match line {
+        Ok(l) if l.trim().is_empty() => None,
+        Ok(l) => Some(parse_line(i + 2, &l)),
+        Err(e) => Some(Err(e.into())),
+    });
     let bar = progress(None, "restoring");
-    let mut r = Restored::default();
-    for (i, line) in lines.enumerate() {
-        let n = i + 2;
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        bar.inc(1);
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| bad(n, &e.to_string()))?;
-        let b64 = |field: &str| -> Result<Vec<u8>, Fail> {
-            let s = v[field]
-                .as_str()
-                .ok_or_else(|| bad(n, &format!("no {field}")))?;
-            B64.decode(s).map_err(|e| bad(n, &format!("{field}: {e}")))
-        };
-        let (scope, id) = (b64("scope")?, b64("id")?);
-        let key = Key::new(&scope, &id);
-        // A record whose time ran out between dump and restore is not restored.
-        let ttl = v["ttl_ms"].as_u64().map(Duration::from_millis);
-        if ttl.is_some_and(|t| t.is_zero()) {
-            continue;
-        }
-        // Restoring is repeatable: a key that holds anything is left as it is.
-        let kind = v["kind"].as_str();
-        if !matches!(kind, Some("in-flight" | "in-flight-pending"))
-            && store.blocking_get(key)?.is_some()
-        {
-            r.already_there += 1;
-            continue;
-        }
-        match kind {
-            Some("completed") => {
-                let fp = v["fingerprint"]
-                    .as_str()
-                    .and_then(unhex)
-                    .map(Fingerprint::from_bytes)
-                    .ok_or_else(|| bad(n, "bad fingerprint"))?;
-                match store.blocking_begin(key, fp, Duration::from_secs(60))? {
-                    Begin::Acquired(lease) => {
-                        store.blocking_complete(&lease, &b64("value")?, ttl)?;
-                        r.completed += 1;
-                    }
-                    _ => r.already_there += 1,
-                }
-            }
-            Some("pending") => match store.blocking_put_pending(key, &b64("value")?, ttl)? {
-                PutPending::Stored => r.pending += 1,
-                _ => r.already_there += 1,
-            },
-            Some("value") => {
-                let version = v["version"].as_u64().ok_or_else(|| bad(n, "no version"))?;
-                if store.restore_value(key, &b64("value")?, version, ttl)? {
-                    r.values += 1;
-                } else {
-                    r.already_there += 1;
-                }
-            }
-            Some("in-flight" | "in-flight-pending") => r.skipped_in_flight += 1,
-            _ => return Err(bad(n, "unknown kind")),
-        }
-    }
+    let r = runtime()?.block_on(load(&store, items, &bar))?;
     bar.finish_and_clear();
     writeln!(
         out,
@@ -616,69 +723,47 @@ fn migrate(_: &Path, _: &str, _: &str, _: &mut impl Write) -> Result<(), Fail> {
 /// assigns its own versions to values.
 #[cfg(feature = "redis")]
 fn migrate(dir: &Path, to: &str, prefix: &str, out: &mut impl Write) -> Result<(), Fail> {
-    use idemkv::IdempotencyStore;
     let copy = idemkv::tools::read_dir(dir)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let now = now_ms();
-    let bar = progress(Some(copy.store.stats().records), "migrating");
-    let mut r = Restored::default();
-    let mut records = Vec::new();
+    // At least 1 ms: a record live when read is carried, however little time it has left.
+    let left = |t: u64| Some(Duration::from_millis(t.saturating_sub(now).max(1)));
+    let mut items = Vec::new();
     copy.store.for_each_record(|key, snap| {
-        records.push((key.scope().to_vec(), key.id().to_vec(), snap));
+        let (ttl, what) = match snap {
+            Snapshot::Completed(c) => (
+                left(c.expires_at.as_millis()),
+                What::Completed {
+                    fingerprint: c.fingerprint,
+                    response: c.response,
+                },
+            ),
+            Snapshot::Pending {
+                payload,
+                expires_at,
+            } => (left(expires_at.as_millis()), What::Pending(payload)),
+            Snapshot::Value(v) => (
+                v.expires_at.and_then(|t| left(t.as_millis())),
+                What::Value {
+                    value: v.value,
+                    version: v.version,
+                },
+            ),
+            Snapshot::InFlight { .. } => (None, What::InFlight),
+        };
+        items.push(Ok(Item {
+            scope: key.scope().to_vec(),
+            id: key.id().to_vec(),
+            ttl,
+            what,
+        }));
     });
-    runtime.block_on(async {
+    let bar = progress(Some(items.len() as u64), "migrating");
+    let r = runtime()?.block_on(async {
         let redis = idemkv::redis::RedisStore::builder(to)
             .prefix(prefix)
             .connect()
             .await?;
-        let ttl = |t: u64| Duration::from_millis(t.saturating_sub(now).max(1));
-        for (scope, id, snap) in records {
-            bar.inc(1);
-            let key = Key::new(&scope, &id);
-            if matches!(snap, Snapshot::InFlight { .. }) {
-                r.skipped_in_flight += 1;
-                continue;
-            }
-            if redis.get(key).await?.is_some() {
-                r.already_there += 1;
-                continue;
-            }
-            match snap {
-                Snapshot::Completed(c) => {
-                    let lease = Duration::from_secs(60);
-                    if let Begin::Acquired(l) = redis.begin(key, c.fingerprint, lease).await? {
-                        let left = Some(ttl(c.expires_at.as_millis()));
-                        redis.complete(&l, &c.response, left, &[]).await?;
-                        r.completed += 1;
-                    } else {
-                        r.already_there += 1;
-                    }
-                }
-                Snapshot::Pending {
-                    payload,
-                    expires_at,
-                } => {
-                    let left = Some(ttl(expires_at.as_millis()));
-                    match redis.put_pending(key, &payload, left).await? {
-                        PutPending::Stored => r.pending += 1,
-                        _ => r.already_there += 1,
-                    }
-                }
-                Snapshot::Value(v) => {
-                    let mut w =
-                        idemkv::Write::put_if_absent(idemkv::OwnedKey::new(&scope, &id), v.value);
-                    w.ttl = v.expires_at.map(|t| ttl(t.as_millis()));
-                    match redis.cas(&w).await? {
-                        idemkv::CasOutcome::Applied { .. } => r.values += 1,
-                        _ => r.already_there += 1,
-                    }
-                }
-                Snapshot::InFlight { .. } => {}
-            }
-        }
-        Ok::<(), Fail>(())
+        load(&redis, items.into_iter(), &bar).await
     })?;
     bar.finish_and_clear();
     writeln!(
