@@ -232,10 +232,6 @@ impl StoreBuilder {
     /// ```
     pub fn open(self, dir: impl AsRef<std::path::Path>) -> Result<Store, OpenError> {
         let dir = dir.as_ref();
-        let io = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| OpenError::Io { path, source }
-        };
         let mut inner = self.make_inner()?;
         if self.durability == Durability::None {
             return Ok(self.finish(inner));
@@ -248,16 +244,8 @@ impl StoreBuilder {
             .write(true)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => write_holder(&lock),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(OpenError::Locked {
-                    path: dir.to_path_buf(),
-                    holder: read_holder(&lock_path),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
-        }
+        take_lock(&lock, dir, false)?;
+        write_holder(&lock);
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir).map_err(io(&wal_dir))?;
         // 1. The last checkpoint, 2. the log written since.
@@ -266,25 +254,7 @@ impl StoreBuilder {
         let loaded = checkpoints.load(|item| {
             max_token = max_token.max(inner.apply(item));
         })?;
-        max_token = max_token.max(loaded.token_high);
-        let mut report = crate::wal::recovery::replay(
-            &wal_dir,
-            loaded.seq,
-            self.on_corruption,
-            self.storage.as_ref(),
-            true,
-            |rec| {
-                for item in &rec.items {
-                    max_token = max_token.max(inner.apply(item));
-                }
-            },
-        )?;
-        report.checkpoint_seq = loaded.seq;
-        report.checkpoint_records = loaded.records;
-        for shard in inner.shards.iter() {
-            let mut s = shard.0.lock();
-            s.counters.seq = s.counters.seq.max(max_token);
-        }
+        let report = self.replay_log(&inner, &wal_dir, &loaded, max_token, true)?;
         inner.wal = Some(
             Wal::start(
                 &wal_dir,
@@ -314,22 +284,9 @@ impl StoreBuilder {
         mut self,
         dir: &std::path::Path,
     ) -> Result<(Store, Option<crate::checkpoint::Loaded>), OpenError> {
-        let io = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| OpenError::Io { path, source }
-        };
         let lock_path = dir.join("LOCK");
         let lock = std::fs::File::open(&lock_path).map_err(io(&lock_path))?;
-        match lock.try_lock_shared() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(OpenError::Locked {
-                    path: dir.to_path_buf(),
-                    holder: read_holder(&lock_path),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
-        }
+        take_lock(&lock, dir, true)?;
         self.durability = Durability::None;
         self.sweep_interval = None;
         let inner = self.make_inner()?;
@@ -337,15 +294,39 @@ impl StoreBuilder {
         let loaded = crate::checkpoint::load_read_only(&dir.join("checkpoint.redb"), |item| {
             max_token = max_token.max(inner.apply(item));
         })?;
-        let after = loaded.as_ref().map_or(0, |l| l.seq);
-        let wal_dir = dir.join("wal");
-        let mut report = if wal_dir.exists() {
+        let report = self.replay_log(
+            &inner,
+            &dir.join("wal"),
+            &loaded.unwrap_or_default(),
+            max_token,
+            false,
+        )?;
+        let mut inner = inner;
+        inner.recovery = Some(report);
+        drop(lock);
+        Ok((self.finish(inner), loaded))
+    }
+
+    /// Recovery's second half, for `open` and `read_only_copy`: replays the log written after
+    /// the checkpoint `loaded` (whose records are applied already; `max_token` is the highest
+    /// they carry), cutting and removing what recovery removes only if `modify`, and issues
+    /// new tokens above every one seen. A directory without a log (read-only) replays nothing.
+    fn replay_log(
+        &self,
+        inner: &Inner,
+        wal_dir: &std::path::Path,
+        loaded: &crate::checkpoint::Loaded,
+        max_token: u64,
+        modify: bool,
+    ) -> Result<crate::RecoveryReport, OpenError> {
+        let mut max_token = max_token.max(loaded.token_high);
+        let mut report = if modify || wal_dir.exists() {
             crate::wal::recovery::replay(
-                &wal_dir,
-                after,
+                wal_dir,
+                loaded.seq,
                 self.on_corruption,
                 self.storage.as_ref(),
-                false,
+                modify,
                 |rec| {
                     for item in &rec.items {
                         max_token = max_token.max(inner.apply(item));
@@ -355,18 +336,13 @@ impl StoreBuilder {
         } else {
             crate::RecoveryReport::default()
         };
-        if let Some(l) = &loaded {
-            report.checkpoint_seq = l.seq;
-            report.checkpoint_records = l.records;
-        }
+        report.checkpoint_seq = loaded.seq;
+        report.checkpoint_records = loaded.records;
         for shard in inner.shards.iter() {
             let mut s = shard.0.lock();
             s.counters.seq = s.counters.seq.max(max_token);
         }
-        let mut inner = inner;
-        inner.recovery = Some(report);
-        drop(lock);
-        Ok((self.finish(inner), loaded))
+        Ok(report)
     }
 
     fn make_inner(&self) -> Result<Inner, Error> {
@@ -497,4 +473,28 @@ fn write_holder(lock: &std::fs::File) {
 /// The process id a LOCK file names, if it names one.
 pub(crate) fn read_holder(lock_path: &std::path::Path) -> Option<u32> {
     std::fs::read_to_string(lock_path).ok()?.trim().parse().ok()
+}
+
+/// `OpenError::Io` for `path`, as a `map_err` argument.
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> OpenError {
+    let path = path.to_path_buf();
+    move |source| OpenError::Io { path, source }
+}
+
+/// Takes `dir`'s LOCK (`shared` for a reader), or says who holds it.
+fn take_lock(lock: &std::fs::File, dir: &std::path::Path, shared: bool) -> Result<(), OpenError> {
+    let lock_path = dir.join("LOCK");
+    let taken = if shared {
+        lock.try_lock_shared()
+    } else {
+        lock.try_lock()
+    };
+    match taken {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
+            path: dir.to_path_buf(),
+            holder: read_holder(&lock_path),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&lock_path)(e)),
+    }
 }
