@@ -4,10 +4,15 @@
 //! so the loom models exercise the real code.
 //!
 //! Under `cfg(loom)` every lock, condition variable, atomic and `Arc` the lease protocol touches
-//! comes from loom, so the loom tests explore all interleavings of the real code; otherwise they
-//! are `parking_lot`'s and `std`'s. The wrappers give both the same small API.
+//! comes from loom, so the loom tests explore all interleavings of the real code. Under
+//! `cfg(shuttle)` they come from shuttle, whose schedulers pick one interleaving per run (the
+//! race fuzz targets drive the choice from the fuzz input). Otherwise they are `parking_lot`'s
+//! and `std`'s. The wrappers give all three the same small API.
+//!
+//! Under either model checker there is no time: a condition-variable wait lasts until it is
+//! notified, so a lost wake-up is a deadlock the checker reports instead of a slow timeout.
 
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 mod imp {
     pub(crate) use std::sync::Arc;
     pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,23 +50,29 @@ mod imp {
     }
 }
 
-#[cfg(loom)]
+#[cfg(any(loom, shuttle))]
 mod imp {
-    pub(crate) use loom::sync::Arc;
-    pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+    // loom wins if both are set; shuttle's `Arc` is std's (it needs no modelling there).
+    #[cfg(loom)]
+    use loom::sync as checker;
+    #[cfg(all(shuttle, not(loom)))]
+    use shuttle::sync as checker;
+
+    pub(crate) use checker::Arc;
+    pub(crate) use checker::atomic::{AtomicU64, Ordering};
     use std::ops::{Deref, DerefMut};
     use std::time::Duration;
 
     #[derive(Debug)]
-    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+    pub(crate) struct Mutex<T>(checker::Mutex<T>);
 
-    /// Holds loom's guard in an `Option` so that [`Condvar::wait_for`] can hand it to loom and
-    /// take it back, matching parking_lot's `&mut guard` signature.
-    pub(crate) struct MutexGuard<'a, T>(Option<loom::sync::MutexGuard<'a, T>>);
+    /// Holds the checker's guard in an `Option` so that [`Condvar::wait_for`] can hand it over
+    /// and take it back, matching parking_lot's `&mut guard` signature.
+    pub(crate) struct MutexGuard<'a, T>(Option<checker::MutexGuard<'a, T>>);
 
     impl<T> Mutex<T> {
         pub(crate) fn new(value: T) -> Self {
-            Mutex(loom::sync::Mutex::new(value))
+            Mutex(checker::Mutex::new(value))
         }
         pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
             MutexGuard(Some(self.0.lock().unwrap_or_else(|e| e.into_inner())))
@@ -88,17 +99,17 @@ mod imp {
     }
 
     #[derive(Debug)]
-    pub(crate) struct Condvar(loom::sync::Condvar);
+    pub(crate) struct Condvar(checker::Condvar);
 
     impl Condvar {
         pub(crate) fn new() -> Self {
-            Condvar(loom::sync::Condvar::new())
+            Condvar(checker::Condvar::new())
         }
         pub(crate) fn notify_all(&self) {
             self.0.notify_all();
         }
-        /// loom has no time: the wait lasts until a notification, so a lost wake-up shows up
-        /// as a deadlock that loom reports.
+        /// No time under a checker: the wait lasts until a notification, so a lost wake-up
+        /// shows up as a deadlock that the checker reports.
         pub(crate) fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, _timeout: Duration) {
             if let Some(g) = guard.0.take() {
                 guard.0 = Some(self.0.wait(g).unwrap_or_else(|e| e.into_inner()));
@@ -108,3 +119,7 @@ mod imp {
 }
 
 pub(crate) use imp::*;
+
+/// Whether waits are bounded by time. Under a model checker they are not (see the module
+/// docs): a wait ends only when it is notified.
+pub(crate) const WAITS_TIME_OUT: bool = !cfg!(any(loom, shuttle));

@@ -137,29 +137,53 @@ where
             out = &mut work => return Ran::Done(out, held),
             x = &mut cancel => return Ran::Cancelled(held, x),
             _ = tick.tick() => {
-                let asked = Instant::now();
-                match store.renew(&mut held.lease, lease).await {
-                    Ok(_) => valid_until = asked + lease,
-                    Err(e @ Error::StaleLease { .. }) => {
-                        tracing::warn!(target: "idemkv::lease", token = held.lease.token(), "lease lost to a takeover while the work ran; the work is dropped");
-                        held.forget();
-                        return Ran::Lost(e, None);
-                    }
-                    // Another try at the next tick, if the lease lasts until then.
-                    Err(e) if Instant::now() + every >= valid_until => {
-                        tracing::error!(target: "idemkv::lease", error = %e, "lease renewal failed until the lease ran out; the work is dropped");
-                        return Ran::Lost(e, Some(held));
-                    }
-                    Err(e) => {
-                        tracing::warn!(target: "idemkv::lease", error = %e, "lease renewal failed; retrying at the next tick");
-                    }
-                }
+                held = match renew_tick(store, held, lease, every, &mut valid_until).await {
+                    Ok(held) => held,
+                    Err((e, held)) => return Ran::Lost(e, held),
+                };
             }
         }
     }
 }
 
-#[cfg(test)]
+/// One renewal tick of [`run`]: renews `held` by `lease` and moves `valid_until` (how long the
+/// lease is known to last) on success. `Err` ends the run: the lease was taken over
+/// (`StaleLease`, nothing handed back: there is nothing to release), or renewals failed until
+/// the lease has less than one more tick (`every`) left (the error and the lease). A failure
+/// with time left is logged and the lease handed back, for another try at the next tick.
+pub(crate) async fn renew_tick<St>(
+    store: &St,
+    mut held: Held<St>,
+    lease: Duration,
+    every: Duration,
+    valid_until: &mut Instant,
+) -> Result<Held<St>, (Error, Option<Held<St>>)>
+where
+    St: IdempotencyStore + Clone,
+{
+    let asked = Instant::now();
+    match store.renew(&mut held.lease, lease).await {
+        Ok(_) => {
+            *valid_until = asked + lease;
+            Ok(held)
+        }
+        Err(e @ Error::StaleLease { .. }) => {
+            tracing::warn!(target: "idemkv::lease", token = held.lease.token(), "lease lost to a takeover while the work ran; the work is dropped");
+            held.forget();
+            Err((e, None))
+        }
+        Err(e) if Instant::now() + every >= *valid_until => {
+            tracing::error!(target: "idemkv::lease", error = %e, "lease renewal failed until the lease ran out; the work is dropped");
+            Err((e, Some(held)))
+        }
+        Err(e) => {
+            tracing::warn!(target: "idemkv::lease", error = %e, "lease renewal failed; retrying at the next tick");
+            Ok(held)
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::{Begin, Fingerprint, Key, Snapshot, Store};
@@ -245,5 +269,167 @@ mod tests {
             store.blocking_get(Key::new("runner", "drop")).expect("get"),
             Some(Snapshot::InFlight { .. })
         ));
+    }
+}
+
+/// loom models of the runner's protocol with the store: every interleaving of a renewal tick
+/// (the real [`renew_tick`]) with a takeover, a cancel (the release a cancelled run makes) and
+/// a completion, over the real store code (its locks come from loom, see `src/sync.rs`).
+///
+/// `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release --lib adapter::lease::loom`
+#[cfg(all(test, loom))]
+mod loom {
+    use super::*;
+    use crate::{Begin, Fingerprint, Key, ManualClock, Snapshot, Store};
+    use ::loom::thread;
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    fn setup() -> (ManualClock, Store, Held<Store>) {
+        let clock = ManualClock::new(0);
+        let store = Store::builder()
+            .shards(1)
+            .sweep_interval(None)
+            .clock(clock.clone())
+            .build()
+            .expect("store");
+        let Ok(Begin::Acquired(l)) = store.blocking_begin(key(), Fingerprint::NONE, LEASE) else {
+            panic!("first begin")
+        };
+        let held = Held::new(store.clone(), l);
+        (clock, store, held)
+    }
+
+    fn key() -> Key<'static> {
+        Key::new("runner", "k")
+    }
+
+    /// One tick of the runner, as `run` makes it. An in-memory store's renewal never waits, so
+    /// one poll finishes it.
+    fn tick(store: &Store, held: Held<Store>) -> Result<Held<Store>, (Error, Option<Held<Store>>)> {
+        let mut valid_until = Instant::now() + LEASE;
+        let fut = std::pin::pin!(renew_tick(store, held, LEASE, LEASE / 3, &mut valid_until));
+        match fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("an in-memory renewal waited"),
+        }
+    }
+
+    /// Another caller: once the lease has run out, it begins the key (a takeover if the runner
+    /// has not renewed) and completes it. Whether it wrote.
+    fn thief(store: Store, clock: ManualClock) -> thread::JoinHandle<bool> {
+        thread::spawn(move || {
+            clock.advance(LEASE);
+            match store.blocking_begin(key(), Fingerprint::NONE, LEASE) {
+                Ok(Begin::Acquired(new)) => {
+                    assert!(new.is_takeover(), "the key was never released");
+                    store.blocking_complete(&new, b"thief", None).is_ok()
+                }
+                Ok(Begin::InProgress { .. }) => false,
+                Ok(Begin::Completed(c)) => {
+                    assert_eq!(c.response, b"runner");
+                    false
+                }
+                other => panic!("{other:?}"),
+            }
+        })
+    }
+
+    fn response(store: &Store) -> Vec<u8> {
+        match store.blocking_get(key()) {
+            Ok(Some(Snapshot::Completed(c))) => c.response,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_renewal_racing_a_takeover_leaves_one_writer() {
+        ::loom::model(|| {
+            let (clock, store, held) = setup();
+            let thief = thief(store.clone(), clock);
+            let runner_won = match tick(&store, held) {
+                Ok(held) => match store.blocking_complete(&held.take(), b"runner", None) {
+                    Ok(_) => true,
+                    Err(Error::StaleLease { .. }) => false,
+                    Err(e) => panic!("{e}"),
+                },
+                // Taken over: the run ends, and nothing is handed back to release.
+                Err((Error::StaleLease { .. }, None)) => false,
+                Err((e, _)) => panic!("{e}"),
+            };
+            let thief_won = thief.join().expect("join");
+            assert!(
+                runner_won ^ thief_won,
+                "runner={runner_won} thief={thief_won}"
+            );
+            let want: &[u8] = if runner_won { b"runner" } else { b"thief" };
+            assert_eq!(response(&store), want);
+        });
+    }
+
+    #[test]
+    fn a_cancel_racing_a_takeover_never_frees_the_new_holder() {
+        ::loom::model(|| {
+            let (clock, store, held) = setup();
+            let (s2, c2) = (store.clone(), clock);
+            let thief = thread::spawn(move || {
+                c2.advance(LEASE);
+                match s2.blocking_begin(key(), Fingerprint::NONE, LEASE) {
+                    Ok(Begin::Acquired(new)) => Some(new.token()),
+                    Ok(Begin::InProgress { .. }) => None,
+                    other => panic!("{other:?}"),
+                }
+            });
+            // The run is cancelled after a tick: the runner releases what it holds.
+            let released = match tick(&store, held) {
+                Ok(held) => store.blocking_release(held.take()).is_ok(),
+                Err((Error::StaleLease { .. }, None)) => false,
+                Err((e, _)) => panic!("{e}"),
+            };
+            let thief = thief.join().expect("join");
+            match (thief, store.blocking_get(key()).expect("get")) {
+                // The thief holds the key: the runner's stale release must not have freed it.
+                (Some(token), Some(Snapshot::InFlight { token: t, .. })) => assert_eq!(t, token),
+                (Some(token), other) => panic!("thief's lease {token} is gone: {other:?}"),
+                // The thief came while the renewed lease held; the release then freed the key.
+                (None, now) => {
+                    assert!(released);
+                    assert_eq!(now, None);
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_late_renewal_never_undoes_the_completion() {
+        ::loom::model(|| {
+            let (_clock, store, held) = setup();
+            // A renewal tick still under way when the work's completion is recorded (the
+            // same attempt: a copy of its lease).
+            let late = Held::new(store.clone(), held.lease().duplicate());
+            let s2 = store.clone();
+            let renewer = thread::spawn(move || match tick(&s2, late) {
+                Ok(h) => {
+                    h.forget();
+                    true
+                }
+                Err((Error::StaleLease { .. }, None)) => false,
+                Err((e, _)) => panic!("{e}"),
+            });
+            let expires = store
+                .blocking_complete(&held.take(), b"runner", None)
+                .expect("the holder completes");
+            let _ = renewer.join().expect("join");
+            match store.blocking_get(key()) {
+                Ok(Some(Snapshot::Completed(c))) => {
+                    assert_eq!(c.response, b"runner");
+                    assert_eq!(
+                        c.expires_at, expires,
+                        "a renewal moved the completed record"
+                    );
+                }
+                other => panic!("the completion was undone: {other:?}"),
+            }
+        });
     }
 }

@@ -186,7 +186,7 @@ pub(super) fn cas_holds(op: &CasOp, current: Option<u64>) -> bool {
 impl Inner {
     /// Whether the store logs its changes (opened on a directory with durability).
     #[inline]
-    #[cfg_attr(loom, allow(dead_code))]
+    #[cfg_attr(any(loom, shuttle), allow(dead_code))]
     pub(super) fn has_log(&self) -> bool {
         self.wal.is_some()
     }

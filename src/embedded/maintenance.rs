@@ -26,13 +26,13 @@ pub(crate) struct Handle {
     thread: Option<JoinHandle<()>>,
 }
 
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 /// How often the thread looks whether a checkpoint is due when no sweeper sets the pace.
 const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
 
 /// Starts the maintenance thread: sweeping every `sweep` (if set), and checkpoints when due
 /// (if the store has a log). `None` when there is nothing to do.
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) fn start(inner: &Arc<Inner>, sweep: Option<Duration>) -> Option<Handle> {
     let sweep = sweep.filter(|d| !d.is_zero());
     let checkpoints = inner.has_log();
@@ -81,8 +81,9 @@ pub(crate) fn start(inner: &Arc<Inner>, sweep: Option<Duration>) -> Option<Handl
     })
 }
 
-/// Under loom the sweeper is not started: loom cannot model a free-running std thread.
-#[cfg(loom)]
+/// Under a model checker the sweeper is not started: neither loom nor shuttle can model a
+/// free-running std thread (the models call `sweep_expired` themselves).
+#[cfg(any(loom, shuttle))]
 pub(crate) fn start(_inner: &Arc<Inner>, _sweep: Option<Duration>) -> Option<Handle> {
     None
 }
@@ -137,13 +138,18 @@ impl Inner {
             {
                 return 0;
             }
+            // A lease swept after its retention has no holder left to wake its waiters (its
+            // release now finds nothing): wake them here, so they look again at once.
+            for (h, _) in &due {
+                guard.wake(*h);
+            }
         }
         guard.next_reclaim = next;
         guard.counters.expirations += n;
         n as usize
     }
     /// Writes a checkpoint if the log grew by `checkpoint_every` bytes since the last one.
-    #[cfg_attr(loom, allow(dead_code))]
+    #[cfg_attr(any(loom, shuttle), allow(dead_code))]
     pub(crate) fn maybe_checkpoint(&self) {
         let (Some(wal), Some(_)) = (&self.wal, &self.checkpoints) else {
             return;
