@@ -109,6 +109,13 @@ mod key;
 mod limits;
 pub mod metrics;
 mod model;
+/// Messages a handler sends, published only after its result commits, each under a stable id
+/// (see [`Outgoing`](outbox::Outgoing) and [`Publisher`](outbox::Publisher)).
+#[cfg(any(feature = "http", feature = "kafka"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "http", feature = "kafka"))))]
+pub mod outbox {
+    pub use crate::adapter::outbox::{Outgoing, Publisher};
+}
 #[allow(unsafe_code)]
 mod record;
 #[cfg(feature = "redis")]

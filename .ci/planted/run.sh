@@ -39,7 +39,7 @@ for name in "${names[@]}"; do
             ;;
         loom/*)
             (export RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 CARGO_TARGET_DIR=target/loom
-             cargo test --release --lib adapter::lease::loom &&
+             cargo test --release --lib loom &&
              cargo test --release --test loom_lease) > "$log" 2>&1
             rc=$?
             found=$([ $rc -ne 0 ] && grep -q "^test .* FAILED" "$log" && echo yes || echo no)

@@ -180,12 +180,14 @@ impl KeySource {
 }
 
 /// What a handler returns on success: the reply (sent when the request names a `reply-to`
-/// topic) and the versioned writes to commit atomically with the record of this message.
+/// topic), the versioned writes to commit atomically with the record of this message, and the
+/// messages it sends (the outbox, see [`Outcome::send`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     pub(crate) payload: Vec<u8>,
     pub(crate) headers: Vec<(String, Vec<u8>)>,
     pub(crate) writes: Vec<crate::Write>,
+    pub(crate) outgoing: Vec<crate::outbox::Outgoing>,
 }
 
 impl Outcome {
@@ -217,6 +219,27 @@ impl Outcome {
     /// and the attempt counts as a retryable failure.
     pub fn write(mut self, write: crate::Write) -> Self {
         self.writes.push(write);
+        self
+    }
+
+    /// Sends `msg` through the outbox: it is recorded in the same batch as this message's
+    /// result and produced only after that commits, with an `idempotency-key` header of
+    /// `{this message's idempotency key}/{index}` (`index` counts this outcome's messages
+    /// from 0), the same on every delivery, so an idemkv consumer downstream runs it once.
+    /// A crash after the result commits and before the messages are out leaves them recorded;
+    /// the message is then redelivered (its offset is stored only after its outbox is
+    /// empty) and the redelivery produces what is left. A topic name Kafka would refuse makes
+    /// the message's result a recorded failure, and nothing is sent.
+    ///
+    /// ```
+    /// use idemkv::kafka::Outcome;
+    /// use idemkv::outbox::Outgoing;
+    /// let outcome = Outcome::reply("ok")
+    ///     .send(Outgoing::to("billing.events").key("order-17").payload("BillingSucceeded"));
+    /// # drop(outcome);
+    /// ```
+    pub fn send(mut self, msg: crate::outbox::Outgoing) -> Self {
+        self.outgoing.push(msg);
         self
     }
 

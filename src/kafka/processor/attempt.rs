@@ -63,6 +63,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                             reason: e.0,
                         }
                     })?;
+                    // A crash may have come between the result and its outbox's messages.
+                    if let Some(d) = self.flush_outbox(&msg, drain).await? {
+                        return Ok(d);
+                    }
                     bump(&self.stats.replayed);
                     self.reply(&msg, &echo, &record, true).await;
                     return Ok(Disposition::Done);
@@ -163,8 +167,9 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 return Ok(Step::Finished(Disposition::Abandoned));
             }
         };
+        let mut sends = false;
         let (record, writes) = match result {
-            Ok(outcome) => (
+            Ok(outcome) if outcome.outgoing.is_empty() => (
                 StoredReply {
                     headers: outcome.headers,
                     payload: outcome.payload,
@@ -172,6 +177,25 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 },
                 outcome.writes,
             ),
+            Ok(mut outcome) => match self.outbox_write(msg, &outcome.outgoing) {
+                Ok(write) => {
+                    // An outbox left by an earlier result of this key that has since expired
+                    // holds committed messages: out with them before recording new ones.
+                    if let Some(d) = self.flush_outbox(msg, drain).await? {
+                        self.release(lease).await?;
+                        return Ok(Step::Finished(d));
+                    }
+                    sends = true;
+                    outcome.writes.push(write);
+                    let record = StoredReply {
+                        headers: outcome.headers,
+                        payload: outcome.payload,
+                        error: None,
+                    };
+                    (record, outcome.writes)
+                }
+                Err(why) => (StoredReply::failure(why), Vec::new()),
+            },
             Err(HandlerError::Fail(why)) => (StoredReply::failure(why), Vec::new()),
             Err(HandlerError::Retry(e)) => {
                 bump(&self.stats.retried);
@@ -221,6 +245,9 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         } else {
             &self.stats.processed
         });
+        if sends && let Some(d) = self.flush_outbox(msg, drain).await? {
+            return Ok(Step::Finished(d));
+        }
         self.reply(msg, echo, &record, false).await;
         Ok(Step::Finished(Disposition::Done))
     }

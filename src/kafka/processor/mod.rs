@@ -89,6 +89,8 @@ pub struct ProcessorStats {
     pub reply_failures: u64,
     /// Offsets stored for commit.
     pub offsets_stored: u64,
+    /// Outbox messages produced (a message produced again after a crash counts again).
+    pub sent: u64,
 }
 
 #[derive(Default)]
@@ -102,6 +104,7 @@ struct Counters {
     replies: AtomicU64,
     reply_failures: AtomicU64,
     offsets_stored: AtomicU64,
+    sent: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -291,6 +294,7 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
             .ok_or_else(|| KafkaError::Config("the consumer config needs a group.id".into()))?;
         let scope = scope.unwrap_or_else(|| format!("kafka:{group}"));
         let attempts_scope = format!("{scope}#attempts");
+        let outbox_scope = format!("{scope}#outbox");
         if attempts_scope.len() > crate::MAX_SCOPE_LEN {
             return Err(KafkaError::Config(format!(
                 "scope {scope:?} is too long (at most {} bytes)",
@@ -345,6 +349,7 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
                 producer,
                 scope,
                 attempts_scope,
+                outbox_scope,
                 cfg,
                 stats: Counters::default(),
                 stop: StopFlag::default(),
@@ -481,6 +486,7 @@ struct Shared<St> {
     producer: FutureProducer,
     scope: String,
     attempts_scope: String,
+    outbox_scope: String,
     cfg: Config,
     stats: Counters,
     stop: StopFlag,
@@ -513,6 +519,7 @@ impl<St> Shared<St> {
             replies: get(&s.replies),
             reply_failures: get(&s.reply_failures),
             offsets_stored: get(&s.offsets_stored),
+            sent: get(&s.sent),
         }
     }
 

@@ -1,10 +1,118 @@
 //! What the processor produces besides recording: replies (fresh or replayed, with the
-//! request's correlation and echo headers) and dead letters once attempts are exhausted.
+//! request's correlation and echo headers), the outbox's messages, and dead letters once
+//! attempts are exhausted.
 //!
-//! Invariant: a dead letter is produced before its key is forgotten, so a message is never
-//! dropped between the two; a reply failure is counted, never fatal to the partition.
+//! Invariants: a dead letter is produced before its key is forgotten, so a message is never
+//! dropped between the two; a reply failure is counted, never fatal to the partition; a
+//! message's offset is stored only after its outbox is empty (a flush that cannot finish
+//! before a drain leaves the message to be redelivered, and the redelivery flushes).
 
 use super::*;
+use crate::adapter::outbox::{self, FlushError, Outgoing, Publisher};
+
+/// How long an outbox record lives when the processor sets no result TTL: the embedded
+/// store's default result TTL, so it does not outlive the result it belongs to.
+const OUTBOX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The processor's producer as an outbox [`Publisher`]: the message's headers, with
+/// `idempotency-key` set to the stable id.
+struct KafkaPublisher<'a> {
+    producer: &'a FutureProducer,
+    timeout: Duration,
+}
+
+impl Publisher for KafkaPublisher<'_> {
+    async fn publish(
+        &self,
+        msg: &Outgoing,
+        id: &[u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let headers = msg
+            .headers()
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case(crate::kafka::IDEMPOTENCY_KEY))
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .chain([(crate::kafka::IDEMPOTENCY_KEY, id)]);
+        let mut record = FutureRecord::to(msg.topic())
+            .payload(msg.body())
+            .headers(to_headers(headers));
+        if let Some(k) = msg.message_key() {
+            record = record.key(k);
+        }
+        match self.producer.send(record, self.timeout).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(Box::new(e)),
+        }
+    }
+}
+
+impl<St: IdempotencyStore + Clone> Shared<St> {
+    /// The key of `msg`'s outbox record (same id as the message's record: on Redis, the same
+    /// slot, so the two commit in one batch).
+    pub(super) fn outbox_key(&self, msg: &Message) -> OwnedKey {
+        OwnedKey::new(&self.outbox_scope, &msg.id)
+    }
+
+    /// The write that records `outgoing` with the result; `Err` with the reason if they cannot
+    /// be sent (a topic Kafka would refuse, or parts past the record's bounds).
+    pub(super) fn outbox_write(
+        &self,
+        msg: &Message,
+        outgoing: &[Outgoing],
+    ) -> Result<Write, String> {
+        if let Some(bad) = outgoing.iter().find(|m| !valid_topic(m.topic())) {
+            return Err(format!(
+                "outgoing message to {:?}: not a valid topic name",
+                bad.topic().escape_debug().to_string()
+            ));
+        }
+        outbox::check(outgoing).map_err(str::to_owned)?;
+        let ttl = self.cfg.result_ttl.unwrap_or(OUTBOX_TTL);
+        Ok(Write::put_if_absent(self.outbox_key(msg), outbox::encode(0, outgoing)).with_ttl(ttl))
+    }
+
+    /// Produces what `msg`'s outbox has not produced yet, retrying with backoff while the
+    /// broker refuses. `Some(Abandoned)` if the drain deadline came first (the message is left
+    /// to be redelivered, its outbox intact).
+    pub(super) async fn flush_outbox(
+        &self,
+        msg: &Message,
+        drain: &mut Drain,
+    ) -> Result<Option<Disposition>, KafkaError> {
+        let key = self.outbox_key(msg);
+        let ttl = self.cfg.result_ttl.unwrap_or(OUTBOX_TTL);
+        let publisher = KafkaPublisher {
+            producer: &self.producer,
+            timeout: self.cfg.reply_timeout,
+        };
+        let mut failures = 0;
+        loop {
+            match outbox::flush(&self.store, &key, &msg.id, ttl, &publisher).await {
+                Ok(n) => {
+                    self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                Err(FlushError::Store(e)) => return Err(e.into()),
+                Err(FlushError::Corrupt(reason)) => {
+                    return Err(KafkaError::CorruptRecord {
+                        key: String::from_utf8_lossy(&msg.id).into_owned(),
+                        reason,
+                    });
+                }
+                Err(FlushError::Publish { topic, source }) => {
+                    failures += 1;
+                    tracing::warn!(target: "idemkv::kafka", topic = %topic, error = %source, "outbox message could not be produced; retrying (the result stays recorded)");
+                    let wait =
+                        attempt::backoff(self.cfg.retry_backoff, self.cfg.max_backoff, failures);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = drain_deadline(drain) => return Ok(Some(Disposition::Abandoned)),
+                    }
+                }
+            }
+        }
+    }
+}
 
 impl<St: IdempotencyStore + Clone> Shared<St> {
     /// Attempts are exhausted: dead-letter the message (and forget the key, so a re-drive from
