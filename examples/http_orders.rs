@@ -32,7 +32,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -40,7 +39,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use idemkv::http::{
     CompleteWith, EchoLayer, ExactlyOnce, ExactlyOnceHandler, IdempotencyInfo, IdempotencyLayer,
-    Processed,
+    Processed, StoredRequest,
 };
 use idemkv::{Durability, Either, Error, IdempotencyStore, OwnedKey, Snapshot, Store, Write};
 use serde::{Deserialize, Serialize};
@@ -294,13 +293,19 @@ struct Payments {
 }
 
 impl ExactlyOnceHandler for Payments {
-    async fn process(&self, id: &str, payload: Bytes) -> Processed {
+    async fn process(&self, req: StoredRequest) -> Result<Processed, idemkv::http::BoxError> {
+        Ok(self.authorize(&req.id, &req.payload).await)
+    }
+}
+
+impl Payments {
+    async fn authorize(&self, id: &str, payload: &[u8]) -> Processed {
         let refuse = |kind: &str, detail: &str| {
             let status = StatusCode::BAD_REQUEST;
             Processed::new(status, problem_body(status, kind, detail))
                 .header(header::CONTENT_TYPE, PROBLEM_JSON)
         };
-        let Some((p, cents)) = serde_json::from_slice::<Payment>(&payload)
+        let Some((p, cents)) = serde_json::from_slice::<Payment>(payload)
             .ok()
             .and_then(|p| parse_cents(&p.amount).map(|c| (p, c)))
         else {

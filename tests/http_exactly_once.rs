@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use idemkv::http::{ExactlyOnce, ExactlyOnceHandler, Processed};
+use idemkv::http::{BoxError, ExactlyOnce, ExactlyOnceHandler, Processed, StoredRequest};
+use idemkv::outbox::Outgoing;
 use idemkv::{OwnedKey, Snapshot, Store, Write};
 use tower::ServiceExt;
 
@@ -20,9 +21,15 @@ struct Payments {
 }
 
 impl ExactlyOnceHandler for Payments {
-    async fn process(&self, _id: &str, payload: Bytes) -> Processed {
+    async fn process(&self, req: StoredRequest) -> Result<Processed, BoxError> {
+        Ok(self.debit(&req.payload))
+    }
+}
+
+impl Payments {
+    fn debit(&self, payload: &[u8]) -> Processed {
         self.runs.fetch_add(1, Ordering::SeqCst);
-        let text = String::from_utf8_lossy(&payload).into_owned();
+        let text = String::from_utf8_lossy(payload).into_owned();
         let (customer, amount) = text.split_once(':').unwrap_or(("?", "0"));
         let amount: i64 = amount.parse().unwrap_or(0);
         let account = OwnedKey::new("accounts", customer);
@@ -231,10 +238,10 @@ struct Slow {
 }
 
 impl ExactlyOnceHandler for Slow {
-    async fn process(&self, _id: &str, _payload: Bytes) -> Processed {
+    async fn process(&self, _req: StoredRequest) -> Result<Processed, BoxError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.work).await;
-        Processed::new(StatusCode::OK, "done")
+        Ok(Processed::new(StatusCode::OK, "done"))
     }
 }
 
@@ -319,4 +326,198 @@ async fn a_cancelled_post_frees_its_id_at_once() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     assert!(pending, "the cancelled POST still holds its id");
+}
+
+/// Records what it publishes; refuses everything while `down`.
+#[derive(Clone, Default)]
+struct Log {
+    got: Arc<parking_lot::Mutex<Vec<(String, String)>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl idemkv::outbox::Publisher for Log {
+    async fn publish(&self, msg: &Outgoing, id: &[u8]) -> Result<(), BoxError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err("broker down".into());
+        }
+        let id = String::from_utf8_lossy(id).into_owned();
+        self.got.lock().push((msg.topic().to_owned(), id));
+        Ok(())
+    }
+}
+
+async fn call_any<S>(svc: &S, r: Request<Full<Bytes>>) -> (StatusCode, String)
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = http::Response<Full<Bytes>>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let res = svc.clone().oneshot(r).await.expect("infallible");
+    let (p, b) = res.into_parts();
+    let body = b.collect().await.expect("body").to_bytes();
+    (p.status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_closure_handler_sees_the_posts_headers_and_its_errors_record_nothing() {
+    let store = Store::in_memory();
+    let runs = Arc::new(AtomicU64::new(0));
+    let counted = runs.clone();
+    let svc = ExactlyOnce::new(store.clone(), "auth", move |req: StoredRequest| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                return Err::<Processed, _>(std::io::Error::other("database away"));
+            }
+            let who = req
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("nobody")
+                .to_owned();
+            Ok(Processed::new(
+                StatusCode::OK,
+                format!("{who} paid {}", req.id),
+            ))
+        }
+    });
+    assert_eq!(
+        call_any(&svc, req(Method::PUT, "a1", "x")).await.0,
+        StatusCode::ACCEPTED
+    );
+    let post = || {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/auth/a1")
+            .header(http::header::AUTHORIZATION, "Bearer alice")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    // The first run fails: 503, nothing recorded, the request still waits.
+    let (status, _) = call_any(&svc, post()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(matches!(
+        store
+            .blocking_get(idemkv::Key::new("auth", "a1"))
+            .expect("get"),
+        Some(Snapshot::Pending { .. })
+    ));
+    // The retried POST runs it, with its headers.
+    assert_eq!(
+        call_any(&svc, post()).await,
+        (StatusCode::OK, "Bearer alice paid a1".into())
+    );
+    assert_eq!(
+        call_any(&svc, post()).await,
+        (StatusCode::OK, "Bearer alice paid a1".into())
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn sent_messages_are_published_after_processing_and_before_delete_forgets_them() {
+    let store = Store::in_memory();
+    let log = Log::default();
+    let svc = ExactlyOnce::new(store.clone(), "pay", |req: StoredRequest| async move {
+        Ok::<_, BoxError>(
+            Processed::new(StatusCode::OK, "ok")
+                .send(Outgoing::to("events").payload(format!("authorized {}", req.id)))
+                .send(Outgoing::to("audit").payload("x")),
+        )
+    })
+    .publisher(log.clone());
+    let outbox = |id: &str| {
+        store
+            .blocking_get(idemkv::Key::new("pay#outbox", id))
+            .expect("get")
+    };
+
+    // Published at once after the POST, in order, under stable ids.
+    assert_eq!(
+        call_any(&svc, req(Method::PUT, "p1", "x")).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        call_any(&svc, req(Method::POST, "p1", "")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        *log.got.lock(),
+        [
+            ("events".to_owned(), "p1/0".to_owned()),
+            ("audit".into(), "p1/1".into())
+        ]
+    );
+    assert_eq!(outbox("p1"), None);
+    // A replay publishes nothing again.
+    assert_eq!(
+        call_any(&svc, req(Method::POST, "p1", "")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(log.got.lock().len(), 2);
+
+    // With the broker away the POST still answers (the result is recorded); the messages wait.
+    log.down.store(true, Ordering::SeqCst);
+    assert_eq!(
+        call_any(&svc, req(Method::PUT, "p2", "x")).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        call_any(&svc, req(Method::POST, "p2", "")).await.0,
+        StatusCode::OK
+    );
+    assert!(matches!(outbox("p2"), Some(Snapshot::Value(_))));
+    // DELETE refuses to forget unpublished messages...
+    assert_eq!(
+        call_any(&svc, req(Method::DELETE, "p2", "")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(matches!(
+        store
+            .blocking_get(idemkv::Key::new("pay", "p2"))
+            .expect("get"),
+        Some(Snapshot::Completed(_))
+    ));
+    // ...and, once they can go, publishes them first.
+    log.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        call_any(&svc, req(Method::DELETE, "p2", "")).await.0,
+        StatusCode::NO_CONTENT
+    );
+    let got = log.got.lock().clone();
+    assert_eq!(
+        &got[2..],
+        [
+            ("events".to_owned(), "p2/0".to_owned()),
+            ("audit".into(), "p2/1".into())
+        ]
+    );
+    assert_eq!(outbox("p2"), None);
+    assert_eq!(
+        store
+            .blocking_get(idemkv::Key::new("pay", "p2"))
+            .expect("get"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_handler_that_sends_without_a_publisher_records_nothing() {
+    let store = Store::in_memory();
+    let svc = ExactlyOnce::new(store.clone(), "nopub", |_req: StoredRequest| async move {
+        Ok::<_, BoxError>(Processed::new(StatusCode::OK, "ok").send(Outgoing::to("events")))
+    });
+    assert_eq!(
+        call_any(&svc, req(Method::PUT, "n1", "x")).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        call_any(&svc, req(Method::POST, "n1", "")).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert!(matches!(
+        store
+            .blocking_get(idemkv::Key::new("nopub", "n1"))
+            .expect("get"),
+        Some(Snapshot::Pending { .. })
+    ));
 }

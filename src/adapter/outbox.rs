@@ -29,9 +29,6 @@
 //!   from what the other marked, so each message is published at least once and the record is
 //!   deleted exactly once.
 
-// Without the Kafka adapter only the public types are used (`Outgoing`, `Publisher`).
-#![cfg_attr(not(feature = "kafka"), allow(dead_code))]
-
 use std::future::Future;
 use std::time::Duration;
 

@@ -11,11 +11,20 @@
 //! | `GET` | the stored response | it; 404 unknown id; 409 not processed yet |
 //! | `DELETE` | forgets everything about the id (repeatable) | 204 |
 //!
-//! The id is the last path segment. The handler returns a [`Processed`]: the response and a
-//! batch of versioned [`Write`]s (an account balance, a stock count) that
-//! [`IdempotencyStore::blocking_complete`] applies together with "processed": all or none. If one of
-//! them conflicts (another request changed the balance meanwhile), the handler runs again on
-//! fresh state, under the same lease, up to 8 times.
+//! The id is the last path segment. The handler gets a [`StoredRequest`] (the id, the stored
+//! payload, and the POST's headers, to authenticate the caller) and returns a [`Processed`]:
+//! the response, a batch of versioned [`Write`]s (an account balance, a stock count) that the
+//! store's `complete` applies together with "processed", all or none, and the messages to send
+//! ([`Processed::send`]). If a write conflicts (another request changed the balance meanwhile),
+//! the handler runs again on fresh state, under the same lease, up to 8 times. An `Err` from
+//! the handler records nothing: the request goes back to waiting, and the POST answers 503
+//! with `Retry-After`, to be retried.
+//!
+//! Sent messages go through the outbox (as in the Kafka adapter): recorded in the same batch as
+//! the response, published through the endpoint's [`Publisher`] after it commits, each under
+//! the id `{request id}/{index}`. A publication that fails is retried by the next POST or GET
+//! of the same id, and DELETE publishes what is left before it forgets the id (503 if it
+//! cannot: DELETE is retried until it answers 2xx or 404).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,7 +42,8 @@ use super::BoxError;
 use super::problem::{problem, retry_after, store_error};
 use super::stored::{self, DefaultStoredHeaders, StoredHeaders};
 use crate::adapter::lease::{Held, run_to_end};
-use crate::{Error, IdempotencyStore, Key, PutPending, Take, Write};
+use crate::adapter::outbox::{self, FlushError, Outgoing, Publisher};
+use crate::{Error, IdempotencyStore, Key, OwnedKey, PutPending, Take, Write};
 
 /// What the handler made of a request.
 #[derive(Debug, Default)]
@@ -47,6 +57,8 @@ pub struct Processed {
     pub body: Bytes,
     /// State changes committed atomically with "processed".
     pub writes: Vec<Write>,
+    /// Messages published after "processed" commits (see [`Processed::send`]).
+    pub outgoing: Vec<Outgoing>,
 }
 
 impl Processed {
@@ -57,7 +69,16 @@ impl Processed {
             headers: HeaderMap::new(),
             body: body.into(),
             writes: Vec::new(),
+            outgoing: Vec::new(),
         }
+    }
+
+    /// Sends `msg` through the endpoint's outbox: recorded with "processed", published through
+    /// the [`Publisher`] given to [`ExactlyOnce::publisher`] after it commits, under the id
+    /// `{request id}/{index}`. Without a publisher the request is not processed (500).
+    pub fn send(mut self, msg: Outgoing) -> Self {
+        self.outgoing.push(msg);
+        self
     }
 
     /// Adds a state change to commit with the response.
@@ -73,11 +94,83 @@ impl Processed {
     }
 }
 
-/// The user code of an exactly-once endpoint: processes the stored request `payload` for `id`.
-/// It may read state from the store; it runs again if its writes conflict.
+/// A stored request being processed: its id, its payload (from the PUT) and the headers of
+/// the POST that runs it.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct StoredRequest {
+    /// The id (the last path segment).
+    pub id: String,
+    /// The body stored by the PUT.
+    pub payload: Bytes,
+    /// The POST's headers (`Authorization` and the like: the handler authenticates).
+    pub headers: HeaderMap,
+}
+
+/// The user code of an exactly-once endpoint: processes one stored request. It may read state
+/// from the store; it runs again if its writes conflict. An `Err` records nothing (the POST
+/// answers 503 and may be retried).
+///
+/// Implemented for every `Fn(StoredRequest) -> impl Future<Output = Result<Processed, E>>`, so
+/// an async closure is a handler:
+///
+/// ```
+/// use http::StatusCode;
+/// use idemkv::http::{ExactlyOnce, Processed, StoredRequest};
+/// use idemkv::Store;
+///
+/// let svc = ExactlyOnce::new(Store::in_memory(), "payments", |req: StoredRequest| async move {
+///     if !req.headers.contains_key(http::header::AUTHORIZATION) {
+///         return Ok(Processed::new(StatusCode::UNAUTHORIZED, "who are you?"));
+///     }
+///     Ok::<_, std::io::Error>(Processed::new(StatusCode::OK, format!("paid {}", req.id)))
+/// });
+/// # drop(svc);
+/// ```
 pub trait ExactlyOnceHandler: Send + Sync + 'static {
     /// Processes one stored request.
-    fn process(&self, id: &str, payload: Bytes) -> impl Future<Output = Processed> + Send;
+    fn process(
+        &self,
+        req: StoredRequest,
+    ) -> impl Future<Output = Result<Processed, BoxError>> + Send;
+}
+
+impl<F, Fut, E> ExactlyOnceHandler for F
+where
+    F: Fn(StoredRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Processed, E>> + Send,
+    E: Into<BoxError>,
+{
+    async fn process(&self, req: StoredRequest) -> Result<Processed, BoxError> {
+        self(req).await.map_err(Into::into)
+    }
+}
+
+/// [`Publisher`] behind a pointer, so the service keeps one type whatever publishes.
+trait DynPublisher: Send + Sync {
+    fn publish_boxed<'a>(
+        &'a self,
+        msg: &'a Outgoing,
+        id: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>;
+}
+
+impl<P: Publisher> DynPublisher for P {
+    fn publish_boxed<'a>(
+        &'a self,
+        msg: &'a Outgoing,
+        id: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>> {
+        Box::pin(self.publish(msg, id))
+    }
+}
+
+struct Boxed(Arc<dyn DynPublisher>);
+
+impl Publisher for Boxed {
+    async fn publish(&self, msg: &Outgoing, id: &[u8]) -> Result<(), BoxError> {
+        self.0.publish_boxed(msg, id).await
+    }
 }
 
 /// The exactly-once service for one endpoint; see the module docs.
@@ -88,6 +181,7 @@ pub struct ExactlyOnce<St, H> {
     lease: Duration,
     max_body: usize,
     stored_headers: Arc<dyn StoredHeaders>,
+    publisher: Option<Arc<dyn DynPublisher>>,
 }
 
 impl<St: Clone, H> Clone for ExactlyOnce<St, H> {
@@ -99,6 +193,7 @@ impl<St: Clone, H> Clone for ExactlyOnce<St, H> {
             lease: self.lease,
             max_body: self.max_body,
             stored_headers: Arc::clone(&self.stored_headers),
+            publisher: self.publisher.clone(),
         }
     }
 }
@@ -121,7 +216,15 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
             lease: Duration::from_secs(30),
             max_body: 1 << 20,
             stored_headers: Arc::new(DefaultStoredHeaders),
+            publisher: None,
         }
+    }
+
+    /// Publishes the messages handlers send ([`Processed::send`]); a Kafka producer is one
+    /// (`idemkv::kafka::ProducerPublisher`).
+    pub fn publisher(mut self, p: impl Publisher + 'static) -> Self {
+        self.publisher = Some(Arc::new(p));
+        self
     }
 
     /// Largest stored request body (default 1 MiB); a larger PUT gets 413.
@@ -224,9 +327,15 @@ where
                         Err(e) => store_error(&e),
                     }
                 }
-                Method::POST => me.process(key, &id).await,
+                Method::POST => {
+                    let headers = req.headers().clone();
+                    me.process(key, &id, headers).await
+                }
                 Method::GET => match me.store.get(key).await {
-                    Ok(Some(crate::Snapshot::Completed(c))) => stored::replay(&c.response, false),
+                    Ok(Some(crate::Snapshot::Completed(c))) => {
+                        let _ = me.flush(&id).await;
+                        stored::replay(&c.response, false)
+                    }
                     Ok(Some(
                         crate::Snapshot::Pending { .. } | crate::Snapshot::InFlight { .. },
                     )) => problem(
@@ -241,13 +350,21 @@ where
                     ),
                     Err(e) => store_error(&e),
                 },
-                Method::DELETE => match me.store.remove(key).await {
-                    Ok(_) => {
-                        let mut r = Response::new(ResB::from(Bytes::new()));
-                        *r.status_mut() = StatusCode::NO_CONTENT;
-                        r
-                    }
-                    Err(e) => store_error(&e),
+                Method::DELETE => match me.flush(&id).await {
+                    Err(FlushError::Store(e)) => store_error(&e),
+                    Err(_) => problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "messages-not-published",
+                        "messages this request sent are not all published yet; retry the DELETE",
+                    ),
+                    Ok(()) => match me.store.remove(key).await {
+                        Ok(_) => {
+                            let mut r = Response::new(ResB::from(Bytes::new()));
+                            *r.status_mut() = StatusCode::NO_CONTENT;
+                            r
+                        }
+                        Err(e) => store_error(&e),
+                    },
                 },
                 _ => {
                     let mut r = problem(
@@ -268,10 +385,57 @@ where
 }
 
 impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
-    async fn process<B: From<Bytes>>(&self, key: Key<'_>, id: &str) -> Response<B> {
+    fn outbox_key(&self, id: &str) -> OwnedKey {
+        OwnedKey::new(format!("{}#outbox", self.scope), id)
+    }
+
+    /// Publishes what the outbox of `id` has not published yet (nothing without a publisher,
+    /// or with no outbox). A failure is logged; the messages stay recorded for the next try.
+    async fn flush(&self, id: &str) -> Result<(), FlushError> {
+        let Some(p) = &self.publisher else {
+            return Ok(());
+        };
+        let publisher = Boxed(Arc::clone(p));
+        let ttl = Duration::from_secs(24 * 3600);
+        match outbox::flush(
+            &self.store,
+            &self.outbox_key(id),
+            id.as_bytes(),
+            ttl,
+            &publisher,
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                match &e {
+                    FlushError::Publish { topic, source } => {
+                        tracing::warn!(target: "idemkv::http", topic = %topic, error = %source, "outbox message not published; the next POST, GET or DELETE of this id retries");
+                    }
+                    FlushError::Store(err) => {
+                        tracing::error!(target: "idemkv::http", error = %err, "outbox not readable");
+                    }
+                    FlushError::Corrupt(why) => {
+                        tracing::error!(target: "idemkv::http", reason = why, "outbox record damaged");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn process<B: From<Bytes>>(
+        &self,
+        key: Key<'_>,
+        id: &str,
+        headers: HeaderMap,
+    ) -> Response<B> {
         let (lease, payload) = match self.store.take_pending(key, self.lease).await {
             Ok(Take::Acquired { lease, payload }) => (lease, payload),
-            Ok(Take::Completed(c)) => return stored::replay(&c.response, true),
+            Ok(Take::Completed(c)) => {
+                let _ = self.flush(id).await;
+                return stored::replay(&c.response, true);
+            }
             Ok(Take::InProgress { deadline }) => {
                 return retry_after(
                     problem(
@@ -298,12 +462,61 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
         let mut runs = 0;
         loop {
             runs += 1;
-            let work = self.handler.process(id, payload.clone());
+            let req = StoredRequest {
+                id: id.to_owned(),
+                payload: payload.clone(),
+                headers: headers.clone(),
+            };
+            let work = self.handler.process(req);
             let done;
             (done, held) = match run_to_end(&self.store, held, self.lease, work).await {
                 Ok(ran) => ran,
                 Err(e) => return store_error(&e),
             };
+            let mut done = match done {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::warn!(target: "idemkv::http", error = %e, "exactly-once handler failed; nothing recorded, the request waits for a retried POST");
+                    let _ = self.store.release(held.take()).await;
+                    let mut r = problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "processing-failed",
+                        "the request could not be processed now; nothing was recorded, POST again",
+                    );
+                    r.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+            };
+            let sends = !done.outgoing.is_empty();
+            if sends {
+                let refused = match (&self.publisher, outbox::check(&done.outgoing)) {
+                    (None, _) => {
+                        Some("the handler sent messages, but the endpoint has no publisher")
+                    }
+                    (Some(_), Err(why)) => Some(why),
+                    (Some(_), Ok(())) => None,
+                };
+                if let Some(why) = refused {
+                    tracing::error!(target: "idemkv::http", reason = why, "exactly-once result not recorded");
+                    let _ = self.store.release(held.take()).await;
+                    return problem(StatusCode::INTERNAL_SERVER_ERROR, "not-recorded", why);
+                }
+                // An outbox left by an earlier, since forgotten, result of this id: out first.
+                if self.flush(id).await.is_err() {
+                    let _ = self.store.release(held.take()).await;
+                    return problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "messages-not-published",
+                        "earlier messages of this id are not published yet; POST again",
+                    );
+                }
+                let ttl = Duration::from_secs(24 * 3600);
+                done.writes.push(
+                    Write::put_if_absent(self.outbox_key(id), outbox::encode(0, &done.outgoing))
+                        .with_ttl(ttl),
+                );
+            }
             let record = stored::encode(
                 done.status,
                 &done.headers,
@@ -318,6 +531,9 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
             {
                 Ok(_) => {
                     drop(held.take());
+                    if sends {
+                        let _ = self.flush(id).await;
+                    }
                     let mut r = Response::new(B::from(done.body));
                     *r.status_mut() = done.status;
                     *r.headers_mut() = done.headers;

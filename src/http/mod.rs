@@ -40,7 +40,7 @@ pub(crate) mod stored;
 
 pub use crate::echo::EchoPolicy;
 pub use echo_layer::{Echo, EchoLayer};
-pub use exactly_once::{ExactlyOnce, ExactlyOnceHandler, Processed};
+pub use exactly_once::{ExactlyOnce, ExactlyOnceHandler, Processed, StoredRequest};
 pub use idempotency::{CompleteWith, Idempotency, IdempotencyInfo, IdempotencyLayer};
 pub use stored::{DefaultStoredHeaders, StoredHeaders};
 

@@ -333,3 +333,64 @@ impl Incoming {
         self.attempt
     }
 }
+
+/// A Kafka producer as an outbox [`Publisher`](crate::outbox::Publisher): each message with its
+/// headers, and `idempotency-key` set to the message's stable id (over any header of that
+/// name). The Kafka processor publishes its handlers' messages through one; give one to
+/// [`ExactlyOnce::publisher`](crate::http::ExactlyOnce::publisher) for an HTTP endpoint's.
+#[derive(Clone)]
+pub struct ProducerPublisher {
+    producer: rdkafka::producer::FutureProducer,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ProducerPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProducerPublisher")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProducerPublisher {
+    /// Publishes through `producer` (give it `enable.idempotence=true`, so librdkafka's own
+    /// retries add no copies either).
+    pub fn new(producer: rdkafka::producer::FutureProducer) -> Self {
+        ProducerPublisher {
+            producer,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// How long a message may wait for room in the producer's queue (default 30 s); delivery
+    /// itself is bounded by the producer's `message.timeout.ms`.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+}
+
+impl crate::outbox::Publisher for ProducerPublisher {
+    async fn publish(
+        &self,
+        msg: &crate::outbox::Outgoing,
+        id: &[u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let headers = msg
+            .headers()
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case(IDEMPOTENCY_KEY))
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .chain([(IDEMPOTENCY_KEY, id)]);
+        let mut record = rdkafka::producer::FutureRecord::to(msg.topic())
+            .payload(msg.body())
+            .headers(to_headers(headers));
+        if let Some(k) = msg.message_key() {
+            record = record.key(k);
+        }
+        match self.producer.send(record, self.timeout).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(Box::new(e)),
+        }
+    }
+}

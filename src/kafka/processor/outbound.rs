@@ -8,43 +8,12 @@
 //! before a drain leaves the message to be redelivered, and the redelivery flushes).
 
 use super::*;
-use crate::adapter::outbox::{self, FlushError, Outgoing, Publisher};
+use crate::adapter::outbox::{self, FlushError, Outgoing};
+use crate::kafka::ProducerPublisher;
 
 /// How long an outbox record lives when the processor sets no result TTL: the embedded
 /// store's default result TTL, so it does not outlive the result it belongs to.
 const OUTBOX_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// The processor's producer as an outbox [`Publisher`]: the message's headers, with
-/// `idempotency-key` set to the stable id.
-struct KafkaPublisher<'a> {
-    producer: &'a FutureProducer,
-    timeout: Duration,
-}
-
-impl Publisher for KafkaPublisher<'_> {
-    async fn publish(
-        &self,
-        msg: &Outgoing,
-        id: &[u8],
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let headers = msg
-            .headers()
-            .iter()
-            .filter(|(n, _)| !n.eq_ignore_ascii_case(crate::kafka::IDEMPOTENCY_KEY))
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .chain([(crate::kafka::IDEMPOTENCY_KEY, id)]);
-        let mut record = FutureRecord::to(msg.topic())
-            .payload(msg.body())
-            .headers(to_headers(headers));
-        if let Some(k) = msg.message_key() {
-            record = record.key(k);
-        }
-        match self.producer.send(record, self.timeout).await {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(Box::new(e)),
-        }
-    }
-}
 
 impl<St: IdempotencyStore + Clone> Shared<St> {
     /// The key of `msg`'s outbox record (same id as the message's record: on Redis, the same
@@ -81,10 +50,8 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
     ) -> Result<Option<Disposition>, KafkaError> {
         let key = self.outbox_key(msg);
         let ttl = self.cfg.result_ttl.unwrap_or(OUTBOX_TTL);
-        let publisher = KafkaPublisher {
-            producer: &self.producer,
-            timeout: self.cfg.reply_timeout,
-        };
+        let publisher =
+            ProducerPublisher::new(self.producer.clone()).timeout(self.cfg.reply_timeout);
         let mut failures = 0;
         loop {
             match outbox::flush(&self.store, &key, &msg.id, ttl, &publisher).await {
