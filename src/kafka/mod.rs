@@ -42,6 +42,7 @@
 //! so every crash point either re-runs nothing or re-runs work whose result was never recorded,
 //! under a lease no one else holds. Kafka transactions are not used for correctness.
 
+mod call;
 mod mock;
 mod processor;
 mod requester;
@@ -51,6 +52,7 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
+pub use call::{FollowUp, HttpResponse, PendingCall};
 pub use mock::MockKafka;
 pub use processor::{Handler, KafkaProcessor, ProcessorBuilder, ProcessorHandle, ProcessorStats};
 pub use requester::{Reply, Request, Requester};
@@ -188,6 +190,7 @@ pub struct Outcome {
     pub(crate) headers: Vec<(String, Vec<u8>)>,
     pub(crate) writes: Vec<crate::Write>,
     pub(crate) outgoing: Vec<crate::outbox::Outgoing>,
+    pub(crate) follow_ups: Vec<PendingCall>,
 }
 
 impl Outcome {
@@ -243,6 +246,14 @@ impl Outcome {
         self
     }
 
+    /// Completes a call begun with [`Incoming::invoke_http`] once this outcome commits. The
+    /// request's reply is then the follow-up's: this outcome's own reply is not sent (a
+    /// redelivery of the request replays the follow-up's reply once it exists).
+    pub fn follow_up(mut self, call: PendingCall) -> Self {
+        self.follow_ups.push(call);
+        self
+    }
+
     /// The reply payload.
     pub fn payload(&self) -> &[u8] {
         &self.payload
@@ -290,6 +301,10 @@ impl std::error::Error for HandlerError {}
 pub struct Incoming {
     msg: std::sync::Arc<processor::Message>,
     attempt: u32,
+    /// Where `invoke_http` records and makes its calls (`None` without a follow-up topic).
+    calls: Option<std::sync::Arc<processor::CallSite>>,
+    /// Set on a follow-up message: the call it completes and the service's answer.
+    follow_up: Option<call::FollowUp>,
 }
 
 impl Incoming {
@@ -331,6 +346,77 @@ impl Incoming {
     /// Which attempt this is, from 1; attempts of earlier processes that died count.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// On a follow-up message, the call it completes and the service's response (see
+    /// [`invoke_http`](Self::invoke_http)); `None` on other messages.
+    pub fn follow_up(&self) -> Option<&FollowUp> {
+        self.follow_up.as_ref()
+    }
+
+    /// Calls an exactly-once HTTP endpoint (an [`ExactlyOnce`](crate::http::ExactlyOnce) one,
+    /// or any that speaks its protocol) exactly once, whatever crashes: phase 1 now, the rest
+    /// after this message's outcome commits (the module docs of `call` in the source describe
+    /// the four phases).
+    ///
+    /// `{uniqueId}` in `url_template` is replaced by an id unique to this attempt; the URL is
+    /// recorded in the store, then the body is stored on the service (`PUT`). Return the call
+    /// in the outcome ([`Outcome::follow_up`]): once the outcome commits, a follow-up message
+    /// carrying the URL goes to the processor's follow-up topic, and handling it POSTs the URL
+    /// and runs your handler again with [`follow_up`](Self::follow_up) set to `tag` and the
+    /// response. The request's reply then comes from the follow-up's outcome (it carries the
+    /// request's `reply-to`, `x-request-id` and echo headers). A 4xx refusal of the PUT is a
+    /// final failure of this message; a 5xx, a refused connection or a timeout is retried with
+    /// the processor's backoff while the lease is held.
+    ///
+    /// ```no_run
+    /// # async fn f(msg: idemkv::kafka::Incoming) -> Result<idemkv::kafka::Outcome, idemkv::kafka::HandlerError> {
+    /// use idemkv::kafka::Outcome;
+    /// if let Some(done) = msg.follow_up() {
+    ///     let ok = done.response().status.is_success();
+    ///     return Ok(Outcome::reply(if ok { "succeeded" } else { "failed" }));
+    /// }
+    /// let body = msg.payload().unwrap_or_default().to_vec();
+    /// let call = msg
+    ///     .invoke_http("http://127.0.0.1:8080/payments/authorize/{uniqueId}", body, "authorize")
+    ///     .await?;
+    /// Ok(Outcome::done().follow_up(call))
+    /// # }
+    /// ```
+    pub async fn invoke_http(
+        &self,
+        url_template: &str,
+        body: impl Into<bytes::Bytes>,
+        tag: &str,
+    ) -> Result<PendingCall, HandlerError> {
+        let Some(site) = &self.calls else {
+            return Err(HandlerError::fail(
+                "invoke_http needs a follow-up topic (ProcessorBuilder::follow_up_topic)",
+            ));
+        };
+        let index = site
+            .next_index
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let url = call::url_for(url_template, &site.scope, &self.msg.id, site.token, index)
+            .map_err(HandlerError::fail)?;
+        if tag.is_empty() || tag.len() > 255 || tag.contains(['\r', '\n']) {
+            return Err(HandlerError::fail(format!(
+                "unusable follow-up tag {tag:?}"
+            )));
+        }
+        // Recorded before the PUT: a crash after it leaves the URL known, to be deleted.
+        (site.record)(url.clone())
+            .await
+            .map_err(HandlerError::retry)?;
+        site.caller
+            .put(&url, body.into())
+            .await
+            .map_err(|r| HandlerError::fail(format!("PUT {url} refused with {}", r.status)))?;
+        tracing::info!(target: "idemkv::kafka", url = %url, tag, "PUT: request stored for an exactly-once call");
+        Ok(PendingCall {
+            url,
+            tag: tag.to_owned(),
+        })
     }
 }
 

@@ -13,6 +13,10 @@ pub(crate) struct StoredReply {
     pub payload: Vec<u8>,
     /// `Some` for a recorded final failure.
     pub error: Option<String>,
+    /// The reply is the follow-up's (the message made exactly-once HTTP calls): this record's
+    /// payload lists the winning attempt's call URLs, one per line, and nothing is replied
+    /// from it. Stored as status 1 in the shared codec (0 is a plain message reply).
+    pub deferred: bool,
 }
 
 impl StoredReply {
@@ -22,6 +26,7 @@ impl StoredReply {
             headers: Vec::new(),
             payload: Vec::new(),
             error: Some(why),
+            deferred: false,
         }
     }
 
@@ -31,7 +36,14 @@ impl StoredReply {
             .headers
             .iter()
             .map(|(n, v)| (n.as_bytes(), v.as_slice()));
-        reply::encode(0, headers, self.error.as_deref(), &self.payload, usize::MAX)
+        let status = u16::from(self.deferred);
+        reply::encode(
+            status,
+            headers,
+            self.error.as_deref(),
+            &self.payload,
+            usize::MAX,
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -46,6 +58,7 @@ impl StoredReply {
             headers,
             payload: r.body.unwrap_or_default().to_vec(),
             error: r.error.map(str::to_owned),
+            deferred: r.status == 1,
         })
     }
 }
@@ -62,6 +75,7 @@ mod tests {
             ],
             payload: br#"{"id":"o-1"}"#.to_vec(),
             error: None,
+            deferred: false,
         }
     }
 
@@ -73,7 +87,16 @@ mod tests {
             headers: Vec::new(),
             payload: Vec::new(),
             error: Some("card declined".into()),
+            deferred: false,
         };
+        assert_eq!(StoredReply::decode(&failed.encode()).unwrap(), failed);
+        let deferred = StoredReply {
+            headers: Vec::new(),
+            payload: b"http://h/a\nhttp://h/b".to_vec(),
+            error: None,
+            deferred: true,
+        };
+        assert_eq!(StoredReply::decode(&deferred.encode()).unwrap(), deferred);
         assert_eq!(StoredReply::decode(&failed.encode()).unwrap(), failed);
     }
 

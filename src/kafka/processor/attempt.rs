@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::kafka::call::FOLLOW_UP;
 
 impl<St: IdempotencyStore + Clone> Shared<St> {
     /// Takes one message from fetch to "offset may be stored".
@@ -68,7 +69,23 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                         return Ok(d);
                     }
                     bump(&self.stats.replayed);
+                    if record.deferred {
+                        // The answer is the follow-up's; first, finish cleaning up the calls.
+                        let text = String::from_utf8_lossy(&record.payload).into_owned();
+                        let winners: Vec<&str> = text.lines().collect();
+                        if let Some(d) = self.clean_calls(&msg, &winners, drain).await? {
+                            return Ok(d);
+                        }
+                        self.reply_from_follow_up(&msg, &echo).await;
+                        return Ok(Disposition::Done);
+                    }
                     self.reply(&msg, &echo, &record, true).await;
+                    // A follow-up whose DELETE a crash cut: again (it is idempotent).
+                    if let Some(url) = self.follow_up_url(&msg)
+                        && let Some(d) = self.forget_call(url, drain).await
+                    {
+                        return Ok(d);
+                    }
                     return Ok(Disposition::Done);
                 }
                 // The holder is alive (it renews): keep waiting, checking for a drain.
@@ -134,13 +151,33 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 .await
                 .map(Step::Finished);
         }
-        let incoming = Incoming {
-            msg: msg.clone(),
-            attempt: attempts.failed + 1,
-        };
+        let calls = self.call_site(msg, &lease);
+        let follow_up_url = self.follow_up_url(msg).map(str::to_owned);
+        let attempt = attempts.failed + 1;
+        let took_over = lease.is_takeover();
         // The shared lease runner: renewed every third of the lease while the handler runs.
         let held = Held::new(self.store.clone(), lease);
-        let work = handler.handle(incoming);
+        let work = {
+            let (msg, calls, url) = (msg.clone(), calls.clone(), follow_up_url.clone());
+            async move {
+                // A follow-up first runs its call (POST, or GET if the answer was lost).
+                let follow_up = match url {
+                    Some(url) => Some(crate::kafka::FollowUp {
+                        tag: msg.header_str(FOLLOW_UP).unwrap_or_default().to_owned(),
+                        response: self.caller.run(&url).await,
+                        url,
+                    }),
+                    None => None,
+                };
+                let incoming = Incoming {
+                    msg,
+                    attempt,
+                    calls,
+                    follow_up,
+                };
+                handler.handle(incoming).await
+            }
+        };
         let result = match run(
             &self.store,
             held,
@@ -168,34 +205,52 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             }
         };
         let mut sends = false;
+        // The winning attempt's call URLs, when the reply is its follow-ups'.
+        let mut winners: Vec<String> = Vec::new();
         let (record, writes) = match result {
-            Ok(outcome) if outcome.outgoing.is_empty() => (
-                StoredReply {
-                    headers: outcome.headers,
-                    payload: outcome.payload,
+            Ok(mut outcome) => {
+                let mut record = StoredReply {
+                    headers: std::mem::take(&mut outcome.headers),
+                    payload: std::mem::take(&mut outcome.payload),
                     error: None,
-                },
-                outcome.writes,
-            ),
-            Ok(mut outcome) => match self.outbox_write(msg, &outcome.outgoing) {
-                Ok(write) => {
-                    // An outbox left by an earlier result of this key that has since expired
-                    // holds committed messages: out with them before recording new ones.
-                    if let Some(d) = self.flush_outbox(msg, drain).await? {
-                        self.release(lease).await?;
-                        return Ok(Step::Finished(d));
-                    }
-                    sends = true;
-                    outcome.writes.push(write);
-                    let record = StoredReply {
-                        headers: outcome.headers,
-                        payload: outcome.payload,
+                    deferred: false,
+                };
+                if !outcome.follow_ups.is_empty() {
+                    // Follow-ups go first in the outbox: follow-up 0's id is `{id}/0`.
+                    let mut out: Vec<_> = outcome
+                        .follow_ups
+                        .iter()
+                        .map(|c| self.follow_up_message(msg, c))
+                        .collect();
+                    out.append(&mut outcome.outgoing);
+                    outcome.outgoing = out;
+                    winners = outcome.follow_ups.iter().map(|c| c.url.clone()).collect();
+                    record = StoredReply {
+                        headers: Vec::new(),
+                        payload: winners.join("\n").into_bytes(),
                         error: None,
+                        deferred: true,
                     };
-                    (record, outcome.writes)
                 }
-                Err(why) => (StoredReply::failure(why), Vec::new()),
-            },
+                if outcome.outgoing.is_empty() {
+                    (record, outcome.writes)
+                } else {
+                    match self.outbox_write(msg, &outcome.outgoing) {
+                        Ok(write) => {
+                            // An outbox left by an earlier result of this key that has since
+                            // expired holds committed messages: out with them first.
+                            if let Some(d) = self.flush_outbox(msg, drain).await? {
+                                self.release(lease).await?;
+                                return Ok(Step::Finished(d));
+                            }
+                            sends = true;
+                            outcome.writes.push(write);
+                            (record, outcome.writes)
+                        }
+                        Err(why) => (StoredReply::failure(why), Vec::new()),
+                    }
+                }
+            }
             Err(HandlerError::Fail(why)) => (StoredReply::failure(why), Vec::new()),
             Err(HandlerError::Retry(e)) => {
                 bump(&self.stats.retried);
@@ -248,7 +303,23 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         if sends && let Some(d) = self.flush_outbox(msg, drain).await? {
             return Ok(Step::Finished(d));
         }
-        self.reply(msg, echo, &record, false).await;
+        // Calls of attempts that did not win (taken over, retried, or this one's, if it ended
+        // without following them up) are deleted now that the result is in.
+        let called = calls.is_some_and(|c| c.next_index.load(Ordering::SeqCst) > 0);
+        if took_over || attempts.failed > 0 || called {
+            let winners: Vec<&str> = winners.iter().map(String::as_str).collect();
+            if let Some(d) = self.clean_calls(msg, &winners, drain).await? {
+                return Ok(Step::Finished(d));
+            }
+        }
+        if !record.deferred {
+            self.reply(msg, echo, &record, false).await;
+        }
+        if let Some(url) = &follow_up_url
+            && let Some(d) = self.forget_call(url, drain).await
+        {
+            return Ok(Step::Finished(d));
+        }
         Ok(Step::Finished(Disposition::Done))
     }
 
@@ -345,7 +416,7 @@ pub(super) enum Step {
     Backoff,
 }
 
-pub(super) fn backoff(first: Duration, max: Duration, failed: u32) -> Duration {
+pub(crate) fn backoff(first: Duration, max: Duration, failed: u32) -> Duration {
     let factor = 1u32 << failed.saturating_sub(1).min(16);
     first.saturating_mul(factor).min(max)
 }

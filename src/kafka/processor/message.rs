@@ -60,6 +60,15 @@ pub(super) const MAX_DERIVED_ID: usize = 128;
 /// The first non-empty value among `sources`; ids longer than [`MAX_DERIVED_ID`] are replaced
 /// by a digest (`xxh3:` and 32 hex digits), so a long message key never becomes an error.
 pub(super) fn derive_id(msg: &Message, sources: &[KeySource]) -> Vec<u8> {
+    // A follow-up's id is the one its outbox gave it (`{request id}/{index}`), whatever the
+    // sources say: it must not collide with the request's own.
+    if msg.header(crate::kafka::call::CALL_URL).is_some()
+        && let Some(id) = msg
+            .header(crate::kafka::IDEMPOTENCY_KEY)
+            .filter(|v| !v.is_empty())
+    {
+        return id.to_vec();
+    }
     let found = sources.iter().find_map(|s| match s {
         KeySource::Header(name) => msg
             .header(name)

@@ -54,9 +54,14 @@ where
 }
 
 mod attempt;
+mod calls;
 mod message;
 mod outbound;
 mod poller;
+
+use super::call::HttpCaller;
+pub(crate) use attempt::backoff;
+pub(crate) use calls::CallSite;
 
 use crate::echo::EchoPolicy;
 use attempt::Attempts;
@@ -154,6 +159,8 @@ struct Config {
     shutdown_timeout: Duration,
     reply_timeout: Duration,
     echo: EchoPolicy,
+    follow_up_topic: Option<String>,
+    http_timeout: Duration,
 }
 
 /// Configures a [`KafkaProcessor`]; from [`KafkaProcessor::builder`].
@@ -267,6 +274,21 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
         self
     }
 
+    /// The topic of the follow-up messages of exactly-once HTTP calls
+    /// ([`Incoming::invoke_http`]); the processor consumes it too. Without one, `invoke_http`
+    /// is refused. Only messages on this topic are taken as follow-ups.
+    pub fn follow_up_topic(mut self, topic: impl Into<String>) -> Self {
+        self.cfg.follow_up_topic = Some(topic.into());
+        self
+    }
+
+    /// How long one HTTP exchange of an exactly-once call may take, connecting included
+    /// (default 10 s); a timeout is retried with backoff.
+    pub fn http_timeout(mut self, d: Duration) -> Self {
+        self.cfg.http_timeout = d;
+        self
+    }
+
     /// Producer configuration for replies and dead letters. Default: the consumer's
     /// `bootstrap.servers` (and security settings) with `enable.idempotence=true`.
     pub fn producer_config(mut self, config: ClientConfig) -> Self {
@@ -295,6 +317,19 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
         let scope = scope.unwrap_or_else(|| format!("kafka:{group}"));
         let attempts_scope = format!("{scope}#attempts");
         let outbox_scope = format!("{scope}#outbox");
+        let calls_scope = format!("{scope}#calls");
+        let mut cfg = cfg;
+        if let Some(t) = &cfg.follow_up_topic {
+            if !valid_topic(t) {
+                return Err(KafkaError::Config(format!(
+                    "{t:?} is not a valid topic name"
+                )));
+            }
+            if !cfg.topics.contains(t) {
+                cfg.topics.push(t.clone());
+            }
+        }
+        let caller = HttpCaller::new(cfg.http_timeout, (cfg.retry_backoff, cfg.max_backoff));
         if attempts_scope.len() > crate::MAX_SCOPE_LEN {
             return Err(KafkaError::Config(format!(
                 "scope {scope:?} is too long (at most {} bytes)",
@@ -350,6 +385,8 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
                 scope,
                 attempts_scope,
                 outbox_scope,
+                calls_scope,
+                caller,
                 cfg,
                 stats: Counters::default(),
                 stop: StopFlag::default(),
@@ -437,6 +474,8 @@ impl KafkaProcessor<()> {
                 shutdown_timeout: Duration::from_secs(30),
                 reply_timeout: Duration::from_secs(30),
                 echo: EchoPolicy::default(),
+                follow_up_topic: None,
+                http_timeout: Duration::from_secs(10),
             },
         }
     }
@@ -487,6 +526,8 @@ struct Shared<St> {
     scope: String,
     attempts_scope: String,
     outbox_scope: String,
+    calls_scope: String,
+    caller: HttpCaller,
     cfg: Config,
     stats: Counters,
     stop: StopFlag,
