@@ -69,6 +69,7 @@ pub fn record_processor(s: &crate::kafka::ProcessorStats) {
     counter!("idemkv_kafka_reply_failures_total").absolute(s.reply_failures);
     counter!("idemkv_kafka_offsets_stored_total").absolute(s.offsets_stored);
     counter!("idemkv_kafka_sent_total").absolute(s.sent);
+    counter!("idemkv_kafka_untokened_total").absolute(s.untokened);
 }
 
 /// One log batch written and synced.

@@ -54,6 +54,8 @@ pub struct Outgoing {
     key: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
     payload: Vec<u8>,
+    /// Token-based deduplication: the scope the message's token is created in.
+    token: Option<String>,
 }
 
 impl Outgoing {
@@ -81,6 +83,19 @@ impl Outgoing {
     /// Sets the payload.
     pub fn payload(mut self, payload: impl Into<Vec<u8>>) -> Self {
         self.payload = payload.into();
+        self
+    }
+
+    /// Token-based deduplication (for idemkv-to-idemkv links over a shared store): a token is
+    /// created under `scope`, with the message's stable id, in the same batch as the result
+    /// that sends it; a receiver built with
+    /// [`require_tokens(scope)`](crate::kafka::ProcessorBuilder::require_tokens) processes the
+    /// message only while the token exists and deletes it with its own result. Neither side
+    /// then keeps a record per message past its processing: storage is bounded by the messages
+    /// in flight, not by rate × TTL. Sender and receiver must share the store (one process's
+    /// embedded store, or Redis).
+    pub fn with_token(mut self, scope: impl Into<String>) -> Self {
+        self.token = Some(scope.into());
         self
     }
 
@@ -187,6 +202,21 @@ pub(crate) fn encode(produced: u16, messages: &[Outgoing]) -> Vec<u8> {
     out
 }
 
+/// The writes that create the tokens of `messages` (see [`Outgoing::with_token`]), to commit
+/// with the result that sends them (tokens are not part of the outbox record: a publication
+/// repeated after a crash must not create a consumed token again).
+pub(crate) fn token_writes(source: &[u8], messages: &[Outgoing], ttl: Duration) -> Vec<Write> {
+    messages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let scope = m.token.as_deref()?;
+            let key = OwnedKey::new(scope, message_id(source, i));
+            Some(Write::put_if_absent(key, Vec::new()).with_ttl(ttl))
+        })
+        .collect()
+}
+
 /// Why the bounds of [`encode`] refuse a set of messages: more than 65,535 of them, a topic or
 /// header name over 65,535 bytes, more than 65,535 headers on one, or a part over 4 GiB.
 pub(crate) fn check(messages: &[Outgoing]) -> Result<(), &'static str> {
@@ -245,6 +275,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u16, Vec<Outgoing>), &'static str>
             key,
             headers,
             payload,
+            token: None,
         });
     }
     if !r.0.is_empty() {

@@ -516,6 +516,8 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
                     Write::put_if_absent(self.outbox_key(id), outbox::encode(0, &done.outgoing))
                         .with_ttl(ttl),
                 );
+                done.writes
+                    .extend(outbox::token_writes(id.as_bytes(), &done.outgoing, ttl));
             }
             let record = stored::encode(
                 done.status,

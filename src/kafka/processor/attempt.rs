@@ -31,6 +31,16 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         let key = Key::new(&self.scope, &msg.id);
         let fingerprint = Fingerprint::of(msg.payload.as_deref().unwrap_or_default());
         let mut attempts = Attempts::default();
+        if let Some(scope) = &self.cfg.tokens {
+            let token = OwnedKey::new(scope, &msg.id);
+            match self.store.get(token.as_key()).await? {
+                Some(Snapshot::Value(v)) => attempts.token = Some((token, v.version)),
+                _ => {
+                    bump(&self.stats.untokened);
+                    return Ok(Disposition::Done);
+                }
+            }
+        }
         // The first look does not wait: most keys are new, and a plain `begin` is cheaper.
         let mut first = true;
         loop {
@@ -235,8 +245,8 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 if outcome.outgoing.is_empty() {
                     (record, outcome.writes)
                 } else {
-                    match self.outbox_write(msg, &outcome.outgoing) {
-                        Ok(write) => {
+                    match self.outbox_writes(msg, &outcome.outgoing) {
+                        Ok(mut more) => {
                             // An outbox left by an earlier result of this key that has since
                             // expired holds committed messages: out with them first.
                             if let Some(d) = self.flush_outbox(msg, drain).await? {
@@ -244,7 +254,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                                 return Ok(Step::Finished(d));
                             }
                             sends = true;
-                            outcome.writes.push(write);
+                            outcome.writes.append(&mut more);
                             (record, outcome.writes)
                         }
                         Err(why) => (StoredReply::failure(why), Vec::new()),
@@ -268,12 +278,22 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             }
         };
         let failed = record.error.is_some();
+        // The batch `record` commits: the handler's writes, the attempt counter's, the token.
+        let writes_len = writes.len() + usize::from(attempts.version.is_some()) + 1;
         match self
             .record(&lease, &record, writes, &attempts_key, attempts)
             .await
         {
             Ok(()) => {}
             Err(Error::StaleLease { .. }) => return Ok(Step::Again),
+            // The token is gone: another holder processed the message meanwhile.
+            Err(Error::BatchConflict { index, .. })
+                if attempts.token.is_some() && index + 1 == writes_len =>
+            {
+                bump(&self.stats.untokened);
+                self.release(lease).await?;
+                return Ok(Step::Finished(Disposition::Done));
+            }
             Err(e @ (Error::BatchConflict { .. } | Error::InvalidBatch { .. })) => {
                 // The handler's writes lost a race (or are malformed): not recorded; retry.
                 bump(&self.stats.retried);
@@ -335,8 +355,15 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         if let Some(version) = attempts.version {
             writes.push(Write::delete_if_version(attempts_key.clone(), version));
         }
+        let mut ttl = self.cfg.result_ttl;
+        if let Some((token, version)) = &attempts.token {
+            // The token goes with the result, and the result is not kept: the token's absence
+            // is what answers a redelivery.
+            writes.push(Write::delete_if_version(token.clone(), *version));
+            ttl = Some(Duration::from_millis(1));
+        }
         self.store
-            .complete(lease, &record.encode(), self.cfg.result_ttl, &writes)
+            .complete(lease, &record.encode(), ttl, &writes)
             .await
             .map(drop)
     }
@@ -406,6 +433,8 @@ pub(super) struct Attempts {
     pub(super) failed: u32,
     pub(super) version: Option<u64>,
     pub(super) last_error: Option<String>,
+    /// Token mode: the message's token and the version it was seen with.
+    pub(super) token: Option<(OwnedKey, u64)>,
 }
 
 pub(super) enum Step {

@@ -96,6 +96,9 @@ pub struct ProcessorStats {
     pub offsets_stored: u64,
     /// Outbox messages produced (a message produced again after a crash counts again).
     pub sent: u64,
+    /// Messages skipped in token mode because their token did not exist (already processed,
+    /// or sent without one).
+    pub untokened: u64,
 }
 
 #[derive(Default)]
@@ -110,6 +113,7 @@ struct Counters {
     reply_failures: AtomicU64,
     offsets_stored: AtomicU64,
     sent: AtomicU64,
+    untokened: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -161,6 +165,7 @@ struct Config {
     echo: EchoPolicy,
     follow_up_topic: Option<String>,
     http_timeout: Duration,
+    tokens: Option<String>,
 }
 
 /// Configures a [`KafkaProcessor`]; from [`KafkaProcessor::builder`].
@@ -279,6 +284,19 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
     /// is refused. Only messages on this topic are taken as follow-ups.
     pub fn follow_up_topic(mut self, topic: impl Into<String>) -> Self {
         self.cfg.follow_up_topic = Some(topic.into());
+        self
+    }
+
+    /// Token-based deduplication (opt-in, for idemkv-to-idemkv links over a shared store): a
+    /// message is processed only while its token exists under `scope` (its sender created it
+    /// with [`Outgoing::with_token`](crate::outbox::Outgoing::with_token), or by putting a value
+    /// at `(scope, idempotency key)` before producing it), and its result deletes the token in
+    /// the same batch. The result itself is not kept (it expires at once), so the store holds
+    /// tokens of messages in flight, not a record per message for the result TTL. A message
+    /// without a token (a redelivery of one already processed, or one sent without) is skipped
+    /// without a reply: this mode is for event streams, not request-reply.
+    pub fn require_tokens(mut self, scope: impl Into<String>) -> Self {
+        self.cfg.tokens = Some(scope.into());
         self
     }
 
@@ -476,6 +494,7 @@ impl KafkaProcessor<()> {
                 echo: EchoPolicy::default(),
                 follow_up_topic: None,
                 http_timeout: Duration::from_secs(10),
+                tokens: None,
             },
         }
     }
@@ -561,6 +580,7 @@ impl<St> Shared<St> {
             reply_failures: get(&s.reply_failures),
             offsets_stored: get(&s.offsets_stored),
             sent: get(&s.sent),
+            untokened: get(&s.untokened),
         }
     }
 

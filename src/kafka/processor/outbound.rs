@@ -22,13 +22,14 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         OwnedKey::new(&self.outbox_scope, &msg.id)
     }
 
-    /// The write that records `outgoing` with the result; `Err` with the reason if they cannot
-    /// be sent (a topic Kafka would refuse, or parts past the record's bounds).
-    pub(super) fn outbox_write(
+    /// The writes that record `outgoing` with the result (the outbox record, and the tokens of
+    /// messages sent with one); `Err` with the reason if they cannot be sent (a topic Kafka
+    /// would refuse, or parts past the record's bounds).
+    pub(super) fn outbox_writes(
         &self,
         msg: &Message,
         outgoing: &[Outgoing],
-    ) -> Result<Write, String> {
+    ) -> Result<Vec<Write>, String> {
         if let Some(bad) = outgoing.iter().find(|m| !valid_topic(m.topic())) {
             return Err(format!(
                 "outgoing message to {:?}: not a valid topic name",
@@ -37,7 +38,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         }
         outbox::check(outgoing).map_err(str::to_owned)?;
         let ttl = self.cfg.result_ttl.unwrap_or(OUTBOX_TTL);
-        Ok(Write::put_if_absent(self.outbox_key(msg), outbox::encode(0, outgoing)).with_ttl(ttl))
+        let record = Write::put_if_absent(self.outbox_key(msg), outbox::encode(0, outgoing));
+        let mut writes = vec![record.with_ttl(ttl)];
+        writes.extend(outbox::token_writes(&msg.id, outgoing, ttl));
+        Ok(writes)
     }
 
     /// Produces what `msg`'s outbox has not produced yet, retrying with backoff while the
