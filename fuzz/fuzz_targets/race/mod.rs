@@ -206,6 +206,16 @@ fn err_out(e: &Error) -> Out {
     }
 }
 
+/// A replayed completion, as `begin` and `take_pending` answer it.
+fn completed_out(c: &idemkv::Completed) -> Out {
+    Out::Completed {
+        resp: c.response.first().copied().unwrap_or(0),
+        fp: fp_back(c.fingerprint),
+        at: c.completed_at.as_millis(),
+        exp: c.expires_at.as_millis(),
+    }
+}
+
 fn begin_out(r: &Result<Begin, Error>) -> Out {
     match r {
         Ok(Begin::Acquired(l)) => Out::Acquired {
@@ -216,12 +226,7 @@ fn begin_out(r: &Result<Begin, Error>) -> Out {
         Ok(Begin::InProgress { deadline }) => Out::InProgress {
             deadline: deadline.as_millis(),
         },
-        Ok(Begin::Completed(c)) => Out::Completed {
-            resp: c.response.first().copied().unwrap_or(0),
-            fp: fp_back(c.fingerprint),
-            at: c.completed_at.as_millis(),
-            exp: c.expires_at.as_millis(),
-        },
+        Ok(Begin::Completed(c)) => completed_out(c),
         Ok(Begin::Mismatch) => Out::Mismatch,
         Err(e) => err_out(e),
     }
@@ -497,12 +502,7 @@ fn run_thread(w: &World, thread: usize, ops: &[Op]) {
                         Ok(Take::InProgress { deadline }) => Out::InProgress {
                             deadline: deadline.as_millis(),
                         },
-                        Ok(Take::Completed(c)) => Out::Completed {
-                            resp: c.response.first().copied().unwrap_or(0),
-                            fp: fp_back(c.fingerprint),
-                            at: c.completed_at.as_millis(),
-                            exp: c.expires_at.as_millis(),
-                        },
+                        Ok(Take::Completed(c)) => completed_out(c),
                         Ok(Take::NotFound) => Out::NotFound,
                         Err(e) => err_out(e),
                     },
