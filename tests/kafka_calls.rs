@@ -30,7 +30,26 @@ struct Payments {
     url: String,
 }
 
+/// Faults the payments server injects, once per id each.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// The first POST runs, but its answer is replaced by a 503.
+    lose_post: bool,
+    /// The first PUT is refused with 503 (nothing stored).
+    fail_put: bool,
+    /// The first DELETE is refused with 503 (nothing forgotten).
+    fail_delete: bool,
+}
+
 async fn payments(lose_first: bool) -> Payments {
+    payments_with(Faults {
+        lose_post: lose_first,
+        ..Faults::default()
+    })
+    .await
+}
+
+async fn payments_with(faults: Faults) -> Payments {
     let store = Store::in_memory();
     let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let counted = runs.clone();
@@ -51,13 +70,29 @@ async fn payments(lose_first: bool) -> Payments {
         }
     });
     let lost: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let failed: Arc<Mutex<HashSet<(http::Method, String)>>> = Arc::default();
     let fetched: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let fetches = fetched.clone();
     let app = axum::Router::new().route_service(
         "/payments/authorize/{id}",
         tower::service_fn(move |req: http::Request<axum::body::Body>| {
-            let (svc, lost, fetches) = (svc.clone(), lost.clone(), fetches.clone());
+            let (svc, lost, fetches, failed) =
+                (svc.clone(), lost.clone(), fetches.clone(), failed.clone());
             async move {
+                let id = req
+                    .uri()
+                    .path()
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let refuse = (faults.fail_put && req.method() == http::Method::PUT)
+                    || (faults.fail_delete && req.method() == http::Method::DELETE);
+                if refuse && failed.lock().insert((req.method().clone(), id)) {
+                    let mut r = http::Response::new(http_body_util::Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    return Ok::<_, std::convert::Infallible>(r);
+                }
                 let post = req.method() == http::Method::POST;
                 let get = req.method() == http::Method::GET;
                 let id = req
@@ -74,7 +109,7 @@ async fn payments(lose_first: bool) -> Payments {
                 if get && ![StatusCode::CONFLICT, StatusCode::NOT_FOUND].contains(&res.status()) {
                     fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
-                if lose_first && post && lost.lock().insert(id) {
+                if faults.lose_post && post && lost.lock().insert(id) {
                     let mut r = http::Response::new(http_body_util::Full::new(Bytes::new()));
                     *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                     return Ok::<_, std::convert::Infallible>(r);
@@ -320,4 +355,89 @@ async fn invoke_http_without_a_follow_up_topic_is_a_recorded_failure() {
         .cloned()
         .unwrap_or_default();
     assert!(error.contains("follow-up topic"), "{replies:?}");
+}
+
+/// Every crash point of the four phases, in one process: the first PUT of each call refused
+/// (phase 1 retried under the same URL); the request's first attempt dies after its PUT (its
+/// call loses, and must be deleted once the second attempt's result commits); the first POST's
+/// answer lost (phase 3: GET); the follow-up's first attempt dies after its POST ran (the
+/// second POSTs again: a replay, not a second payment); the first DELETE refused (phase 4
+/// retried). Each payment still runs once, every reply agrees, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_crash_point_of_the_four_phases_is_survived() {
+    let service = payments_with(Faults {
+        lose_post: true,
+        fail_put: true,
+        fail_delete: true,
+    })
+    .await;
+    let mock = cluster();
+    let p: FutureProducer = mock.client_config().create().unwrap();
+    for k in 0..3 {
+        request(&p, &format!("o{k}"), &format!("{k}.50"), &format!("r{k}-0")).await;
+    }
+    let mut consumer = mock.client_config();
+    consumer
+        .set("group.id", "crash-points")
+        .set("auto.offset.reset", "earliest")
+        .set("auto.commit.interval.ms", "100");
+    let store = Store::in_memory();
+    let processor = KafkaProcessor::builder(store.clone(), consumer)
+        .topics(["billing.requests"])
+        .follow_up_topic("billing.follow-up")
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let handle = processor.handle();
+    let url: Arc<str> = service.url.clone().into();
+    let running = tokio::spawn(processor.run(move |msg: Incoming| {
+        let url = url.clone();
+        async move {
+            let first = msg.attempt() == 1;
+            if msg.follow_up().is_some() && first {
+                return Err(HandlerError::retry("the follow-up died after its POST"));
+            }
+            let outcome = billing(msg, url).await?;
+            if first {
+                return Err(HandlerError::retry("the request died after its PUT"));
+            }
+            Ok(outcome)
+        }
+    }));
+    let replies = read(&mock, "billing.replies", 3).await;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while service.store.stats().records > 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.shutdown();
+    let stats = running.await.unwrap().unwrap();
+
+    assert_eq!(replies.len(), 3, "{replies:#?}");
+    // Two calls were stored per order (the dead attempt's and the winner's); one ran, once.
+    let runs = service.runs.lock().clone();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert!(runs.values().all(|&n| n == 1), "{runs:?}");
+    for r in &replies {
+        let unique = r.1.split(' ').nth(1).unwrap();
+        assert!(
+            runs.contains_key(unique),
+            "replied payment {unique} never ran"
+        );
+    }
+    assert_eq!(service.fetched.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(
+        service.store.stats().records,
+        0,
+        "the service still holds calls"
+    );
+    let left: Vec<_> = ["kafka:crash-points#outbox", "kafka:crash-points#calls"]
+        .iter()
+        .flat_map(|scope| store.scan(scope.as_bytes()))
+        .filter(|(_, s)| matches!(s, Snapshot::Value(_)))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(
+        stats.retried, 6,
+        "3 requests and 3 follow-ups died once each"
+    );
 }
