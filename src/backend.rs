@@ -11,6 +11,53 @@ use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
+use crate::wal::LeaseSync;
+
+/// How a [`begin_with`](IdempotencyStore::begin_with) behaves beyond its key, fingerprint and
+/// lease: whether it waits for a holder, and when its lease must be durable.
+///
+/// ```
+/// use idemkv::{BeginOptions, LeaseSync};
+/// use std::time::Duration;
+/// let opts = BeginOptions::new().wait(Duration::from_secs(5)).lease_sync(LeaseSync::Deferred);
+/// assert_eq!(opts.max_wait(), Some(Duration::from_secs(5)));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BeginOptions {
+    max_wait: Option<Duration>,
+    lease_sync: Option<LeaseSync>,
+}
+
+impl BeginOptions {
+    /// No wait, and the store handle's own [`LeaseSync`]: what [`IdempotencyStore::begin`] does.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Waits up to `max_wait` for a holder, as [`IdempotencyStore::begin_wait`] does.
+    pub fn wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait);
+        self
+    }
+    /// [`wait`](Self::wait) if `max_wait` is set, otherwise no wait.
+    pub fn wait_opt(mut self, max_wait: Option<Duration>) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+    /// When an acquired lease must be durable, overriding the store handle's choice. Stores
+    /// that wait for no disk (Redis, memory) ignore it.
+    pub fn lease_sync(mut self, sync: LeaseSync) -> Self {
+        self.lease_sync = Some(sync);
+        self
+    }
+    /// The longest wait for a holder, if any.
+    pub fn max_wait(&self) -> Option<Duration> {
+        self.max_wait
+    }
+    /// The lease durability asked for, if any (otherwise the handle's).
+    pub fn lease_sync_choice(&self) -> Option<LeaseSync> {
+        self.lease_sync
+    }
+}
 
 /// The operations the HTTP and Kafka adapters use, as futures.
 ///
@@ -36,6 +83,24 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         lease: Duration,
         max_wait: Duration,
     ) -> impl Future<Output = Result<Begin, Error>> + Send;
+
+    /// [`begin`](Self::begin) or [`begin_wait`](Self::begin_wait) as `options` say, with the
+    /// lease's durability chosen per call (see [`LeaseSync`]). The default forwards to those two,
+    /// for a store that waits for no disk.
+    fn begin_with(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        options: BeginOptions,
+    ) -> impl Future<Output = Result<Begin, Error>> + Send {
+        async move {
+            match options.max_wait {
+                Some(w) => self.begin_wait(key, fingerprint, lease, w).await,
+                None => self.begin(key, fingerprint, lease).await,
+            }
+        }
+    }
 
     /// See [`Store::blocking_complete_with`](crate::Store::blocking_complete_with) (an empty `writes` is a plain completion).
     fn complete(
@@ -125,6 +190,15 @@ impl<A: IdempotencyStore, B: IdempotencyStore> IdempotencyStore for Either<A, B>
         max_wait: Duration,
     ) -> Result<Begin, Error> {
         either!(self, s => s.begin_wait(key, fp, lease, max_wait))
+    }
+    async fn begin_with(
+        &self,
+        key: Key<'_>,
+        fp: Fingerprint,
+        lease: Duration,
+        options: BeginOptions,
+    ) -> Result<Begin, Error> {
+        either!(self, s => s.begin_with(key, fp, lease, options))
     }
     async fn complete(
         &self,

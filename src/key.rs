@@ -189,6 +189,16 @@ impl Fingerprint {
         Fingerprint(xxhash_rust::xxh3::xxh3_128(data).to_le_bytes())
     }
 
+    /// [`of`](Self::of) the concatenation of `parts`, without building it (the same digest).
+    #[cfg(feature = "http")]
+    pub(crate) fn of_parts(parts: &[&[u8]]) -> Self {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for p in parts {
+            h.update(p);
+        }
+        Fingerprint(h.digest128().to_le_bytes())
+    }
+
     /// The 16 bytes.
     pub const fn as_bytes(&self) -> &[u8; 16] {
         &self.0
@@ -208,6 +218,23 @@ impl fmt::Debug for Fingerprint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fingerprint stored before the HTTP layer hashed its parts in a stream must still match.
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_fingerprint_of_parts_is_the_fingerprint_of_their_concatenation() {
+        let body = vec![7u8; 1000];
+        let parts: [&[u8]; 5] = [b"POST", b"\0", b"/orders?x=1", b"\0", &body];
+        assert_eq!(
+            Fingerprint::of_parts(&parts),
+            Fingerprint::of(&parts.concat())
+        );
+        assert_eq!(Fingerprint::of_parts(&[]), Fingerprint::of(b""));
+        assert_ne!(
+            Fingerprint::of_parts(&[b"ab", b"c"]),
+            Fingerprint::of_parts(&[b"ab", b"d"])
+        );
+    }
 
     #[test]
     fn scope_and_id_are_kept_apart() {

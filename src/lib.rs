@@ -128,7 +128,7 @@ pub mod tools;
 mod wait;
 mod wal;
 
-pub use backend::{Either, IdempotencyStore};
+pub use backend::{BeginOptions, Either, IdempotencyStore};
 pub use checkpoint::CheckpointError;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use embedded::{OpenError, Store, StoreBuilder};
@@ -138,8 +138,8 @@ pub use model::{
     Begin, CasOp, CasOutcome, CheckpointStats, Completed, Lease, PutPending, Snapshot, Stats, Take,
     Versioned, Write,
 };
-pub use wal::Durability;
 pub use wal::recovery::{DroppedDamage, LogError, OnCorruption, RecoveryReport, TornTail};
+pub use wal::{Durability, LeaseSync};
 
 /// The file boundary of the log, for tests that inject faults: a store writes its log through
 /// a [`LogStorage`](storage::LogStorage) ([`StoreBuilder::log_storage`]).

@@ -1,8 +1,12 @@
 //! The durable half of `compare`: begin + complete with `Durability::Immediate` at 1, 16 and 64
 //! concurrent callers, side by side with
+//! - `idemkv-deferred`: the same with [`LeaseSync::Deferred`]: the lease is not waited for, the
+//!   completion's `fdatasync` covers it (one wait per request);
 //! - `raw-log`: the physical limit — a minimal crc-framed append log with the same group commit
 //!   (one writer, one `write` + one `fdatasync` per group, preallocated file), no index, doing
 //!   the same two durable appends per request as idemkv (the lease, then the completion);
+//! - `raw-log-1`: the same log, one append of the lease and one durable append of the
+//!   completion per request (the deferred mode's limit);
 //! - `redb-1`: redb used directly, one write transaction (Immediate) per request;
 //! - `redb-100`: redb, one transaction per 100 requests of a caller.
 //!
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use idemkv::{Begin, Durability, Fingerprint, Key, Store};
+use idemkv::{Begin, Durability, Fingerprint, Key, LeaseSync, Store};
 use parking_lot::{Condvar, Mutex};
 use redb::TableDefinition;
 
@@ -92,8 +96,8 @@ impl RawLog {
         log
     }
 
-    /// Appends a crc-framed record and waits until it is durable.
-    fn append_durable(&self, payload: &[u8]) {
+    /// Appends a crc-framed record; returns its sequence number.
+    fn append(&self, payload: &[u8]) -> u64 {
         let seq = {
             let mut st = self.state.lock();
             st.1 += 1;
@@ -104,6 +108,12 @@ impl RawLog {
             st.1
         };
         self.work.notify_one();
+        seq
+    }
+
+    /// Appends a crc-framed record and waits until it is durable.
+    fn append_durable(&self, payload: &[u8]) {
+        let seq = self.append(payload);
         let mut d = self.durable.lock();
         while *d < seq {
             self.done.wait(&mut d);
@@ -155,30 +165,61 @@ pub fn run_all(quick: bool) -> Vec<Row> {
     });
     for callers in [1usize, 16, 64] {
         let fp = Fingerprint::of(b"POST /orders {}");
-        // idemkv, Immediate.
+        // idemkv, Immediate, with the lease waited for and deferred.
+        for (name, sync) in [
+            ("idemkv", LeaseSync::Synced),
+            ("idemkv-deferred", LeaseSync::Deferred),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::builder()
+                .durability(Durability::Immediate)
+                .open(dir.path())
+                .expect("open")
+                .with_lease_sync(sync);
+            let s = store.clone();
+            let (ops, p50, p99) = run(
+                callers,
+                dur,
+                Arc::new(move |c, i, lat| {
+                    let t = Instant::now();
+                    let id = format!("{c}-{i}");
+                    if let Ok(Begin::Acquired(l)) =
+                        s.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
+                        && s.blocking_complete(&l, RESPONSE, None).is_ok()
+                    {
+                        lat.push(t.elapsed());
+                    }
+                }),
+            );
+            drop(store);
+            rows.push(Row {
+                system: name,
+                callers,
+                ops_per_sec: ops,
+                p50_us: p50,
+                p99_us: p99,
+            });
+        }
+
+        // The raw log, the lease appended without a wait, the completion durably.
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::builder()
-            .durability(Durability::Immediate)
-            .open(dir.path())
-            .expect("open");
-        let s = store.clone();
+        let log = RawLog::start(preallocated(dir.path(), "raw.log"));
+        let l = Arc::clone(&log);
         let (ops, p50, p99) = run(
             callers,
             dur,
             Arc::new(move |c, i, lat| {
                 let t = Instant::now();
                 let id = format!("{c}-{i}");
-                if let Ok(Begin::Acquired(l)) =
-                    s.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
-                    && s.blocking_complete(&l, RESPONSE, None).is_ok()
-                {
-                    lat.push(t.elapsed());
-                }
+                l.append(id.as_bytes());
+                let mut rec = id.into_bytes();
+                rec.extend_from_slice(RESPONSE);
+                l.append_durable(&rec);
+                lat.push(t.elapsed());
             }),
         );
-        drop(store);
         rows.push(Row {
-            system: "idemkv",
+            system: "raw-log-1",
             callers,
             ops_per_sec: ops,
             p50_us: p50,

@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Round, Settle, Store};
-use crate::backend::IdempotencyStore;
+use super::{Round, Settle, Store, begin_settles};
+use crate::backend::{BeginOptions, IdempotencyStore};
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
@@ -24,14 +24,8 @@ impl IdempotencyStore for Store {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Begin, Error> {
-        let settle = Settle::default();
-        let (outcome, _) = self
-            .inner()
-            .begin(key, fingerprint, lease, false, &settle)?;
-        self.inner()
-            .settle_async(settle.get(), self.durability_override())
-            .await?;
-        Ok(outcome)
+        self.begin_with(key, fingerprint, lease, BeginOptions::new())
+            .await
     }
 
     async fn begin_wait(
@@ -41,18 +35,42 @@ impl IdempotencyStore for Store {
         lease: Duration,
         max_wait: Duration,
     ) -> Result<Begin, Error> {
+        self.begin_with(key, fingerprint, lease, BeginOptions::new().wait(max_wait))
+            .await
+    }
+
+    async fn begin_with(
+        &self,
+        key: Key<'_>,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        options: BeginOptions,
+    ) -> Result<Begin, Error> {
+        let inner = self.inner();
+        let sync = options.lease_sync_choice().unwrap_or(self.lease_sync());
+        let Some(max_wait) = options.max_wait() else {
+            let settle = Settle::default();
+            let (outcome, _) = inner.begin(key, fingerprint, lease, false, &settle)?;
+            if begin_settles(&outcome, sync) {
+                inner
+                    .settle_async(settle.get(), self.durability_override())
+                    .await?;
+            }
+            return Ok(outcome);
+        };
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::NoRuntime);
         }
-        let inner = self.inner();
         let until = Instant::now() + max_wait;
         loop {
             let settle = Settle::default();
             match inner.begin_round(key, fingerprint, lease, until, &settle)? {
                 Round::Done(outcome) => {
-                    inner
-                        .settle_async(settle.get(), self.durability_override())
-                        .await?;
+                    if begin_settles(&outcome, sync) {
+                        inner
+                            .settle_async(settle.get(), self.durability_override())
+                            .await?;
+                    }
                     return Ok(outcome);
                 }
                 Round::Wait {

@@ -421,6 +421,7 @@ impl StoreBuilder {
         Store {
             inner,
             durability: None,
+            lease_sync: crate::wal::LeaseSync::Synced,
             _sweeper: sweeper.map(std::sync::Arc::new),
         }
     }

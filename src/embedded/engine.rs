@@ -21,7 +21,7 @@ use crate::wait::Signal;
 use crate::wal::format::{Op, RecordWriter};
 use crate::wal::io::LogStorage;
 use crate::wal::recovery::RecoveryReport;
-use crate::wal::{Durability, Wal};
+use crate::wal::{Durability, LeaseSync, Wal};
 
 /// A registered waiter: the key's hash and the signal its holder will fire.
 pub(crate) type Waiter = (u64, Arc<Signal>);
@@ -36,6 +36,15 @@ pub(crate) enum Round {
         signal: Arc<Signal>,
         slice: Duration,
     },
+}
+
+/// Whether a `begin` that answered `outcome` waits for its settle under `sync`: with
+/// [`LeaseSync::Deferred`], an acquired lease does not (the holder's completion or release
+/// will cover it), nor does an in-flight answer (it reports nothing stored). A replay or a
+/// mismatch reports a stored record, and waits as every other operation does.
+#[inline]
+pub(crate) fn begin_settles(outcome: &Begin, sync: LeaseSync) -> bool {
+    sync == LeaseSync::Synced || !matches!(outcome, Begin::Acquired(_) | Begin::InProgress { .. })
 }
 
 /// The log sequence number a caller waits for before answering; 0 for none.

@@ -22,6 +22,7 @@ mod values;
 use std::time::{Duration, Instant};
 
 pub use builder::{OpenError, StoreBuilder};
+use engine::begin_settles;
 pub(crate) use engine::{Inner, Round, Settle};
 
 use crate::clock::Timestamp;
@@ -32,8 +33,8 @@ use crate::model::{
 };
 use crate::shard::is_dead;
 use crate::sync::Arc;
-use crate::wal::Durability;
 use crate::wal::recovery::RecoveryReport;
+use crate::wal::{Durability, LeaseSync};
 use engine::snapshot_of;
 
 /// The embedded idempotency store. Cheap to clone (clones share the same store).
@@ -70,6 +71,8 @@ pub struct Store {
     inner: Arc<Inner>,
     /// This handle's durability, overriding the store's (see [`Store::with_durability`]).
     durability: Option<Durability>,
+    /// When this handle's acquired leases must be durable (see [`Store::with_lease_sync`]).
+    lease_sync: LeaseSync,
     /// Stops and joins the sweeper when the last clone is dropped.
     _sweeper: Option<std::sync::Arc<maintenance::Handle>>,
 }
@@ -97,6 +100,10 @@ impl Store {
         self.durability
     }
 
+    pub(crate) fn lease_sync(&self) -> LeaseSync {
+        self.lease_sync
+    }
+
     /// A handle on the same store whose calls use durability `d` instead of the store's:
     /// `Immediate` waits until the change (and everything the call observed) is synced — with a
     /// `Batched` store the writer then syncs at once instead of waiting out its delay;
@@ -117,6 +124,31 @@ impl Store {
         }
     }
 
+    /// A handle on the same store whose `begin`s wait for an acquired lease's durability as
+    /// `sync` says (default [`LeaseSync::Synced`]). With [`LeaseSync::Deferred`] and
+    /// `Durability::Immediate`, a request waits for one `fdatasync` instead of two: its
+    /// completion's, which covers the lease. See [`LeaseSync`] for what a crash then leaves.
+    ///
+    /// ```
+    /// use idemkv::{Begin, Durability, Fingerprint, Key, LeaseSync, Store};
+    /// use std::time::Duration;
+    /// # let dir = std::env::temp_dir().join(format!("idemkv-lease-sync-{}", std::process::id()));
+    /// let store = Store::builder().durability(Durability::Immediate).open(&dir)?;
+    /// let fast = store.with_lease_sync(LeaseSync::Deferred);
+    /// let Begin::Acquired(lease) = fast.blocking_begin(Key::new("s", "k"), Fingerprint::of(b"x"), Duration::from_secs(5))?
+    /// else { panic!() };
+    /// // Here the lease may not be on disk yet; the completion waits for both.
+    /// fast.blocking_complete(&lease, b"done", None)?;
+    /// # drop((store, fast)); std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_lease_sync(&self, sync: LeaseSync) -> Store {
+        Store {
+            lease_sync: sync,
+            ..self.clone()
+        }
+    }
+
     /// Starts work on `key`, or reports who has it. See [`Begin`] for the outcomes.
     ///
     /// An expired lease is taken over (the new lease says so); a different `fingerprint` on a
@@ -129,7 +161,9 @@ impl Store {
     ) -> Result<Begin, Error> {
         let settle = Settle::default();
         let (outcome, _) = self.inner.begin(key, fingerprint, lease, false, &settle)?;
-        self.inner.settle(&settle, self.durability)?;
+        if begin_settles(&outcome, self.lease_sync) {
+            self.inner.settle(&settle, self.durability)?;
+        }
         Ok(outcome)
     }
 
@@ -151,7 +185,9 @@ impl Store {
                 .begin_round(key, fingerprint, lease, until, &settle)?
             {
                 Round::Done(outcome) => {
-                    self.inner.settle(&settle, self.durability)?;
+                    if begin_settles(&outcome, self.lease_sync) {
+                        self.inner.settle(&settle, self.durability)?;
+                    }
                     return Ok(outcome);
                 }
                 Round::Wait {

@@ -57,7 +57,7 @@ use super::BoxError;
 use super::problem::{problem, retry_after, store_error};
 use super::stored::{self, DefaultStoredHeaders, StoredHeaders};
 use crate::adapter::lease::{Held, run_to_end};
-use crate::{Begin, Error, Fingerprint, IdempotencyStore, Key};
+use crate::{Begin, BeginOptions, Error, Fingerprint, IdempotencyStore, Key, LeaseSync};
 
 /// What the handler of a first (or taken-over) request can learn, from its extensions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +145,7 @@ struct Config {
     lease: Duration,
     ttl: Duration,
     wait: Option<Duration>,
+    lease_sync: LeaseSync,
     max_body: usize,
     max_stored: usize,
     keep: Arc<KeepFn>,
@@ -208,34 +209,53 @@ fn principal(rule: &ScopeRule, parts: &Parts) -> Option<Vec<u8>> {
 }
 
 /// Method, path, and a digest of who is asking (`-` for nobody); hashed if over 255 bytes.
+/// Built into one buffer (no `format!`, no intermediate strings).
 fn scoped(parts: &Parts, who: Option<&[u8]>) -> Vec<u8> {
-    let who = who.map_or_else(|| "-".to_owned(), |m| hex(&sha2::Sha256::digest(m)[..16]));
-    let scope = format!("{} {} {}", parts.method, parts.uri.path(), who);
+    let method = parts.method.as_str().as_bytes();
+    let path = parts.uri.path().as_bytes();
+    let mut scope = Vec::with_capacity(method.len() + path.len() + 34);
+    scope.extend_from_slice(method);
+    scope.push(b' ');
+    scope.extend_from_slice(path);
+    scope.push(b' ');
+    match who {
+        Some(m) => push_hex(&mut scope, &sha2::Sha256::digest(m)[..16]),
+        None => scope.push(b'-'),
+    }
     if scope.len() <= crate::MAX_SCOPE_LEN {
-        scope.into_bytes()
+        scope
     } else {
-        format!("h:{}", hex(&sha2::Sha256::digest(scope.as_bytes()))).into_bytes()
+        let mut hashed = b"h:".to_vec();
+        push_hex(&mut hashed, &sha2::Sha256::digest(&scope));
+        hashed
     }
 }
 
-fn default_fingerprint(parts: &Parts, body: &[u8]) -> Fingerprint {
-    let mut buf = Vec::with_capacity(body.len() + 128);
-    buf.extend_from_slice(parts.method.as_str().as_bytes());
-    buf.push(0);
-    buf.extend_from_slice(
-        parts
-            .uri
-            .path_and_query()
-            .map_or("", |p| p.as_str())
-            .as_bytes(),
-    );
-    buf.push(0);
-    if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
-        buf.extend_from_slice(ct.as_bytes());
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
     }
-    buf.push(0);
-    buf.extend_from_slice(body);
-    Fingerprint::of(&buf)
+}
+
+/// Method, path and query, content type and body, separated by zero bytes, digested as one
+/// string without being copied into one.
+fn default_fingerprint(parts: &Parts, body: &[u8]) -> Fingerprint {
+    let target = parts.uri.path_and_query().map_or("", |p| p.as_str());
+    let ct = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map_or(&[][..], |v| v.as_bytes());
+    Fingerprint::of_parts(&[
+        parts.method.as_str().as_bytes(),
+        b"\0",
+        target.as_bytes(),
+        b"\0",
+        ct,
+        b"\0",
+        body,
+    ])
 }
 
 impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
@@ -251,6 +271,7 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
                 lease: Duration::from_secs(30),
                 ttl: crate::limits::DAY,
                 wait: None,
+                lease_sync: LeaseSync::Deferred,
                 max_body: 1 << 20,
                 max_stored: 1 << 20,
                 keep: Arc::new(default_keep),
@@ -289,6 +310,15 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
     /// handler runs). After a crash, a retry takes over once it has run out.
     pub fn lease(self, d: Duration) -> Self {
         self.with(|c| c.lease = d)
+    }
+    /// When a request's lease must be durable (default [`LeaseSync::Deferred`]: with
+    /// `Durability::Immediate` the request waits for one `fdatasync`, its completion's, which
+    /// covers the lease; after a crash, a retry whose lease never reached the disk runs as
+    /// fresh). `LeaseSync::Synced` waits for the lease too, so that after a crash a retry
+    /// always sees the attempt and takes it over ([`IdempotencyInfo::takeover`]) once the
+    /// lease has run out.
+    pub fn lease_sync(self, sync: LeaseSync) -> Self {
+        self.with(|c| c.lease_sync = sync)
     }
     /// How long completed keys and their responses are kept (default 24 h), advertised on
     /// every keyed response as `Idempotency-TTL` (whole seconds). Zero is refused by the store.
@@ -562,10 +592,10 @@ where
             };
             let fp = (cfg.fingerprint)(&parts, &body);
             let k = Key::new(&scope, key.as_bytes());
-            let begun = match prefer_wait(&parts.headers).or(cfg.wait) {
-                Some(w) => store.begin_wait(k, fp, cfg.lease, w).await,
-                None => store.begin(k, fp, cfg.lease).await,
-            };
+            let options = BeginOptions::new()
+                .wait_opt(prefer_wait(&parts.headers).or(cfg.wait))
+                .lease_sync(cfg.lease_sync);
+            let begun = store.begin_with(k, fp, cfg.lease, options).await;
             let lease = match begun {
                 Err(e) => {
                     outcome = "store-error";

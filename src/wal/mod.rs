@@ -47,5 +47,35 @@ pub enum Durability {
     None,
 }
 
+/// Whether a `begin` that acquires a lease waits for the lease's log record to be durable
+/// before it returns. It only matters with [`Durability::Immediate`]: with `Batched` no call
+/// waits for the disk, and in memory there is no disk.
+///
+/// After a crash of the process (or a power cut):
+/// - **`Synced`**: every lease a handler ran under is in the log. A retry after the restart
+///   finds it in flight (409, or a wait) until it expires, then takes it over, and the new
+///   lease says so ([`Lease::is_takeover`](crate::Lease::is_takeover)): the handler knows an
+///   earlier attempt may have done part of its work. Each request waits for two `fdatasync`s,
+///   the lease's and the completion's.
+/// - **`Deferred`**: the handler starts at once and the request waits once, before it is
+///   acknowledged: the completion's `fdatasync` covers the lease too, because the log is
+///   synced in order and the lease comes earlier in it. A lease whose record never reached the
+///   disk leaves no record: the retry runs as fresh (no wait for the lease to expire, and
+///   `is_takeover` is false, though the crashed attempt may have started its work). A
+///   completion, a release and everything else are durable before they return, as before;
+///   so is every outcome that reports a stored record (a replay, a mismatch).
+///
+/// The adapters choose `Deferred` (see DESIGN.md, "Durability of a lease"); a [`Store`](crate::Store)
+/// used directly is `Synced` unless [`Store::with_lease_sync`](crate::Store::with_lease_sync) says otherwise.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LeaseSync {
+    /// `begin` returns once its lease is durable (with `Durability::Immediate`).
+    #[default]
+    Synced,
+    /// `begin` returns an acquired lease at once; the next durable change covers it.
+    Deferred,
+}
+
 /// Default size of a new log segment, preallocated (a larger batch gets a segment of its own).
 pub(crate) const SEGMENT_SIZE: u64 = 64 << 20;

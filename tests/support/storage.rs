@@ -8,6 +8,8 @@
 //!   call succeeds, every later call fails, nothing more reaches the files.
 //! - [`PowerCut`]: the Nth sync does not happen; the disk loses every write since the previous
 //!   sync of that file, keeping the first `torn_bytes` bytes of the last one (a torn write).
+//!   It can also hold every sync back ([`PowerCut::hold`]) until released, or cut the power at
+//!   the sync being held ([`PowerCut::cut_now`]): a test then decides what was durable when.
 //!
 //! Used by `tests/crash_points.rs`, `tests/crash_consistency.rs` and `fuzz/`'s `ops_crash`.
 
@@ -164,6 +166,13 @@ struct CutState {
     torn_bytes: usize,
     syncs: AtomicU64,
     dead: AtomicBool,
+    /// While true, a sync waits (until released or cut).
+    held: Mutex<bool>,
+    moved: std::sync::Condvar,
+    /// The next sync (or the one held now) is the power cut.
+    cut: AtomicBool,
+    /// Syncs waiting in `hold` now.
+    waiting: AtomicU64,
 }
 
 /// The `at_sync`th (1-based) sync of any log file is a power cut: see the module docs.
@@ -177,7 +186,47 @@ impl PowerCut {
             torn_bytes,
             syncs: AtomicU64::new(0),
             dead: AtomicBool::new(false),
+            held: Mutex::new(false),
+            moved: std::sync::Condvar::new(),
+            cut: AtomicBool::new(false),
+            waiting: AtomicU64::new(0),
         }))
+    }
+
+    /// No scheduled cut: only [`hold`](Self::hold) and [`cut_now`](Self::cut_now) act.
+    pub fn manual() -> Self {
+        Self::new(u64::MAX, 0)
+    }
+
+    /// From now on every sync waits until [`release`](Self::release) or [`cut_now`](Self::cut_now).
+    pub fn hold(&self) {
+        *self.0.held.lock().expect("hold lock") = true;
+    }
+
+    /// Lets the held syncs (and later ones) through.
+    pub fn release(&self) {
+        *self.0.held.lock().expect("hold lock") = false;
+        self.0.moved.notify_all();
+    }
+
+    /// The power goes at the sync held now, or the next one: nothing written since each file's
+    /// last sync survives.
+    pub fn cut_now(&self) {
+        self.0.cut.store(true, Ordering::SeqCst);
+        self.release();
+    }
+
+    /// Waits (up to 10 s) until a sync is held, that is, the log is waiting for the disk;
+    /// false if none came.
+    pub fn wait_for_held_sync(&self) -> bool {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.0.waiting.load(Ordering::SeqCst) == 0 {
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
     }
 
     /// Whether the power cut happened.
@@ -228,9 +277,17 @@ impl LogStorage for PowerCut {
 impl CutFile {
     fn sync(&mut self, data_only: bool) -> io::Result<()> {
         self.state.alive()?;
+        {
+            let mut held = self.state.held.lock().expect("hold lock");
+            self.state.waiting.fetch_add(1, Ordering::SeqCst);
+            while *held {
+                held = self.state.moved.wait(held).expect("hold lock");
+            }
+            self.state.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
         let n = self.state.syncs.fetch_add(1, Ordering::SeqCst) + 1;
         let mut undo = self.undo.lock().expect("undo lock");
-        if n < self.state.at_sync {
+        if n < self.state.at_sync && !self.state.cut.load(Ordering::SeqCst) {
             undo.clear();
             return if data_only {
                 self.file.sync_data()

@@ -44,12 +44,16 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         // The first look does not wait: most keys are new, and a plain `begin` is cheaper.
         let mut first = true;
         loop {
+            let options = BeginOptions::new().lease_sync(self.cfg.lease_sync);
             let begin = if std::mem::take(&mut first) {
-                self.store.begin(key, fingerprint, self.cfg.lease).await
+                self.store
+                    .begin_with(key, fingerprint, self.cfg.lease, options)
+                    .await
             } else {
+                let options = options.wait(self.cfg.wait_for_holder);
                 tokio::select! {
                     biased;
-                    r = self.store.begin_wait(key, fingerprint, self.cfg.lease, self.cfg.wait_for_holder) => r,
+                    r = self.store.begin_with(key, fingerprint, self.cfg.lease, options) => r,
                     () = drain_requested(drain) => return Ok(Disposition::Abandoned),
                 }
             };

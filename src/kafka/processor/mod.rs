@@ -34,7 +34,7 @@ use super::{
 };
 use crate::adapter::lease::{Held, Ran, run};
 use crate::{Begin, CasOutcome, Error, Fingerprint, IdempotencyStore, Key, Lease, OwnedKey};
-use crate::{Snapshot, Write};
+use crate::{BeginOptions, LeaseSync, Snapshot, Write};
 
 /// Processes one message. Implemented for every `Fn(Incoming) -> impl Future<Output =
 /// Result<Outcome, HandlerError>>`, so an async closure is a handler.
@@ -153,6 +153,7 @@ struct Config {
     key_sources: Vec<KeySource>,
     lease: Duration,
     wait_for_holder: Duration,
+    lease_sync: LeaseSync,
     result_ttl: Option<Duration>,
     max_attempts: u32,
     retry_backoff: Duration,
@@ -221,6 +222,18 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
     /// shutdown (default 5 s; the partition waits as long as the holder lives).
     pub fn wait_for_holder(mut self, d: Duration) -> Self {
         self.cfg.wait_for_holder = d;
+        self
+    }
+
+    /// When a message's lease must be durable (default [`LeaseSync::Deferred`]: with
+    /// `Durability::Immediate` a message waits for one `fdatasync`, its completion's, which
+    /// covers the lease). A crash before the lease reached the disk loses only the lease: the
+    /// redelivered message runs as fresh. What the handler's effects depend on is durable
+    /// before they happen either way: the outbox commits with the completion, and a call's
+    /// record is synced before its PUT (which syncs the lease before it, the log being synced
+    /// in order).
+    pub fn lease_sync(mut self, sync: LeaseSync) -> Self {
+        self.cfg.lease_sync = sync;
         self
     }
 
@@ -482,6 +495,7 @@ impl KafkaProcessor<()> {
                 key_sources: KeySource::defaults(),
                 lease: Duration::from_secs(30),
                 wait_for_holder: Duration::from_secs(5),
+                lease_sync: LeaseSync::Deferred,
                 result_ttl: None,
                 max_attempts: 5,
                 retry_backoff: Duration::from_millis(100),
