@@ -42,6 +42,16 @@ fn reopen(dir: &std::path::Path) -> Store {
         .expect("reopen after the power cut")
 }
 
+/// Lets the held syncs through when dropped, before the store it is declared after: a failing
+/// assertion then ends the test instead of leaving the store's writer blocked on the disk.
+struct Unhold(PowerCut);
+
+impl Drop for Unhold {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// Runs `f` on a thread; its result arrives on the returned channel.
 fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
     let (tx, rx) = mpsc::channel();
@@ -57,6 +67,7 @@ fn deferred_begin_returns_while_the_disk_is_held_and_the_completion_waits() {
     let disk = PowerCut::manual();
     let store = open(dir.path(), &disk).with_lease_sync(LeaseSync::Deferred);
     disk.hold();
+    let _unhold = Unhold(disk.clone());
     let s = store.clone();
     let begun = spawn(move || s.blocking_begin(key(), fp(), LEASE));
     let lease = match begun
@@ -88,6 +99,7 @@ fn synced_begin_waits_for_its_lease() {
     let disk = PowerCut::manual();
     let store = open(dir.path(), &disk);
     disk.hold();
+    let _unhold = Unhold(disk.clone());
     let s = store.clone();
     let begun = spawn(move || s.blocking_begin(key(), fp(), LEASE));
     assert!(
@@ -114,6 +126,7 @@ fn deferred_replay_of_a_completion_not_yet_durable_waits_for_it() {
         panic!("fresh key")
     };
     disk.hold();
+    let _unhold = Unhold(disk.clone());
     let s = store.clone();
     let done = spawn(move || s.blocking_complete(&lease, b"201", None));
     assert!(disk.wait_for_held_sync(), "the completion goes to the disk");
@@ -140,6 +153,7 @@ fn deferred_lease_cut_before_the_disk_leaves_no_record_and_the_retry_runs_fresh(
     {
         let store = open(dir.path(), &disk).with_lease_sync(LeaseSync::Deferred);
         disk.hold();
+        let _unhold = Unhold(disk.clone());
         let s = store.clone();
         let begun = spawn(move || s.blocking_begin(key(), fp(), LEASE));
         let lease = match begun
@@ -187,6 +201,7 @@ fn synced_lease_survives_the_cut_and_the_retry_sees_it_in_flight() {
             panic!("fresh key")
         };
         disk.hold();
+        let _unhold = Unhold(disk.clone());
         let s = store.clone();
         let done = spawn(move || s.blocking_complete(&lease, b"201", None));
         assert!(disk.wait_for_held_sync(), "the completion goes to the disk");

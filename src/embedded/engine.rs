@@ -248,10 +248,11 @@ impl Inner {
         &self,
         last: &mut u64,
         op: Op,
+        lazy: bool,
         items: impl FnOnce(&mut RecordWriter<'_>),
     ) -> Result<(), Error> {
         if let Some(wal) = &self.wal {
-            *last = wal.append(op, items)?;
+            *last = wal.append_with(op, lazy, items)?;
         }
         Ok(())
     }

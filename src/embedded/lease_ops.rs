@@ -30,6 +30,7 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
         wait: bool,
+        lazy: bool,
         settle: &Settle,
     ) -> Result<(Begin, Option<Waiter>), Error> {
         self.check_key(key)?;
@@ -64,13 +65,13 @@ impl Inner {
         let outcome = match found {
             None => {
                 let token = self.next_seq(c, hash);
-                self.commit(&mut book, slot, key, Some(Op::Begin), fresh(token))?;
+                self.commit_with(&mut book, slot, key, Some(Op::Begin), fresh(token), lazy)?;
                 book.counters.acquired += 1;
                 acquired(token, false)
             }
             Some(rec) if is_dead(rec, now) => {
                 let token = self.next_seq(c, hash);
-                self.commit(&mut book, slot, key, Some(Op::Begin), fresh(token))?;
+                self.commit_with(&mut book, slot, key, Some(Op::Begin), fresh(token), lazy)?;
                 book.counters.expirations += 1;
                 book.counters.acquired += 1;
                 acquired(token, false)
@@ -100,7 +101,7 @@ impl Inner {
                         a: token,
                         b: deadline,
                     };
-                    self.commit(&mut book, slot, key, Some(Op::Begin), takeover)?;
+                    self.commit_with(&mut book, slot, key, Some(Op::Begin), takeover, lazy)?;
                     book.counters.acquired += 1;
                     book.counters.takeovers += 1;
                     tracing::warn!(
@@ -133,10 +134,12 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
         until: Instant,
+        lazy: bool,
         settle: &Settle,
     ) -> Result<Round, Error> {
         let left = until.saturating_duration_since(Instant::now());
-        let (outcome, waiter) = self.begin(key, fingerprint, lease, !left.is_zero(), settle)?;
+        let (outcome, waiter) =
+            self.begin(key, fingerprint, lease, !left.is_zero(), lazy, settle)?;
         let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
             return Ok(Round::Done(outcome));
         };

@@ -160,7 +160,10 @@ impl Store {
         lease: Duration,
     ) -> Result<Begin, Error> {
         let settle = Settle::default();
-        let (outcome, _) = self.inner.begin(key, fingerprint, lease, false, &settle)?;
+        let lazy = self.lease_sync == LeaseSync::Deferred;
+        let (outcome, _) = self
+            .inner
+            .begin(key, fingerprint, lease, false, lazy, &settle)?;
         if begin_settles(&outcome, self.lease_sync) {
             self.inner.settle(&settle, self.durability)?;
         }
@@ -180,10 +183,14 @@ impl Store {
         let until = Instant::now() + max_wait;
         loop {
             let settle = Settle::default();
-            match self
-                .inner
-                .begin_round(key, fingerprint, lease, until, &settle)?
-            {
+            match self.inner.begin_round(
+                key,
+                fingerprint,
+                lease,
+                until,
+                self.lease_sync == LeaseSync::Deferred,
+                &settle,
+            )? {
                 Round::Done(outcome) => {
                     if begin_settles(&outcome, self.lease_sync) {
                         self.inner.settle(&settle, self.durability)?;

@@ -307,11 +307,26 @@ impl Inner {
         op: Option<Op>,
         change: Change<'_>,
     ) -> Result<(), Error> {
+        self.commit_with(book, slot, key, op, change, false)
+    }
+
+    /// [`commit`](Self::commit); `lazy`: no one waits for this change by itself (a deferred
+    /// lease), so the log need not hurry it to the disk (see `Wal::append_with`).
+    #[inline]
+    pub(super) fn commit_with(
+        &self,
+        book: &mut Book<'_>,
+        slot: Entry<'_, Record>,
+        key: Key<'_>,
+        op: Option<Op>,
+        change: Change<'_>,
+        lazy: bool,
+    ) -> Result<(), Error> {
         let old = held(&slot);
         let d = change.delta(key, old);
         self.account(d, op.is_some())?;
         if let Some(op) = op {
-            let logged = self.log(&mut book.counters.last_seq, op, |w| {
+            let logged = self.log(&mut book.counters.last_seq, op, lazy, |w| {
                 change.encode(w, key, old)
             });
             if let Err(e) = logged {
@@ -343,7 +358,7 @@ impl Inner {
         deltas.iter().for_each(|&d| total += d);
         self.account(total, true)?;
         let mut seq = 0;
-        let logged = self.log(&mut seq, op, |w| {
+        let logged = self.log(&mut seq, op, false, |w| {
             for &(pos, hash, key, change) in changes {
                 change.encode(w, key, guards[pos].table.find(hash, eq_key(key)));
             }

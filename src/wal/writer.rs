@@ -36,7 +36,15 @@ struct State {
     shutdown: bool,
     /// Someone waits for durability: sync now, even in `Batched` mode.
     urgent: bool,
+    /// Every record in the buffer was appended lazily (`Immediate` mode): nobody waits for
+    /// them, so the writer has not been woken; it syncs them at the next eager record, at a
+    /// wait, or after `LAZY_DELAY`.
+    lazy: bool,
 }
+
+/// Longest time a lazily appended record (a deferred lease) waits for company before the
+/// writer syncs it alone.
+const LAZY_DELAY: Duration = Duration::from_millis(10);
 
 struct Shared {
     state: Mutex<State>,
@@ -125,6 +133,7 @@ impl Wal {
                 next_seq,
                 shutdown: false,
                 urgent: false,
+                lazy: false,
             }),
             work: Condvar::new(),
             durable: AtomicU64::new(next_seq.saturating_sub(1)),
@@ -174,11 +183,17 @@ impl Wal {
 
     /// Appends one record; returns its sequence number. Called under the shard lock of every
     /// key the record touches, so records of one key are in the log in the order of changes.
-    pub(crate) fn append(
+    /// `lazy`: nobody will wait for this record by itself (a
+    /// deferred lease, whose holder's next durable change covers it), so in `Immediate` mode
+    /// the writer is not woken for it: the next eager record, a wait, or `LAZY_DELAY` takes it
+    /// to the disk, in the same batch as what follows it when that comes soon.
+    pub(crate) fn append_with(
         &self,
         op: Op,
+        lazy: bool,
         items: impl FnOnce(&mut RecordWriter<'_>),
     ) -> Result<u64, Error> {
+        let lazy = lazy && self.mode == Durability::Immediate;
         let mut st = self.shared.state.lock();
         if let Some(e) = self.poisoned_error() {
             return Err(e);
@@ -194,10 +209,17 @@ impl Wal {
         items(&mut w);
         w.finish();
         let full = st.buf.len() >= BATCH_LIMIT;
+        // The writer only needs waking when there is a first record to write (it then waits
+        // up to `LAZY_DELAY` if that record is lazy), a first eager one after lazy ones, or a
+        // full batch; a wake-up per record would cost a syscall each while it waits.
+        let wake = full || was_empty || (!lazy && st.lazy);
+        if was_empty {
+            st.lazy = lazy;
+        } else if !lazy {
+            st.lazy = false;
+        }
         drop(st);
-        // The writer only needs waking when there is a first record to write, or the batch is
-        // full; a wake-up per record would cost a syscall each while it waits out a delay.
-        if was_empty || full {
+        if wake {
             self.shared.work.notify_one();
         }
         Ok(seq)
@@ -227,10 +249,16 @@ impl Wal {
 
     /// Tells the writer not to wait for more records (a caller waits).
     fn hurry(&self) {
+        let mut st = self.shared.state.lock();
         if self.mode != Durability::Immediate {
-            self.shared.state.lock().urgent = true;
-            self.shared.work.notify_one();
+            st.urgent = true;
+        } else if st.lazy {
+            st.lazy = false;
+        } else {
+            return;
         }
+        drop(st);
+        self.shared.work.notify_one();
     }
 
     /// Blocks until `seq` is durable.
@@ -300,8 +328,12 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
     loop {
         let (mut batch, first_seq, count) = {
             let mut st = shared.state.lock();
-            while st.count == 0 && !st.shutdown {
-                shared.work.wait(&mut st);
+            while (st.count == 0 || st.lazy) && !st.shutdown {
+                if st.count == 0 {
+                    shared.work.wait(&mut st);
+                } else if shared.work.wait_for(&mut st, LAZY_DELAY).timed_out() {
+                    break;
+                }
             }
             if st.count == 0 {
                 return;
@@ -321,6 +353,7 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
             let out = (batch, st.first_seq, st.count);
             st.count = 0;
             st.urgent = false;
+            st.lazy = false;
             out
         };
         let header = format::batch_header(first_seq, count, &batch[BATCH_HEADER_LEN..]);
