@@ -61,13 +61,9 @@ fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Rec
     rx
 }
 
-#[test]
-fn deferred_begin_returns_while_the_disk_is_held_and_the_completion_waits() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = PowerCut::manual();
-    let store = open(dir.path(), &disk).with_lease_sync(LeaseSync::Deferred);
-    disk.hold();
-    let _unhold = Unhold(disk.clone());
+/// A deferred `begin` on a fresh key, with the disk held: it must return at once with a lease,
+/// and its record must then reach the disk (where the sync is held).
+fn acquire_while_the_disk_is_held(store: &Store, disk: &PowerCut) -> idemkv::Lease {
     let s = store.clone();
     let begun = spawn(move || s.blocking_begin(key(), fp(), LEASE));
     let lease = match begun
@@ -81,6 +77,17 @@ fn deferred_begin_returns_while_the_disk_is_held_and_the_completion_waits() {
         disk.wait_for_held_sync(),
         "the lease's record goes to the disk"
     );
+    lease
+}
+
+#[test]
+fn deferred_begin_returns_while_the_disk_is_held_and_the_completion_waits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = PowerCut::manual();
+    let store = open(dir.path(), &disk).with_lease_sync(LeaseSync::Deferred);
+    disk.hold();
+    let _unhold = Unhold(disk.clone());
+    let lease = acquire_while_the_disk_is_held(&store, &disk);
     let s = store.clone();
     let done = spawn(move || s.blocking_complete(&lease, b"201", None));
     assert!(
@@ -154,19 +161,7 @@ fn deferred_lease_cut_before_the_disk_leaves_no_record_and_the_retry_runs_fresh(
         let store = open(dir.path(), &disk).with_lease_sync(LeaseSync::Deferred);
         disk.hold();
         let _unhold = Unhold(disk.clone());
-        let s = store.clone();
-        let begun = spawn(move || s.blocking_begin(key(), fp(), LEASE));
-        let lease = match begun
-            .recv_timeout(RETURNS)
-            .expect("a deferred begin waits for no disk")
-        {
-            Ok(Begin::Acquired(lease)) => lease,
-            other => panic!("expected a fresh lease, got {other:?}"),
-        };
-        assert!(
-            disk.wait_for_held_sync(),
-            "the lease's record goes to the disk"
-        );
+        let lease = acquire_while_the_disk_is_held(&store, &disk);
         // The handler runs; the power goes before its lease was synced.
         let s = store.clone();
         let done = spawn(move || s.blocking_complete(&lease, b"201", None));
