@@ -66,7 +66,9 @@ fn start() -> Option<String> {
         .args(["-c", &watchdog])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // Inherited, not discarded: should the watchdog fail (say, `kill` refused), what it
+        // says reaches the test run's output.
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("start the redis-server watchdog");
     // While this process lives, the server may only die by the watchdog's hand, after it: a
