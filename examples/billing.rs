@@ -20,6 +20,10 @@
 //! `BillingFailed`, keyed by the order id, with a stable `idempotency-key`. One log line per
 //! phase of each payment call (PUT, POST, GET when a POST's answer was lost, DELETE).
 
+#[path = "support/common.rs"]
+mod common;
+
+use common::{DurabilityArg, shutdown_signal};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +33,7 @@ use idemkv::kafka::{
     HandlerError, Incoming, KafkaProcessor, MockKafka, Outcome, Request, Requester,
 };
 use idemkv::outbox::Outgoing;
-use idemkv::{Durability, OwnedKey, Snapshot, Store, Write};
+use idemkv::{OwnedKey, Snapshot, Store, Write};
 use rdkafka::ClientConfig;
 use serde::Deserialize;
 
@@ -67,13 +71,6 @@ struct Args {
     /// Send N requests, each twice, check both replies agree, and exit.
     #[arg(long, default_value_t = 0)]
     demo: usize,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DurabilityArg {
-    Immediate,
-    Batched,
-    None,
 }
 
 #[derive(Deserialize)]
@@ -234,13 +231,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_target(false)
         .init();
-    let durability = match args.durability {
-        DurabilityArg::Immediate => Durability::Immediate,
-        DurabilityArg::Batched => Durability::Batched {
-            max_delay: Duration::from_millis(10),
-        },
-        DurabilityArg::None => Durability::None,
-    };
+    let durability = args.durability.durability();
     let mock = if args.mock {
         let mock = MockKafka::start(1)?;
         for (topic, partitions) in [
@@ -316,22 +307,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.processed, stats.replayed, stats.failed, stats.sent, stats.replies
     );
     outcome
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    println!("shutting down");
 }
 
 #[cfg(test)]

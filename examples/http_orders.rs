@@ -28,6 +28,10 @@
 //! All state lives in the store, so it survives restarts. One log line per request; Ctrl-C
 //! (or SIGTERM) stops it cleanly.
 
+#[path = "support/common.rs"]
+mod common;
+
+use common::{DurabilityArg, shutdown_signal};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -41,7 +45,7 @@ use idemkv::http::{
     CompleteWith, EchoLayer, ExactlyOnce, ExactlyOnceHandler, IdempotencyInfo, IdempotencyLayer,
     Processed, StoredRequest,
 };
-use idemkv::{Durability, Either, Error, IdempotencyStore, OwnedKey, Snapshot, Store, Write};
+use idemkv::{Either, Error, IdempotencyStore, OwnedKey, Snapshot, Store, Write};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone)]
@@ -413,13 +417,6 @@ struct Args {
     max_bytes: u64,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DurabilityArg {
-    Immediate,
-    Batched,
-    None,
-}
-
 #[cfg(feature = "redis")]
 async fn redis_backend(url: &str) -> Result<Backend, Box<dyn std::error::Error>> {
     let store = idemkv::redis::RedisStore::builder(url).connect().await?;
@@ -432,34 +429,12 @@ async fn redis_backend(_: &str) -> Result<Backend, Box<dyn std::error::Error>> {
     Err("--redis needs the redis feature: cargo run --features redis --example http_orders".into())
 }
 
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
-    println!("shutting down");
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = <Args as clap::Parser>::parse();
     init_logging();
     let (listen, data) = (args.listen, args.data);
-    let durability = match args.durability {
-        DurabilityArg::Immediate => Durability::Immediate,
-        DurabilityArg::Batched => Durability::Batched {
-            max_delay: Duration::from_millis(10),
-        },
-        DurabilityArg::None => Durability::None,
-    };
+    let durability = args.durability.durability();
     let work = Duration::from_millis(args.work_ms);
     let lease = Duration::from_millis(args.lease_ms);
     let store = if let Some(redis) = &args.redis {
@@ -524,7 +499,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
 }

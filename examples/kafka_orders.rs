@@ -16,12 +16,16 @@
 //! reply is `{"id":<uuid>,"items":[…]}`; the order is stored atomically with the record of the
 //! request, so the same idempotency key always yields the same order id, across restarts.
 
+#[path = "support/common.rs"]
+mod common;
+
+use common::{DurabilityArg, shutdown_signal};
 use std::time::Duration;
 
 use idemkv::kafka::{
     HandlerError, Incoming, KafkaProcessor, MockKafka, Outcome, Request, Requester,
 };
-use idemkv::{Durability, OwnedKey, Store, Write};
+use idemkv::{OwnedKey, Store, Write};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
@@ -79,13 +83,6 @@ struct Args {
     /// Send N orders, each twice, check both replies name the same order, and exit.
     #[arg(long, default_value_t = 0)]
     demo: usize,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DurabilityArg {
-    Immediate,
-    Batched,
-    None,
 }
 
 /// Creates the order. Runs once per idempotency key: a redelivery is answered from the store.
@@ -163,13 +160,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.data.clone(),
         args.dead_letter.clone(),
     );
-    let durability = match args.durability {
-        DurabilityArg::Immediate => Durability::Immediate,
-        DurabilityArg::Batched => Durability::Batched {
-            max_delay: Duration::from_millis(10),
-        },
-        DurabilityArg::None => Durability::None,
-    };
+    let durability = args.durability.durability();
     let commit_ms = args.commit_interval_ms;
     let demo_n = args.demo;
 
@@ -240,20 +231,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.processed, stats.replayed, stats.failed, stats.dead_lettered, stats.replies
     );
     outcome
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    println!("shutting down");
 }
