@@ -185,10 +185,10 @@ pub mod fuzzing {
     /// must refuse, or the codec does not round-trip.
     #[cfg(feature = "http")]
     pub fn http_parsers(key: &[u8], prefer: &[u8], echo: &[&[u8]], stored: &[u8]) {
-        use crate::http::{idempotency, stored as codec};
+        use crate::http::{request_key, stored as codec};
 
         for uuid_only in [false, true] {
-            if let Ok(k) = idempotency::parse_key(key, uuid_only) {
+            if let Ok(k) = request_key::parse_key(key, uuid_only) {
                 assert!((1..=255).contains(&k.len()), "{k:?}");
                 assert!(k.bytes().all(|b| (0x21..=0x7e).contains(&b)), "{k:?}");
                 assert!(!uuid_only || k.len() == 36, "{k:?}");
@@ -199,7 +199,7 @@ pub mod fuzzing {
         if let Ok(v) = http::HeaderValue::from_bytes(prefer) {
             headers.append("prefer", v);
         }
-        if let Some(w) = idempotency::prefer_wait(&headers) {
+        if let Some(w) = request_key::prefer_wait(&headers) {
             assert!(w <= std::time::Duration::from_secs(60), "{w:?}");
         }
 

@@ -36,6 +36,7 @@ mod echo_layer;
 mod exactly_once;
 pub(crate) mod idempotency;
 mod problem;
+pub(crate) mod request_key;
 pub(crate) mod stored;
 
 pub use crate::echo::EchoPolicy;
