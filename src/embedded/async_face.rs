@@ -14,7 +14,6 @@ use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
 use crate::wait::Signal;
-use crate::wal::LeaseSync;
 
 /// Each method runs the operation (in memory, under its shard lock: no waiting there), then
 /// awaits durability of what it did or saw, without blocking the executor.
@@ -49,10 +48,9 @@ impl IdempotencyStore for Store {
     ) -> Result<Begin, Error> {
         let inner = self.inner();
         let sync = options.lease_sync_choice().unwrap_or(self.lease_sync());
-        let lazy = sync == LeaseSync::Deferred;
         let Some(max_wait) = options.max_wait() else {
             let settle = Settle::default();
-            let (outcome, _) = inner.begin(key, fingerprint, lease, false, lazy, &settle)?;
+            let (outcome, _) = inner.begin(key, fingerprint, lease, false, sync, &settle)?;
             if begin_settles(&outcome, sync) {
                 inner
                     .settle_async(settle.get(), self.durability_override())
@@ -66,7 +64,7 @@ impl IdempotencyStore for Store {
         let until = Instant::now() + max_wait;
         loop {
             let settle = Settle::default();
-            match inner.begin_round(key, fingerprint, lease, until, lazy, &settle)? {
+            match inner.begin_round(key, fingerprint, lease, until, sync, &settle)? {
                 Round::Done(outcome) => {
                     if begin_settles(&outcome, sync) {
                         inner

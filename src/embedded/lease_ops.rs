@@ -20,6 +20,7 @@ use crate::shard::Counters;
 use crate::shard::{eq_key, is_dead};
 use crate::sync::Arc;
 use crate::wait::Signal;
+use crate::wal::LeaseSync;
 use crate::wal::format::Op;
 
 impl Inner {
@@ -30,9 +31,11 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
         wait: bool,
-        lazy: bool,
+        sync: LeaseSync,
         settle: &Settle,
     ) -> Result<(Begin, Option<Waiter>), Error> {
+        // A deferred lease is logged lazily: its holder's next durable change syncs it.
+        let lazy = sync == LeaseSync::Deferred;
         self.check_key(key)?;
         let lease_ms = nonzero(lease, "the lease duration")?;
         let hash = self.hash(key);
@@ -134,12 +137,12 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
         until: Instant,
-        lazy: bool,
+        sync: LeaseSync,
         settle: &Settle,
     ) -> Result<Round, Error> {
         let left = until.saturating_duration_since(Instant::now());
         let (outcome, waiter) =
-            self.begin(key, fingerprint, lease, !left.is_zero(), lazy, settle)?;
+            self.begin(key, fingerprint, lease, !left.is_zero(), sync, settle)?;
         let (Begin::InProgress { deadline }, Some((hash, signal))) = (&outcome, waiter) else {
             return Ok(Round::Done(outcome));
         };

@@ -160,10 +160,9 @@ impl Store {
         lease: Duration,
     ) -> Result<Begin, Error> {
         let settle = Settle::default();
-        let lazy = self.lease_sync == LeaseSync::Deferred;
-        let (outcome, _) = self
-            .inner
-            .begin(key, fingerprint, lease, false, lazy, &settle)?;
+        let (outcome, _) =
+            self.inner
+                .begin(key, fingerprint, lease, false, self.lease_sync, &settle)?;
         if begin_settles(&outcome, self.lease_sync) {
             self.inner.settle(&settle, self.durability)?;
         }
@@ -188,7 +187,7 @@ impl Store {
                 fingerprint,
                 lease,
                 until,
-                self.lease_sync == LeaseSync::Deferred,
+                self.lease_sync,
                 &settle,
             )? {
                 Round::Done(outcome) => {
