@@ -52,6 +52,12 @@ impl Drop for Unhold {
     }
 }
 
+/// Holds every sync of `disk` back until the returned guard is dropped (or `release`d).
+fn hold(disk: &PowerCut) -> Unhold {
+    disk.hold();
+    Unhold(disk.clone())
+}
+
 /// Runs `f` on a thread; its result arrives on the returned channel.
 fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
     let (tx, rx) = mpsc::channel();
@@ -85,8 +91,7 @@ fn deferred_begin_returns_while_the_disk_is_held_and_the_completion_waits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = PowerCut::manual();
     let store = open(dir.path(), &disk).with_lease_sync(LeaseSync::Deferred);
-    disk.hold();
-    let _unhold = Unhold(disk.clone());
+    let _unhold = hold(&disk);
     let lease = acquire_while_the_disk_is_held(&store, &disk);
     let s = store.clone();
     let done = spawn(move || s.blocking_complete(&lease, b"201", None));
@@ -105,8 +110,7 @@ fn synced_begin_waits_for_its_lease() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = PowerCut::manual();
     let store = open(dir.path(), &disk);
-    disk.hold();
-    let _unhold = Unhold(disk.clone());
+    let _unhold = hold(&disk);
     let s = store.clone();
     let begun = spawn(move || s.blocking_begin(key(), fp(), LEASE));
     assert!(
@@ -132,8 +136,7 @@ fn deferred_replay_of_a_completion_not_yet_durable_waits_for_it() {
     let Begin::Acquired(lease) = store.blocking_begin(key(), fp(), LEASE).expect("begin") else {
         panic!("fresh key")
     };
-    disk.hold();
-    let _unhold = Unhold(disk.clone());
+    let _unhold = hold(&disk);
     let s = store.clone();
     let done = spawn(move || s.blocking_complete(&lease, b"201", None));
     assert!(disk.wait_for_held_sync(), "the completion goes to the disk");
@@ -159,8 +162,7 @@ fn deferred_lease_cut_before_the_disk_leaves_no_record_and_the_retry_runs_fresh(
     let disk = PowerCut::manual();
     {
         let store = open(dir.path(), &disk).with_lease_sync(LeaseSync::Deferred);
-        disk.hold();
-        let _unhold = Unhold(disk.clone());
+        let _unhold = hold(&disk);
         let lease = acquire_while_the_disk_is_held(&store, &disk);
         // The handler runs; the power goes before its lease was synced.
         let s = store.clone();
@@ -195,8 +197,7 @@ fn synced_lease_survives_the_cut_and_the_retry_sees_it_in_flight() {
         else {
             panic!("fresh key")
         };
-        disk.hold();
-        let _unhold = Unhold(disk.clone());
+        let _unhold = hold(&disk);
         let s = store.clone();
         let done = spawn(move || s.blocking_complete(&lease, b"201", None));
         assert!(disk.wait_for_held_sync(), "the completion goes to the disk");
