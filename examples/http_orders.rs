@@ -9,7 +9,11 @@
 //! answer is `application/problem+json`.
 //!
 //! `--redis redis://127.0.0.1:6379` (built with `--features redis`) keeps all state in Redis
-//! instead, so several replicas can serve the same clients.
+//! instead, so several replicas can serve the same clients; `--redis-cluster
+//! redis://10.0.0.1:7000,redis://10.0.0.2:7000` on a Redis Cluster (seed nodes), with
+//! `--redis-wait-replicas 1` to have every change on a replica before it is acknowledged. On
+//! a cluster an order's id carries its Idempotency-Key's hash tag (`<uuid>{<key>}`), so the
+//! order is written in the same slot, and batch, as the key's completion.
 //!
 //! - `POST /orders` `{"items":[{"sku":"id-17236","count":1}]}` → 201 `{"id":<uuid>,"items":[…]}`
 //!   and a `last_order` cookie (sent to this client only: never stored or replayed),
@@ -52,6 +56,18 @@ use serde::{Deserialize, Serialize};
 struct App {
     store: Backend,
     work: Duration,
+    /// On a Redis Cluster: order ids carry their Idempotency-Key's hash tag.
+    colocate: bool,
+}
+
+/// `id` in the slot of the record `anchor` (see `idemkv::redis::colocated_id`).
+#[cfg(feature = "redis")]
+fn colocated(id: &str, anchor: &str) -> Option<String> {
+    idemkv::redis::colocated_id(id, anchor)
+}
+#[cfg(not(feature = "redis"))]
+fn colocated(_: &str, _: &str) -> Option<String> {
+    None
 }
 
 /// The Redis store with the `redis` feature; without it `--redis` is refused and the right
@@ -188,7 +204,11 @@ async fn create_order(
         return bad_request("an order needs at least one item");
     }
     tokio::time::sleep(app.work).await;
-    let id = uuid::Uuid::new_v4().to_string();
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let id = match &info {
+        Some(info) if app.colocate => colocated(&uuid, &info.key).unwrap_or(uuid),
+        _ => uuid,
+    };
     let created = serde_json::json!({"id": id, "items": order.items})
         .to_string()
         .into_bytes();
@@ -407,8 +427,14 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     lease_ms: u64,
     /// Keep all state in Redis at this URL instead (built with `--features redis`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "redis_cluster")]
     redis: Option<String>,
+    /// Keep all state on a Redis Cluster, found through these seed URLs (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    redis_cluster: Option<Vec<String>>,
+    /// With Redis: acknowledge a change only once this many replicas have it (`WAIT`).
+    #[arg(long, default_value_t = 0)]
+    redis_wait_replicas: u32,
     /// The store's record budget: past it, new keys get 503 store-full.
     #[arg(long, default_value_t = 1_000_000)]
     max_records: u64,
@@ -418,27 +444,44 @@ struct Args {
 }
 
 #[cfg(feature = "redis")]
-async fn redis_backend(url: &str) -> Result<Backend, Box<dyn std::error::Error>> {
-    let store = idemkv::redis::RedisStore::builder(url).connect().await?;
-    println!("state in Redis at {url}");
-    Ok(Either::Right(store))
+async fn redis_backend(args: &Args) -> Result<Option<Backend>, Box<dyn std::error::Error>> {
+    use idemkv::redis::RedisStore;
+    let builder = match (&args.redis, &args.redis_cluster) {
+        (Some(url), _) => {
+            println!("state in Redis at {url}");
+            RedisStore::builder(url)
+        }
+        (None, Some(nodes)) => {
+            println!("state on the Redis Cluster at {}", nodes.join(","));
+            RedisStore::cluster(nodes)
+        }
+        (None, None) => return Ok(None),
+    };
+    let store = builder
+        .wait_for_replicas(args.redis_wait_replicas, Duration::from_millis(500))
+        .connect()
+        .await?;
+    Ok(Some(Either::Right(store)))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_backend(_: &str) -> Result<Backend, Box<dyn std::error::Error>> {
-    Err("--redis needs the redis feature: cargo run --features redis --example http_orders".into())
+async fn redis_backend(args: &Args) -> Result<Option<Backend>, Box<dyn std::error::Error>> {
+    if args.redis.is_none() && args.redis_cluster.is_none() {
+        return Ok(None);
+    }
+    Err("--redis and --redis-cluster need the redis feature: cargo run --features redis --example http_orders".into())
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = <Args as clap::Parser>::parse();
     init_logging();
-    let (listen, data) = (args.listen, args.data);
+    let (listen, data) = (args.listen, args.data.clone());
     let durability = args.durability.durability();
     let work = Duration::from_millis(args.work_ms);
     let lease = Duration::from_millis(args.lease_ms);
-    let store = if let Some(redis) = &args.redis {
-        redis_backend(redis).await?
+    let store = if let Some(remote) = redis_backend(&args).await? {
+        remote
     } else {
         let store = Store::builder()
             .durability(durability)
@@ -456,6 +499,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = App {
         store: store.clone(),
         work,
+        colocate: args.redis_cluster.is_some(),
     };
     let router = Router::new();
     #[cfg(feature = "metrics")]

@@ -532,6 +532,21 @@ async fn redis() -> Option<idemkv::redis::RedisStore> {
 #[cfg(feature = "redis")]
 suite!(redis_backend, redis().await);
 
+/// The same suite on a real Redis Cluster (three masters, a replica each) of this test run's
+/// own: scripts routed by slot, sharded pub/sub for waiters.
+#[cfg(feature = "redis")]
+async fn redis_cluster() -> Option<idemkv::redis::RedisStore> {
+    let urls = redis_support::shared_cluster()?;
+    Some(
+        idemkv::redis::RedisStore::cluster(urls)
+            .connect()
+            .await
+            .unwrap(),
+    )
+}
+#[cfg(feature = "redis")]
+suite!(redis_cluster_backend, redis_cluster().await);
+
 /// The local cache of completed records: replays without a round trip, and exactly the
 /// staleness its documentation allows.
 #[cfg(feature = "redis")]

@@ -1,6 +1,7 @@
 //! Two processes of the `http_orders` example sharing one Redis (`--redis URL`), over real
 //! TCP: concurrent duplicates sent to both replicas create one order, and a replica killed
-//! mid-request is taken over by the other after the lease deadline.
+//! mid-request is taken over by the other after the lease deadline. The same on a real Redis
+//! Cluster of the test's own (`--redis-cluster`, three masters with a replica each).
 //!
 //! Redis: `tests/support/redis.rs` (`IDEMKV_REDIS_URL`, or a `redis-server` of its own from
 //! `PATH`); required under `CI=true`.
@@ -25,18 +26,12 @@ fn redis_url() -> Option<String> {
     redis_support::url()
 }
 
-fn replica(url: &str, work_ms: u64) -> Server {
-    Server::start(
-        "redis",
-        &[
-            "--redis",
-            url,
-            "--work-ms",
-            &work_ms.to_string(),
-            "--lease-ms",
-            "1000",
-        ],
-    )
+/// A replica on `backend` (`--redis URL` or `--redis-cluster URLS …`).
+fn replica(backend: &[String], work_ms: u64) -> Server {
+    let work = work_ms.to_string();
+    let mut args: Vec<&str> = backend.iter().map(String::as_str).collect();
+    args.extend(["--work-ms", &work, "--lease-ms", "1000"]);
+    Server::start("redis", &args)
 }
 
 fn post(addr: &str, key: &str) -> Option<(u16, bool, String)> {
@@ -61,6 +56,23 @@ fn post(addr: &str, key: &str) -> Option<(u16, bool, String)> {
 #[test]
 fn duplicates_across_replicas_run_once_and_a_dead_replica_is_taken_over() {
     let Some(url) = redis_url() else { return };
+    two_replicas(&["--redis".into(), url]);
+}
+
+#[test]
+fn on_a_redis_cluster_too() {
+    let Some(cluster) = redis_support::Cluster::start(3) else {
+        return;
+    };
+    two_replicas(&[
+        "--redis-cluster".into(),
+        cluster.urls().join(","),
+        "--redis-wait-replicas".into(),
+        "1".into(),
+    ]);
+}
+
+fn two_replicas(backend: &[String]) {
     let run = format!(
         "{}-{}",
         std::process::id(),
@@ -69,8 +81,8 @@ fn duplicates_across_replicas_run_once_and_a_dead_replica_is_taken_over() {
             .unwrap()
             .as_millis()
     );
-    let a = replica(&url, 200);
-    let b = replica(&url, 200);
+    let a = replica(backend, 200);
+    let b = replica(backend, 200);
 
     // 1. Each key sent to both replicas at once, twice each.
     let mut handles = Vec::new();
@@ -113,10 +125,16 @@ fn duplicates_across_replicas_run_once_and_a_dead_replica_is_taken_over() {
             1,
             "{id}"
         );
+        // And each by its id (on a cluster `<uuid>{<key>}`: braces percent-encoded).
+        let path = format!("/orders/{}", id.replace('{', "%7B").replace('}', "%7D"));
+        let (status, _, one) = http(&a.addr, "GET", &path, &[], "").unwrap();
+        assert_eq!(status, 200, "{path}");
+        let one: serde_json::Value = serde_json::from_slice(&one).unwrap();
+        assert_eq!(one["id"], id.as_str());
     }
 
     // 2. A replica dies holding a request: the other takes it over after the lease deadline.
-    let mut slow = replica(&url, 5_000);
+    let mut slow = replica(backend, 5_000);
     let key = format!("{run}-takeover");
     let (addr, k) = (slow.addr.clone(), key.clone());
     let doomed = std::thread::spawn(move || post(&addr, &k));

@@ -24,7 +24,9 @@ pub(super) fn split_key<'a>(rest: &'a [u8], scope: &[u8]) -> Option<&'a [u8]> {
 }
 
 /// Redis Cluster's hash tag rule: the bytes between the first `{` and the next `}`, if not
-/// empty; otherwise the whole id.
+/// empty; otherwise the whole input. Applied to an id it gives the `{tag}` we build keys with;
+/// applied to a whole key as sent it gives what the server hashes (the same, unless the
+/// prefix or the id has braces of its own), which is what slot checks use.
 pub(super) fn hash_tag(id: &[u8]) -> &[u8] {
     let Some(open) = id.iter().position(|&b| b == b'{') else {
         return id;
@@ -65,6 +67,9 @@ mod tests {
         // Values from the Redis Cluster specification (CLUSTER KEYSLOT).
         assert_eq!(slot(b"123456789"), 12739);
         assert_eq!(slot(b"foo"), 12182);
+        // An id `{}x` is its own tag; the key as sent then tags on `{`, as the server does.
+        assert_eq!(hash_tag(b"idemkv:{{}x}\x01sx"), b"{");
+        assert_eq!(hash_tag(b"idemkv:{o-1}\x06orderso-1"), b"o-1");
     }
 
     #[test]

@@ -19,16 +19,47 @@
 //! **Key layout.** A record of key `(scope, id)` lives at
 //! `<prefix>{<tag>}<scope length: 1 byte><scope><id>`. The hash tag is the id itself, or, when
 //! the id contains `{…}`, the text between the first braces (Redis Cluster's own rule), so
-//! records whose ids share a `{tag}` land in one slot. In cluster mode
-//! ([`RedisStoreBuilder::cluster`]) a completion whose writes span slots is refused with
-//! [`Error::InvalidBatch`] before anything is sent: never a partial write.
+//! records whose ids share a `{tag}` land in one slot. On a cluster ([`RedisStore::cluster`])
+//! a completion whose writes span slots is refused with [`Error::InvalidBatch`] before
+//! anything is sent: never a partial write.
+//!
+//! **Redis Cluster.** [`RedisStore::cluster`] takes seed nodes and uses the redis crate's
+//! cluster client: each script goes to the master of its key's slot, and `MOVED`, `ASK` and
+//! failovers are followed by the client. Waiters are woken through sharded pub/sub
+//! (`SSUBSCRIBE`, Redis 7). Replication is asynchronous, so a failover can lose the last
+//! writes a master acknowledged; [`RedisStoreBuilder::wait_for_replicas`] makes every
+//! acknowledged change wait until replicas have it (`WAIT`). What each setting survives:
+//!
+//! | setting | a master's process dies, its replica takes over |
+//! |---|---|
+//! | default (no wait) | changes of the last moments may be lost: a completed request may run again, a lease may vanish and a retry run beside its holder |
+//! | `wait_for_replicas(1, t)` | every change a caller was told of is on at least one replica, the one a failover promotes when it is the only one (with several, Redis promotes the most up to date) |
+//!
+//! Neither survives losing a master and all its replicas at once; Redis persistence
+//! (`appendonly`, `appendfsync`) on the servers is what covers a power cut.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), idemkv::Error> {
+//! use std::time::Duration;
+//!
+//! let store = idemkv::redis::RedisStore::cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+//!     .wait_for_replicas(1, Duration::from_millis(50))
+//!     .connect()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! **TLS** (feature `redis-tls`): `rediss://` URLs; [`RedisStoreBuilder::tls_root_cert`] for a
+//! private CA and [`RedisStoreBuilder::tls_client_cert`] for mutual TLS.
 //!
 //! Code map: this module holds the builder and the store's state; `ops` (the trait's
 //! operations), `scripts` (the Lua and the record layout), `replies` (reading script replies),
 //! `notifier` (pub/sub wake-ups), `cache` (completed records kept locally), `keys` (hash tags,
-//! slots). The children read this module's items through `use super::*`.
+//! slots), `conn` (one server or a cluster, and TLS). The children read this module's items
+//! through `use super::*`.
 
 mod cache;
+mod conn;
 mod keys;
 mod notifier;
 mod ops;
@@ -55,16 +86,40 @@ use crate::model::{
 };
 
 use cache::Cache;
+use conn::{Conn, Tls, Topology};
 use keys::{hash_tag, slot, split_key};
 use notifier::Notifier;
 use replies::*;
 
+/// `id` with the hash tag of `anchor` appended (`<id>{<tag>}`), so that a record under it lands
+/// in the same Redis Cluster slot as a record under `anchor`, and the two can be written in
+/// one completion batch. `None` when that cannot be done: `id` has a `{` of its own, or
+/// `anchor`'s tag has a `}` (an anchor like `a}b` with no `{…}` is its own tag).
+///
+/// ```
+/// let order = idemkv::redis::colocated_id("7d3f", "9b1c-retry-key").unwrap();
+/// assert_eq!(order, "7d3f{9b1c-retry-key}");
+/// assert_eq!(idemkv::redis::colocated_id("7d3f", "pay{o-17}").unwrap(), "7d3f{o-17}");
+/// assert_eq!(idemkv::redis::colocated_id("x{y", "k"), None);
+/// ```
+pub fn colocated_id(id: &str, anchor: &str) -> Option<String> {
+    let tag = hash_tag(anchor.as_bytes());
+    if id.contains('{') || tag.contains(&b'}') {
+        return None;
+    }
+    // The tag is bounded by ASCII braces (or is the whole anchor), so it is UTF-8.
+    let tag = std::str::from_utf8(tag).ok()?;
+    Some(format!("{id}{{{tag}}}"))
+}
+
 /// Configures a [`RedisStore`]; from [`RedisStore::builder`].
 #[derive(Clone, Debug)]
 pub struct RedisStoreBuilder {
-    url: String,
+    topology: Topology,
+    tls: Tls,
     prefix: String,
-    cluster: bool,
+    single_slot_batches: bool,
+    replicas: Option<(u32, Duration)>,
     default_ttl: Duration,
     pending_ttl: Duration,
     lease_retention: Duration,
@@ -96,10 +151,46 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Refuse completion batches whose keys map to different Redis Cluster slots (default
-    /// off: a single server, or Redis behind a proxy, accepts any batch).
-    pub fn cluster(mut self, on: bool) -> Self {
-        self.cluster = on;
+    /// Refuse completion batches whose keys map to different Redis Cluster slots, on a
+    /// single URL too: for a proxy in front of a cluster. Always on for a store made by
+    /// [`RedisStore::cluster`]; off by default for one server, which accepts any batch.
+    pub fn single_slot_batches(mut self, on: bool) -> Self {
+        self.single_slot_batches = on;
+        self
+    }
+
+    /// After every change a caller is told of (an acquired lease, a renewal, a completion and
+    /// its batch, a release, a compare-and-set, a removal, a pending request stored or taken),
+    /// wait until `replicas` replicas of the master have it (`WAIT replicas timeout`), so a
+    /// failover does not lose it (see the [module docs](self) for what each setting
+    /// survives). If fewer have it within `timeout`, the operation fails with
+    /// [`Error::Unavailable`]; the change was made on the master and may or may not survive,
+    /// so the caller treats the outcome as unknown and retries (a retry of a completed request
+    /// replays it). Costs a replication round trip per change, and `WAIT` holds the master's
+    /// connection meanwhile. `timeout` must be shorter than [`timeout`](Self::timeout).
+    /// `replicas == 0` turns it off (the default).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// Trust the CA certificate(s) in `pem` for `rediss://` servers, instead of the system's
+    /// roots (feature `redis-tls`).
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_cert = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) to `rediss://` servers: mutual TLS
+    /// (feature `redis-tls`).
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_client_cert(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((cert_pem.into(), key_pem.into()));
         self
     }
 
@@ -149,17 +240,72 @@ impl RedisStoreBuilder {
         ] {
             nonzero(d, what)?;
         }
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| Error::InvalidConfig {
+        if let Some((_, wait)) = self.replicas
+            && wait >= self.timeout
+        {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "the replica wait ({wait:?}) must be shorter than the command timeout ({:?})",
+                    self.timeout
+                ),
+            });
+        }
+        let bad_url = |e: redis::RedisError| Error::InvalidConfig {
             reason: format!("redis url: {e}"),
-        })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(unavailable)?;
-        let script = |body: &str| Script::new(&scripts::with_prelude(body));
+        };
+        conn::install_tls_provider();
+        let waiters: Arc<Mutex<notifier::Waiters>> = Arc::default();
+        let (conn, source, publish) = match &self.topology {
+            Topology::Single(url) => {
+                let client = self.tls.client(url).map_err(bad_url)?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(2);
+                let conn = ConnectionManager::new_with_config(client.clone(), config)
+                    .await
+                    .map_err(unavailable)?;
+                (
+                    Conn::Single(conn),
+                    notifier::Source::Single(client),
+                    "PUBLISH",
+                )
+            }
+            Topology::Cluster(nodes) => {
+                if nodes.is_empty() {
+                    return Err(Error::InvalidConfig {
+                        reason: "a Redis Cluster needs at least one seed node".into(),
+                    });
+                }
+                // Commands: retried through `MOVED`, `ASK` and failovers for at most the
+                // configured timeout in all (the default retry budget is much longer).
+                let client = self
+                    .tls
+                    .cluster_builder(nodes)
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout)
+                    .overall_response_timeout(Some(self.timeout))
+                    .build()
+                    .map_err(bad_url)?;
+                let conn = client.get_async_connection().await.map_err(unavailable)?;
+                // Pub/sub: RESP3 pushes (sharded subscriptions need them) into the waiters.
+                let pubsub = self
+                    .tls
+                    .cluster_builder(nodes)
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(notifier::cluster_pushes(Arc::downgrade(&waiters)))
+                    .build()
+                    .map_err(bad_url)?;
+                (
+                    Conn::Cluster(conn),
+                    notifier::Source::Cluster(pubsub),
+                    "SPUBLISH",
+                )
+            }
+        };
+        let script = |body: &str| Script::new(&scripts::with_prelude(body, publish));
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 health: replies::Health::default(),
@@ -171,9 +317,9 @@ impl RedisStoreBuilder {
                 }),
                 conn,
                 notifier: Notifier {
-                    client,
+                    source,
                     sink: tokio::sync::Mutex::new(None),
-                    waiters: Arc::default(),
+                    waiters,
                 },
                 scripts: Scripts {
                     begin: script(scripts::BEGIN),
@@ -201,7 +347,7 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.cfg.prefix)
-            .field("cluster", &self.inner.cfg.cluster)
+            .field("topology", &self.inner.cfg.topology)
             .finish_non_exhaustive()
     }
 }
@@ -221,7 +367,7 @@ struct Inner {
     health: replies::Health,
     counts: Counts,
     cache: Option<Cache>,
-    conn: ConnectionManager,
+    conn: Conn,
     notifier: Notifier,
     scripts: Scripts,
     cfg: RedisStoreBuilder,
@@ -292,12 +438,30 @@ impl RedisStore {
         }
     }
 
-    /// A builder for a store at `url` (`redis://host:port/db`, `rediss://…`, `unix://…`).
+    /// A builder for a store at `url` (`redis://host:port/db`, `rediss://…` with feature
+    /// `redis-tls`, `unix://…`).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        Self::with_topology(Topology::Single(url.into()))
+    }
+
+    /// A builder for a store on a Redis Cluster, found through `nodes` (seed URLs,
+    /// `redis://host:port`; any reachable one will do, the client learns the rest). See the
+    /// [module docs](self) for the cluster's guarantees.
+    pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> RedisStoreBuilder {
+        let mut b = Self::with_topology(Topology::Cluster(
+            nodes.into_iter().map(Into::into).collect(),
+        ));
+        b.single_slot_batches = true;
+        b
+    }
+
+    fn with_topology(topology: Topology) -> RedisStoreBuilder {
         RedisStoreBuilder {
-            url: url.into(),
+            topology,
+            tls: Tls::default(),
             prefix: "idemkv:".into(),
-            cluster: false,
+            single_slot_batches: false,
+            replicas: None,
             default_ttl: DAY,
             pending_ttl: DAY,
             lease_retention: DAY,
@@ -309,8 +473,33 @@ impl RedisStore {
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.inner.conn.clone()
+    }
+
+    /// With [`RedisStoreBuilder::wait_for_replicas`]: waits until the replicas of the master
+    /// that owns `rk` have every write this store's connection sent it.
+    async fn replicated(&self, rk: &[u8]) -> Result<(), Error> {
+        let Some((replicas, timeout)) = self.cfg().replicas else {
+            return Ok(());
+        };
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(ms(timeout));
+        let got = self
+            .conn()
+            .on_slot_master(slot(hash_tag(rk)), cmd)
+            .await
+            .observed(&self.inner.health)?;
+        match int_of(&got) {
+            Some(n) if n >= i64::from(replicas) => Ok(()),
+            Some(n) => Err(Error::Unavailable {
+                reason: format!(
+                    "the change reached {n} of {replicas} replicas within {timeout:?}: it may not survive a failover"
+                ),
+                source: None,
+            }),
+            None => Err(protocol("WAIT")),
+        }
     }
 
     fn cfg(&self) -> &RedisStoreBuilder {
@@ -335,31 +524,46 @@ impl RedisStore {
     }
 
     /// Every live record of `scope`, as `(id, snapshot)`. Walks the whole keyspace under the
-    /// prefix with `SCAN` (O(keys)): for tools and examples, not request paths.
+    /// prefix with `SCAN` (O(keys); on a cluster, on every master): for tools and examples,
+    /// not request paths.
     pub async fn scan(&self, scope: &[u8]) -> Result<Vec<(Vec<u8>, Snapshot)>, Error> {
+        let mut conn = self.conn();
+        let mut out = Vec::new();
+        for node in conn.masters().await.observed(&self.inner.health)? {
+            let node = node.as_ref().map(|(h, p)| (h.as_str(), *p));
+            self.scan_node(&mut conn, node, scope, &mut out).await?;
+        }
+        Ok(out)
+    }
+
+    async fn scan_node(
+        &self,
+        conn: &mut Conn,
+        node: Option<(&str, u16)>,
+        scope: &[u8],
+        out: &mut Vec<(Vec<u8>, Snapshot)>,
+    ) -> Result<(), Error> {
         let prefix = self.cfg().prefix.as_bytes();
         let mut pattern = prefix.to_vec();
         pattern.extend_from_slice(b"{*");
-        let mut conn = self.conn();
         let mut cursor: u64 = 0;
-        let mut out = Vec::new();
         loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .observed(&self.inner.health)?;
+                .arg(1000);
+            let reply = conn.on_node(node, cmd).await.observed(&self.inner.health)?;
+            let (next, keys): (u64, Vec<Vec<u8>>) =
+                redis::from_redis_value(reply).map_err(|e| protocol(&e.to_string()))?;
             for k in keys {
                 let Some(id) = split_key(&k[prefix.len()..], scope) else {
                     continue;
                 };
                 let fields: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
                     .arg(&k)
-                    .query_async(&mut conn)
+                    .query_async(conn)
                     .await
                     .observed(&self.inner.health)?;
                 if let Some(snap) = snapshot_of(&fields)? {
@@ -368,7 +572,7 @@ impl RedisStore {
             }
             cursor = next;
             if cursor == 0 {
-                return Ok(out);
+                return Ok(());
             }
         }
     }
@@ -398,12 +602,11 @@ impl RedisStore {
 
     fn check_batch(&self, lease: &Lease, writes: &[Write]) -> Result<(), Error> {
         self.limits().check_batch(lease.key(), writes)?;
-        if self.cfg().cluster {
-            let slot = slot(hash_tag(lease.key().id()));
-            if writes
-                .iter()
-                .any(|w| self::slot(hash_tag(w.key.as_key().id())) != slot)
-            {
+        if self.cfg().single_slot_batches {
+            // The slots Redis computes from the keys as sent (`{tag}` as we build it).
+            let slot_of = |k: Key<'_>| slot(hash_tag(&self.redis_key(k)));
+            let slot = slot_of(lease.key());
+            if writes.iter().any(|w| slot_of(w.key.as_key()) != slot) {
                 return Err(Error::InvalidBatch {
                     reason: "the batch spans Redis Cluster slots: give the ids a common {tag}",
                 });
@@ -440,13 +643,17 @@ impl RedisStore {
             .await
             .observed(&self.inner.health)?;
         match code(&reply)? {
-            1 => Ok(Begin::Acquired(Lease::new(
-                key.to_owned(),
-                uint(&reply, 1)?,
-                Timestamp::from_millis(uint(&reply, 2)?),
-                fingerprint,
-                uint(&reply, 3)? == 1,
-            ))),
+            1 => {
+                let lease = Lease::new(
+                    key.to_owned(),
+                    uint(&reply, 1)?,
+                    Timestamp::from_millis(uint(&reply, 2)?),
+                    fingerprint,
+                    uint(&reply, 3)? == 1,
+                );
+                self.replicated(&rk).await?;
+                Ok(Begin::Acquired(lease))
+            }
             0 => Ok(Begin::InProgress {
                 deadline: Timestamp::from_millis(uint(&reply, 1)?),
             }),

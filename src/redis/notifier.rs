@@ -1,18 +1,88 @@
 //! Waking waiters by pub/sub: completion channels per key, one shared pub/sub connection per
 //! store, opened on first use and again after it fails.
 //!
+//! On one server the scripts `PUBLISH` and waiters `SUBSCRIBE`. On a cluster they use sharded
+//! pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7): a key's channel is in the key's slot, so the
+//! message stays on the shard that owns the key, and the cluster client subscribes on that
+//! shard's master (again after a failover moves it).
+//!
 //! Invariant: a waiter subscribes before it looks at the key again, so a completion published
 //! in between is not missed; the last waiter of a channel unsubscribes under the same lock
-//! that a new waiter registers under.
+//! that a new waiter registers under. A lost subscription (a dropped connection, a slot that
+//! moved) wakes every waiter, and each looks again.
+
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind};
 
 use super::*;
 
 /// Subscriptions to completion channels, shared by all waiters of one store: one pub/sub
 /// connection, opened on first use and again after it fails.
 pub(super) struct Notifier {
-    pub(super) client: redis::Client,
-    pub(super) sink: tokio::sync::Mutex<Option<redis::aio::PubSubSink>>,
+    pub(super) source: Source,
+    pub(super) sink: tokio::sync::Mutex<Option<Sink>>,
     pub(super) waiters: Arc<Mutex<Waiters>>,
+}
+
+/// What a pub/sub connection is opened from.
+pub(super) enum Source {
+    Single(redis::Client),
+    /// Built with RESP3 and a push sender that wakes the waiters (`cluster_pushes`).
+    Cluster(ClusterClient),
+}
+
+/// An open pub/sub connection.
+pub(super) enum Sink {
+    Single(redis::aio::PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channel: &[u8]) -> redis::RedisResult<()> {
+        match self {
+            Sink::Single(s) => s.subscribe(channel).await,
+            Sink::Cluster(c) => c.ssubscribe(channel).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &[u8]) -> redis::RedisResult<()> {
+        match self {
+            Sink::Single(s) => s.unsubscribe(channel).await,
+            Sink::Cluster(c) => c.sunsubscribe(channel).await,
+        }
+    }
+}
+
+/// The cluster client's push handler: a shard message wakes its channel's waiters; a lost
+/// connection wakes everyone, a subscription the server dropped (its slot moved) its waiters.
+pub(super) fn cluster_pushes(
+    waiters: std::sync::Weak<Mutex<Waiters>>,
+) -> impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static {
+    move |push: PushInfo| {
+        let Some(waiters) = waiters.upgrade() else {
+            return Err(());
+        };
+        let waiters = waiters.lock();
+        match push.kind {
+            // A shard message, or the server ending a subscription that still has waiters (its
+            // slot moved; our own unsubscribes come after the channel has left the map).
+            PushKind::SMessage | PushKind::SUnsubscribe => {
+                if let Some(Value::BulkString(channel)) = push.data.first()
+                    && let Some((_, n)) = waiters.get(channel)
+                {
+                    n.notify_waiters();
+                }
+            }
+            PushKind::Disconnection => {
+                for (_, n) in waiters.values() {
+                    n.notify_waiters();
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// Per channel: how many waiters, and the signal they wait on.
@@ -82,13 +152,24 @@ impl Notifier {
         }
     }
 
-    pub(super) async fn connect(&self) -> Option<redis::aio::PubSubSink> {
-        let pubsub = self.client.get_async_pubsub().await.ok()?;
+    pub(super) async fn connect(&self) -> Option<Sink> {
+        let client = match &self.source {
+            Source::Single(client) => client,
+            Source::Cluster(cluster) => {
+                let mut conn = Sink::Cluster(cluster.get_async_connection().await.ok()?);
+                let waiters: Vec<Vec<u8>> = self.waiters.lock().keys().cloned().collect();
+                for ch in waiters {
+                    conn.subscribe(&ch).await.ok()?;
+                }
+                return Some(conn);
+            }
+        };
+        let pubsub = client.get_async_pubsub().await.ok()?;
         let (sink, mut stream) = pubsub.split();
         let waiters: Vec<Vec<u8>> = self.waiters.lock().keys().cloned().collect();
         let mut sink = sink;
         for ch in waiters {
-            sink.subscribe(ch).await.ok()?;
+            sink.subscribe(&ch).await.ok()?;
         }
         // The notifier lives as long as the store; the task ends with the connection.
         let weak = Arc::downgrade(&self.waiters);
@@ -110,6 +191,6 @@ impl Notifier {
                 }
             }
         });
-        Some(sink)
+        Some(Sink::Single(sink))
     }
 }

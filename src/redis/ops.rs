@@ -84,6 +84,9 @@ impl IdempotencyStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
+        if n > 0 {
+            self.replicated(&rk).await?;
+        }
         Ok(n > 0)
     }
 
@@ -97,11 +100,12 @@ impl IdempotencyStore for RedisStore {
             nonzero(d, "the ttl")?;
         }
         let (op, version, value) = cas_args(&write.op);
+        let rk = self.redis_key(key);
         let reply: Vec<Value> = self
             .inner
             .scripts
             .cas
-            .key(self.redis_key(key))
+            .key(&rk)
             .arg(op)
             .arg(version)
             .arg(value)
@@ -110,9 +114,11 @@ impl IdempotencyStore for RedisStore {
             .await
             .observed(&self.inner.health)?;
         match code(&reply)? {
-            1 => Ok(CasOutcome::Applied {
-                version: opt_uint(&reply, 1)?,
-            }),
+            1 => {
+                let version = opt_uint(&reply, 1)?;
+                self.replicated(&rk).await?;
+                Ok(CasOutcome::Applied { version })
+            }
             0 => Ok(CasOutcome::Conflict {
                 current: opt_uint(&reply, 1)?,
             }),
@@ -132,18 +138,22 @@ impl IdempotencyStore for RedisStore {
             Some(d) => nonzero(d, "the ttl")?,
             None => ms(self.cfg().pending_ttl),
         };
+        let rk = self.redis_key(key);
         let reply: Vec<Value> = self
             .inner
             .scripts
             .put_pending
-            .key(self.redis_key(key))
+            .key(&rk)
             .arg(payload)
             .arg(ttl_ms)
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
         match code(&reply)? {
-            1 => Ok(PutPending::Stored),
+            1 => {
+                self.replicated(&rk).await?;
+                Ok(PutPending::Stored)
+            }
             2 => Ok(PutPending::InProgress {
                 deadline: Timestamp::from_millis(uint(&reply, 1)?),
             }),
@@ -155,11 +165,12 @@ impl IdempotencyStore for RedisStore {
     async fn take_pending(&self, key: Key<'_>, lease: Duration) -> Result<Take, Error> {
         self.check_key(key)?;
         let lease_ms = nonzero(lease, "the lease duration")?;
+        let rk = self.redis_key(key);
         let reply: Vec<Value> = self
             .inner
             .scripts
             .take_pending
-            .key(self.redis_key(key))
+            .key(&rk)
             .arg(lease_ms)
             .arg(ms(self.cfg().lease_retention))
             .arg(Fingerprint::NONE.as_bytes().as_slice())
@@ -168,16 +179,20 @@ impl IdempotencyStore for RedisStore {
             .observed(&self.inner.health)?;
         match code(&reply)? {
             0 => Ok(Take::NotFound),
-            1 => Ok(Take::Acquired {
-                lease: Lease::new(
-                    key.to_owned(),
-                    uint(&reply, 1)?,
-                    Timestamp::from_millis(uint(&reply, 2)?),
-                    Fingerprint::NONE,
-                    uint(&reply, 3)? == 1,
-                ),
-                payload: bytes(&reply, 4)?,
-            }),
+            1 => {
+                let taken = Take::Acquired {
+                    lease: Lease::new(
+                        key.to_owned(),
+                        uint(&reply, 1)?,
+                        Timestamp::from_millis(uint(&reply, 2)?),
+                        Fingerprint::NONE,
+                        uint(&reply, 3)? == 1,
+                    ),
+                    payload: bytes(&reply, 4)?,
+                };
+                self.replicated(&rk).await?;
+                Ok(taken)
+            }
             2 => Ok(Take::InProgress {
                 deadline: Timestamp::from_millis(uint(&reply, 1)?),
             }),
@@ -284,7 +299,11 @@ impl RedisStore {
             .await
             .observed(&self.inner.health)?;
         match code(&reply)? {
-            1 => Ok(Timestamp::from_millis(uint(&reply, 1)?)),
+            1 => {
+                let at = Timestamp::from_millis(uint(&reply, 1)?);
+                self.replicated(&rk).await?;
+                Ok(at)
+            }
             -2 => Err(Error::StaleLease {
                 token: lease.token(),
             }),
@@ -313,7 +332,7 @@ impl RedisStore {
             .await
             .observed(&self.inner.health)?;
         match reply {
-            1 => Ok(()),
+            1 => self.replicated(&rk).await,
             _ => Err(Error::StaleLease {
                 token: lease.token(),
             }),
@@ -340,6 +359,7 @@ impl RedisStore {
             });
         }
         let deadline = Timestamp::from_millis(reply as u64);
+        self.replicated(&rk).await?;
         lease.set_deadline(deadline);
         Ok(deadline)
     }

@@ -1,7 +1,8 @@
 //! The Lua scripts: one per operation, each atomic on the server. A record is a hash:
 //!
-//! Invariant: each operation is one script, atomic on the server; in cluster mode every key a
-//! script touches is in one slot (checked before it is sent).
+//! Invariant: each operation is one script, atomic on the server; on a cluster every key a
+//! script touches, its notification channel included, is in one slot (checked before it is
+//! sent).
 //!
 //! | field | meaning |
 //! |---|---|
@@ -211,7 +212,10 @@ if k == 'c' then return {3, h[4], tonumber(h[5]), tonumber(h[6]), h[7]} end
 return {-1, k}
 "#;
 
-/// The script with the prelude in front.
-pub(crate) fn with_prelude(body: &str) -> String {
+/// The script with the prelude in front, publishing with `publish`: `PUBLISH` on one server,
+/// `SPUBLISH` on a cluster (the channel is in the key's slot, so it is one of the script's
+/// keys there).
+pub(crate) fn with_prelude(body: &str, publish: &str) -> String {
+    let body = body.replace("redis.call('PUBLISH'", &format!("redis.call('{publish}'"));
     format!("{PRELUDE}{body}")
 }

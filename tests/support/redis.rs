@@ -122,3 +122,243 @@ fn ping(port: u16) -> bool {
     let mut buf = [0u8; 7];
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
+
+/// A Redis Cluster of the caller's own on loopback: `masters` masters with one replica each,
+/// `redis-server --cluster-enabled yes` on free ports, joined by `redis-cli --cluster create`.
+/// Stopped when dropped, and by a watchdog if this process dies first. `None` (loudly, and a
+/// failure under `CI=true`) when `redis-server` is not on `PATH`.
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    dir: std::path::PathBuf,
+}
+
+/// One server of a [`Cluster`].
+pub struct ClusterNode {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    output: child::Stderr,
+}
+
+impl Cluster {
+    pub fn start(masters: usize) -> Option<Cluster> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "CI=true: the Redis Cluster tests need redis-server on PATH"
+            );
+            eprintln!("SKIPPED: no redis-server on PATH; Redis Cluster tests did not run");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("a cluster directory").keep();
+        let mut nodes = Vec::new();
+        for i in 0..masters * 2 {
+            let port = cluster_port();
+            let node_dir = dir.join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let mut c = Command::new("sh")
+                .args(["-c", "exec redis-server \"$@\" 1>&2", "sh"])
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--cluster-config-file", "nodes.conf", "--dir"])
+                .arg(&node_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start redis-server");
+            let output = child::Stderr::capture(&mut c, &format!("redis-server :{port}"));
+            nodes.push(ClusterNode {
+                port,
+                child: Some(c),
+                output,
+            });
+        }
+        let pids: Vec<String> = nodes
+            .iter()
+            .map(|n| n.child.as_ref().unwrap().id().to_string())
+            .collect();
+        let watchdog = format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pids} 2>/dev/null; rm -rf '{dir}'",
+            me = std::process::id(),
+            pids = pids.join(" "),
+            dir = dir.display()
+        );
+        #[allow(clippy::zombie_processes)]
+        Command::new("sh")
+            .args(["-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the cluster watchdog");
+        let cluster = Cluster { nodes, dir };
+        let until = Instant::now() + Duration::from_secs(10);
+        while !cluster.nodes.iter().all(|n| ping(n.port)) {
+            assert!(
+                Instant::now() < until,
+                "cluster nodes did not answer within 10 s:\n{}",
+                cluster.outputs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok(Duration::from_secs(20));
+        eprintln!("Redis Cluster of this test on 127.0.0.1: {addrs:?}");
+        Some(cluster)
+    }
+
+    /// Seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// `redis-cli -p port args…`, its stdout.
+    pub fn cli(port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and agrees on which nodes are
+    /// masters of slots.
+    pub fn wait_ok(&self, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let live: Vec<u16> = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| n.port)
+                .collect();
+            // Every node sees the cluster whole, and every master with a replica has it in
+            // sync (else the first `WAIT` would wait for the initial transfer).
+            let ok = live.iter().all(|p| {
+                Self::cli(*p, &["cluster", "info"]).contains("cluster_state:ok") && {
+                    let repl = Self::cli(*p, &["info", "replication"]);
+                    !repl.contains("role:master")
+                        || repl.contains("connected_slaves:0")
+                        || repl.contains("state=online")
+                }
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the cluster did not reach cluster_state:ok within {within:?}:\n{}",
+                self.outputs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The port of the master that owns `key`'s slot (as the server computes it).
+    pub fn master_of(&self, key: &[u8]) -> u16 {
+        let live = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
+        let slot: u16 = Self::cli(live, &["cluster", "keyslot", &String::from_utf8_lossy(key)])
+            .trim()
+            .parse()
+            .unwrap();
+        let nodes = Self::cli(live, &["cluster", "nodes"]);
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            for range in &f[8..] {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) else {
+                    continue;
+                };
+                if (a..=b).contains(&slot) {
+                    let hostport = f[1].split('@').next().unwrap();
+                    return hostport.rsplit_once(':').unwrap().1.parse().unwrap();
+                }
+            }
+        }
+        panic!("no master owns slot {slot}:\n{nodes}");
+    }
+
+    /// SIGKILLs the server on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        let mut c = node.child.take().expect("a live node");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// Every node's log, for a failure message.
+    pub fn outputs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- :{} ---\n{}", n.port, n.output.text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free port whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// One cluster shared by the tests of this binary that only read and write (never kill).
+pub fn shared_cluster() -> Option<Vec<String>> {
+    static URLS: OnceLock<Option<Vec<String>>> = OnceLock::new();
+    URLS.get_or_init(|| {
+        let c = Cluster::start(3)?;
+        let urls = c.urls();
+        // Lives as long as the process; the watchdog stops it.
+        std::mem::forget(c);
+        Some(urls)
+    })
+    .clone()
+}
