@@ -135,6 +135,7 @@ pub struct Cluster {
 /// One server of a [`Cluster`].
 pub struct ClusterNode {
     pub port: u16,
+    dir: std::path::PathBuf,
     child: Option<std::process::Child>,
     output: child::Stderr,
 }
@@ -160,21 +161,10 @@ impl Cluster {
             let port = cluster_port();
             let node_dir = dir.join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            let mut c = Command::new("sh")
-                .args(["-c", "exec redis-server \"$@\" 1>&2", "sh"])
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                .args(["--cluster-config-file", "nodes.conf", "--dir"])
-                .arg(&node_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start redis-server");
-            let output = child::Stderr::capture(&mut c, &format!("redis-server :{port}"));
+            let (c, output) = spawn_cluster_node(port, &node_dir);
             nodes.push(ClusterNode {
                 port,
+                dir: node_dir,
                 child: Some(c),
                 output,
             });
@@ -249,8 +239,8 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Waits until every live node says `cluster_state:ok` and agrees on which nodes are
-    /// masters of slots.
+    /// Waits until every live node says `cluster_state:ok`, sees only live nodes as the
+    /// masters of slots (after a kill: the failover is over), and has its replica in sync.
     pub fn wait_ok(&self, within: Duration) {
         let until = Instant::now() + within;
         loop {
@@ -263,12 +253,16 @@ impl Cluster {
             // Every node sees the cluster whole, and every master with a replica has it in
             // sync (else the first `WAIT` would wait for the initial transfer).
             let ok = live.iter().all(|p| {
-                Self::cli(*p, &["cluster", "info"]).contains("cluster_state:ok") && {
-                    let repl = Self::cli(*p, &["info", "replication"]);
-                    !repl.contains("role:master")
-                        || repl.contains("connected_slaves:0")
-                        || repl.contains("state=online")
-                }
+                Self::cli(*p, &["cluster", "info"]).contains("cluster_state:ok")
+                    && slot_masters(&Self::cli(*p, &["cluster", "nodes"]))
+                        .iter()
+                        .all(|m| live.contains(m))
+                    && {
+                        let repl = Self::cli(*p, &["info", "replication"]);
+                        !repl.contains("role:master")
+                            || repl.contains("connected_slaves:0")
+                            || repl.contains("state=online")
+                    }
             });
             if ok {
                 return;
@@ -317,6 +311,17 @@ impl Cluster {
         c.wait().unwrap();
     }
 
+    /// Starts the server on `port` again, from its directory (its `nodes.conf`): it rejoins
+    /// the cluster, as a replica if its slots moved meanwhile. Not covered by the watchdog
+    /// (its pid is new); `Drop` stops it.
+    pub fn restart(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        assert!(node.child.is_none(), "node :{port} is running");
+        let (c, output) = spawn_cluster_node(port, &node.dir);
+        node.child = Some(c);
+        node.output = output;
+    }
+
     /// Every node's log, for a failure message.
     pub fn outputs(&self) -> String {
         self.nodes
@@ -337,6 +342,39 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A cluster-enabled `redis-server` on `port` in `dir`, its log captured.
+fn spawn_cluster_node(port: u16, dir: &std::path::Path) -> (std::process::Child, child::Stderr) {
+    let mut c = Command::new("sh")
+        .args(["-c", "exec redis-server \"$@\" 1>&2", "sh"])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+        .args(["--cluster-config-file", "nodes.conf", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start redis-server");
+    let output = child::Stderr::capture(&mut c, &format!("redis-server :{port}"));
+    (c, output)
+}
+
+/// The ports of the masters that own slots, in `CLUSTER NODES` output.
+fn slot_masters(nodes: &str) -> Vec<u16> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") {
+                return None;
+            }
+            let hostport = f[1].split('@').next()?;
+            hostport.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect()
 }
 
 /// A free port whose cluster bus port (+10000) is free too.
