@@ -11,6 +11,17 @@
 //! through the requester helper, checks that both replies name the same order, prints a
 //! summary and exits.
 //!
+//! `--instance-id ID` makes this process a static member of its group (`group.instance.id`):
+//! restarted after a crash, it gets its partitions back at once instead of after the dead
+//! process's session. The default, `auto`, is `kafka_orders-<host name>-<digest of the data
+//! directory's path>`: one member per data directory and host, the same across restarts.
+//! `none` turns static membership off. Several processes on one host sharing Redis need
+//! their own `--instance-id` each (or their own `--data`).
+//!
+//! `--redis redis://127.0.0.1:6379` (built with `--features kafka,redis`) keeps the state in
+//! Redis instead of the data directory, so several processes can form one consumer group:
+//! a partition moved from one to another keeps its exactly-once record.
+//!
 //! A request is `{"items":[{"sku":"id-17236","count":1}]}` with headers `reply-to: <topic>`
 //! and, optionally, `idempotency-key`, `x-request-id`, `x-echo-set-header: Name: value`. The
 //! reply is `{"id":<uuid>,"items":[…]}`; the order is stored atomically with the record of the
@@ -25,7 +36,7 @@ use std::time::Duration;
 use idemkv::kafka::{
     HandlerError, Incoming, KafkaProcessor, MockKafka, Outcome, Request, Requester,
 };
-use idemkv::{OwnedKey, Store, Write};
+use idemkv::{Either, OwnedKey, Store, Write};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +91,13 @@ struct Args {
     /// librdkafka's `session.timeout.ms` (the heartbeat is a tenth of it).
     #[arg(long)]
     session_timeout_ms: Option<u64>,
+    /// Static group membership: this member's `group.instance.id`; `auto` derives it from
+    /// the host name and the data directory, `none` turns it off.
+    #[arg(long, default_value = "auto")]
+    instance_id: String,
+    /// Keep the state in Redis at this URL instead (built with `--features kafka,redis`).
+    #[arg(long)]
+    redis: Option<String>,
     /// Send N orders, each twice, check both replies name the same order, and exit.
     #[arg(long, default_value_t = 0)]
     demo: usize,
@@ -106,6 +124,68 @@ async fn create_order(msg: Incoming) -> Result<Outcome, HandlerError> {
         .header("content-type", "application/json")
         // The order itself, committed atomically with the record of this request.
         .write(Write::put_if_absent(OwnedKey::new("orders", &id), body)))
+}
+
+/// `kafka_orders-<host>-<digest of the data directory's absolute path>`: stable across
+/// restarts of the process that owns that directory.
+fn auto_instance_id(data: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    let path = std::path::absolute(data).unwrap_or_else(|_| data.into());
+    // A fixed function (not the randomly seeded default hasher), so the id survives restarts.
+    let mut h = FixedHasher(0xcbf2_9ce4_8422_2325);
+    path.hash(&mut h);
+    format!("kafka_orders-{host}-{:016x}", h.finish())
+}
+
+/// FNV-1a: stable across processes and builds.
+struct FixedHasher(u64);
+
+impl std::hash::Hasher for FixedHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The Redis store with the `redis` feature; without it `--redis` is refused.
+#[cfg(feature = "redis")]
+type Remote = idemkv::redis::RedisStore;
+#[cfg(not(feature = "redis"))]
+type Remote = Store;
+
+#[cfg(feature = "redis")]
+async fn redis_store(url: &str) -> Result<Either<Store, Remote>, Box<dyn std::error::Error>> {
+    let store = idemkv::redis::RedisStore::builder(url).connect().await?;
+    println!("state in Redis at {url}");
+    Ok(Either::Right(store))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_store(_: &str) -> Result<Either<Store, Remote>, Box<dyn std::error::Error>> {
+    Err(
+        "--redis needs the redis feature: cargo run --features kafka,redis --example kafka_orders"
+            .into(),
+    )
 }
 
 async fn demo(
@@ -197,26 +277,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         client.set("heartbeat.interval.ms", (session / 10).max(10).to_string());
     }
 
-    let store = Store::builder().durability(durability).open(&data)?;
-    if let Some(r) = store.recovery_report() {
-        println!(
-            "opened {data}: {} records from the checkpoint, {} log records replayed",
-            r.checkpoint_records, r.records
-        );
-    }
+    let store = match &args.redis {
+        Some(url) => redis_store(url).await?,
+        None => {
+            let store = Store::builder().durability(durability).open(&data)?;
+            if let Some(r) = store.recovery_report() {
+                println!(
+                    "opened {data}: {} records from the checkpoint, {} log records replayed",
+                    r.checkpoint_records, r.records
+                );
+            }
+            Either::Left(store)
+        }
+    };
     let mut consumer = client.clone();
     consumer
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("auto.commit.interval.ms", commit_ms.to_string());
-    let processor = KafkaProcessor::builder(store, consumer)
+    let mut builder = KafkaProcessor::builder(store, consumer)
         .topics([requests.as_str()])
         .dead_letter_topic(dead)
-        .lease(Duration::from_secs(10))
-        .build()?;
+        .lease(Duration::from_secs(10));
+    let member = match args.instance_id.as_str() {
+        "none" => "dynamic".to_owned(),
+        "auto" => auto_instance_id(&data),
+        id => id.to_owned(),
+    };
+    if args.instance_id != "none" {
+        builder = builder.static_membership(&member);
+    }
+    let processor = builder.build()?;
     let handle = processor.handle();
     let running = tokio::spawn(processor.run(create_order));
-    println!("consuming {requests} as group {group}; Ctrl-C stops");
+    println!("consuming {requests} as group {group} (member {member}); Ctrl-C stops");
 
     let outcome = if demo_n > 0 {
         demo(&client, &requests, demo_n).await

@@ -320,6 +320,22 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
         self
     }
 
+    /// Static group membership: this consumer is the group member `instance_id`
+    /// (`group.instance.id`) across restarts. A restarted process with the same id gets its
+    /// partitions back at once, without a rebalance and without waiting out the dead
+    /// process's session (`session.timeout.ms`); the other members keep theirs meanwhile.
+    /// Give each process of a group its own stable id (a host name, a pod's ordinal, a data
+    /// directory). The other side: a member that stops for good keeps its partitions
+    /// unprocessed until its session times out, so pair it with a session of a few seconds
+    /// to tens of seconds. Without it (the default) membership is dynamic: every restart
+    /// rebalances, and a member killed without leaving holds its partitions until its
+    /// session ends. Only ASCII letters, digits, `.`, `_` and `-`, at most 249 bytes, as
+    /// Kafka requires; [`build`](Self::build) refuses others.
+    pub fn static_membership(mut self, instance_id: impl Into<String>) -> Self {
+        self.consumer.set("group.instance.id", instance_id.into());
+        self
+    }
+
     /// Producer configuration for replies and dead letters. Default: the consumer's
     /// `bootstrap.servers` (and security settings) with `enable.idempotence=true`.
     pub fn producer_config(mut self, config: ClientConfig) -> Self {
@@ -345,6 +361,13 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
             .get("group.id")
             .map(str::to_owned)
             .ok_or_else(|| KafkaError::Config("the consumer config needs a group.id".into()))?;
+        if let Some(id) = consumer.get("group.instance.id")
+            && !valid_topic(id)
+        {
+            return Err(KafkaError::Config(format!(
+                "group.instance.id {id:?}: only ASCII letters, digits, '.', '_' and '-', at most 249 bytes"
+            )));
+        }
         let scope = scope.unwrap_or_else(|| format!("kafka:{group}"));
         let attempts_scope = format!("{scope}#attempts");
         let outbox_scope = format!("{scope}#outbox");
