@@ -632,3 +632,135 @@ async fn requester_matches_replies_and_times_out() {
     assert_eq!(stats.processed, 21);
     assert_eq!(stats.replayed, 20);
 }
+
+/// The user's client hooks see the consumer's statistics and its client errors; a bad
+/// `group.instance.id` is refused at build time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_hooks_and_static_membership() {
+    use idemkv::kafka::ClientHooks;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Clone, Default)]
+    struct Seen {
+        stats: Arc<AtomicUsize>,
+        errors: Arc<Mutex<Vec<String>>>,
+    }
+    impl ClientHooks for Seen {
+        fn statistics(&self, _: &rdkafka::Statistics) {
+            self.stats.fetch_add(1, Ordering::Relaxed);
+        }
+        fn error(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+            self.errors.lock().push(format!("{error}: {reason}"));
+        }
+    }
+
+    let cluster = Cluster::new(1);
+    let seen = Seen::default();
+    let mut consumer = cluster.consumer("hooks");
+    consumer.set("statistics.interval.ms", "100");
+    let processor = KafkaProcessor::builder(Store::in_memory(), consumer)
+        .topics(["requests"])
+        .static_membership("hooks-member-1")
+        .client_hooks(seen.clone())
+        .build()
+        .unwrap();
+    let handle = processor.handle();
+    let task = tokio::spawn(processor.run(|_: Incoming| async { Ok(Outcome::done()) }));
+    wait_until("statistics reach the hook", || {
+        seen.stats.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    handle.shutdown();
+    task.await.unwrap().unwrap();
+
+    // A consumer whose broker is not there: the client errors reach the hook.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let errors = Seen::default();
+    let mut consumer = ClientConfig::new();
+    consumer
+        .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+        .set("group.id", "nobody")
+        .set("reconnect.backoff.max.ms", "100");
+    let processor = KafkaProcessor::builder(Store::in_memory(), consumer)
+        .topics(["requests"])
+        .client_hooks(errors.clone())
+        .build()
+        .unwrap();
+    let handle = processor.handle();
+    let task = tokio::spawn(processor.run(|_: Incoming| async { Ok(Outcome::done()) }));
+    wait_until("a client error reaches the hook", || {
+        !errors.errors.lock().is_empty()
+    })
+    .await;
+    handle.shutdown();
+    task.await.unwrap().unwrap();
+    eprintln!("client errors seen: {:?}", errors.errors.lock());
+
+    for bad in ["", "has space", "slash/id", &"x".repeat(250)] {
+        let r = KafkaProcessor::builder(Store::in_memory(), cluster.consumer("g"))
+            .topics(["requests"])
+            .static_membership(bad)
+            .build();
+        assert!(matches!(r, Err(KafkaError::Config(_))), "{bad:?}");
+    }
+}
+
+/// A managed cluster's settings (SASL/SCRAM over TLS, the usual for hosted Kafka): accepted
+/// with the `kafka-ssl` feature, refused with a typed error without it (librdkafka is then
+/// built without OpenSSL). Nothing connects: the clients are only created.
+#[test]
+fn secure_cluster_settings_need_the_ssl_feature() {
+    let mut consumer = ClientConfig::new();
+    consumer
+        .set("bootstrap.servers", "127.0.0.1:1")
+        .set("group.id", "secure")
+        .set("security.protocol", "sasl_ssl")
+        .set("sasl.mechanisms", "SCRAM-SHA-512")
+        .set("sasl.username", "svc-orders")
+        .set("sasl.password", "not-a-secret");
+    let built = KafkaProcessor::builder(Store::in_memory(), consumer.clone())
+        .topics(["requests"])
+        .build();
+    if cfg!(feature = "kafka-ssl") {
+        assert!(built.is_ok(), "{:?}", built.err());
+    } else {
+        let err = built.err().expect("refused without OpenSSL");
+        assert!(err.to_string().contains("ssl"), "{err}");
+    }
+    // Kerberos needs Cyrus SASL (`kafka-gssapi`).
+    consumer
+        .set("sasl.mechanisms", "GSSAPI")
+        .set("sasl.kerberos.service.name", "kafka")
+        .set("sasl.kerberos.principal", "orders@EXAMPLE.COM")
+        .set("sasl.kerberos.keytab", "/etc/orders.keytab");
+    let built = KafkaProcessor::builder(Store::in_memory(), consumer.clone())
+        .topics(["requests"])
+        .build();
+    assert_eq!(
+        built.is_ok(),
+        cfg!(feature = "kafka-gssapi"),
+        "{:?}",
+        built.err()
+    );
+    // OAUTHBEARER through librdkafka's own OIDC client (`kafka-oidc`: libcurl).
+    consumer
+        .set("sasl.mechanisms", "OAUTHBEARER")
+        .set("sasl.oauthbearer.method", "oidc")
+        .set("sasl.oauthbearer.client.id", "orders")
+        .set("sasl.oauthbearer.client.secret", "not-a-secret")
+        .set(
+            "sasl.oauthbearer.token.endpoint.url",
+            "https://127.0.0.1:1/token",
+        );
+    let built = KafkaProcessor::builder(Store::in_memory(), consumer)
+        .topics(["requests"])
+        .build();
+    assert_eq!(
+        built.is_ok(),
+        cfg!(feature = "kafka-oidc"),
+        "{:?}",
+        built.err()
+    );
+}

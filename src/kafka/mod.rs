@@ -54,7 +54,9 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 pub use call::{FollowUp, HttpResponse, PendingCall};
 pub use mock::MockKafka;
-pub use processor::{Handler, KafkaProcessor, ProcessorBuilder, ProcessorHandle, ProcessorStats};
+pub use processor::{
+    ClientHooks, Handler, KafkaProcessor, ProcessorBuilder, ProcessorHandle, ProcessorStats,
+};
 pub use requester::{Reply, Request, Requester};
 
 /// Header of a request naming the idempotency key (the default first key source).

@@ -169,12 +169,44 @@ struct Config {
     tokens: Option<String>,
 }
 
+/// Callbacks from the processor's Kafka consumer, for what the processor does not do itself:
+/// statistics (every `statistics.interval.ms`, which you set in the consumer config) and
+/// client errors (a broker unreachable, authentication failing). Both default to nothing;
+/// client errors are also logged as `warn` events under the target `idemkv::kafka`. They run
+/// on librdkafka's threads: return quickly.
+///
+/// OAUTHBEARER tokens need no hook: librdkafka fetches and refreshes them itself with
+/// `sasl.oauthbearer.method=oidc` (feature `kafka-oidc`).
+///
+/// ```
+/// use idemkv::kafka::ClientHooks;
+///
+/// struct Stats;
+/// impl ClientHooks for Stats {
+///     fn statistics(&self, s: &rdkafka::Statistics) {
+///         println!("{} brokers, {} messages in the queue", s.brokers.len(), s.msg_cnt);
+///     }
+/// }
+/// ```
+pub trait ClientHooks: Send + Sync + 'static {
+    /// librdkafka's statistics.
+    fn statistics(&self, statistics: &rdkafka::Statistics) {
+        let _ = statistics;
+    }
+
+    /// A client-level error and librdkafka's reason text.
+    fn error(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+        let _ = (error, reason);
+    }
+}
+
 /// Configures a [`KafkaProcessor`]; from [`KafkaProcessor::builder`].
 pub struct ProcessorBuilder<St> {
     store: St,
     consumer: ClientConfig,
     producer: Option<ClientConfig>,
     scope: Option<String>,
+    hooks: Option<Arc<dyn ClientHooks>>,
     cfg: Config,
 }
 
@@ -320,6 +352,12 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
         self
     }
 
+    /// Statistics and client errors of the consumer, to `hooks` (see [`ClientHooks`]).
+    pub fn client_hooks(mut self, hooks: impl ClientHooks) -> Self {
+        self.hooks = Some(Arc::new(hooks));
+        self
+    }
+
     /// Static group membership: this consumer is the group member `instance_id`
     /// (`group.instance.id`) across restarts. A restarted process with the same id gets its
     /// partitions back at once, without a rebalance and without waiting out the dead
@@ -352,6 +390,7 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
             mut consumer,
             producer,
             scope,
+            hooks,
             cfg,
         } = self;
         if cfg.topics.is_empty() {
@@ -428,6 +467,7 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
         let context = Ctx {
             partitions: partitions.clone(),
             revoke_timeout: cfg.revoke_timeout,
+            hooks,
         };
         let consumer: BaseConsumer<Ctx> = consumer.create_with_context(context)?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
@@ -513,6 +553,7 @@ impl KafkaProcessor<()> {
             consumer,
             producer: None,
             scope: None,
+            hooks: None,
             cfg: Config {
                 topics: Vec::new(),
                 key_sources: KeySource::defaults(),

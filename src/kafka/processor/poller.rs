@@ -58,43 +58,59 @@ impl Partitions {
     }
 }
 
-/// The consumer's context: drains revoked partitions before librdkafka unassigns them.
+/// The consumer's context: drains revoked partitions before librdkafka unassigns them, and
+/// hands statistics and errors to the user's [`ClientHooks`].
 pub(super) struct Ctx {
     pub(super) partitions: Arc<Partitions>,
     pub(super) revoke_timeout: Duration,
+    pub(super) hooks: Option<Arc<dyn ClientHooks>>,
 }
 
 impl ClientContext for Ctx {
+    /// A client-level error (a broker down, authentication failed): to the hooks, and a
+    /// `warn` event for operators.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(target: "idemkv::kafka", error = %error, reason, "Kafka client error");
+        if let Some(h) = &self.hooks {
+            h.error(&error, reason);
+        }
+    }
+
     /// librdkafka's statistics (every `statistics.interval.ms`): with the `metrics` feature,
     /// the lag of each assigned partition, as the gauge `idemkv_kafka_consumer_lag{topic,
     /// partition}`: messages between the partition's end and the offset the processor has
     /// stored for commit (a message counts until its result is recorded), or the committed
     /// offset, or the partition's start when neither is known yet.
-    #[cfg(feature = "metrics")]
     fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (id, p) in &t.partitions {
-                // -1 is librdkafka's "internal" partition; only assigned ones have a position.
-                if *id < 0 || p.hi_offset < 0 || !p.desired {
-                    continue;
-                }
-                let mut done = p.stored_offset.max(p.committed_offset);
-                if done < 0 {
-                    done = p.lo_offset.max(0);
-                }
-                metrics::gauge!(
-                    "idemkv_kafka_consumer_lag",
-                    "topic" => topic.clone(),
-                    "partition" => id.to_string()
-                )
-                .set((p.hi_offset - done).max(0) as f64);
-            }
+        #[cfg(feature = "metrics")]
+        lag_gauges(&statistics);
+        if let Some(h) = &self.hooks {
+            h.statistics(&statistics);
         }
     }
+}
 
-    /// Without the `metrics` feature the statistics are not asked for; ignored if they come.
-    #[cfg(not(feature = "metrics"))]
-    fn stats(&self, _: rdkafka::Statistics) {}
+/// The gauge `idemkv_kafka_consumer_lag{topic, partition}` from librdkafka's statistics.
+#[cfg(feature = "metrics")]
+fn lag_gauges(statistics: &rdkafka::Statistics) {
+    for (topic, t) in &statistics.topics {
+        for (id, p) in &t.partitions {
+            // -1 is librdkafka's "internal" partition; only assigned ones have a position.
+            if *id < 0 || p.hi_offset < 0 || !p.desired {
+                continue;
+            }
+            let mut done = p.stored_offset.max(p.committed_offset);
+            if done < 0 {
+                done = p.lo_offset.max(0);
+            }
+            metrics::gauge!(
+                "idemkv_kafka_consumer_lag",
+                "topic" => topic.clone(),
+                "partition" => id.to_string()
+            )
+            .set((p.hi_offset - done).max(0) as f64);
+        }
+    }
 }
 
 impl ConsumerContext for Ctx {
