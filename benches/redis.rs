@@ -5,10 +5,13 @@
 //!   (`SET key 1 NX PX 30000`, then `SET key response XX PX 86400000`), pipelined across the
 //!   concurrent callers on one multiplexed connection;
 //! - `RedisStore begin + complete`: our two scripts, same pipelining;
+//! - the same with `client_clock(50 ms)`: the scripts take the time from the caller instead of
+//!   calling `TIME` (one of the issue-14 ideas; the others are in DESIGN.md);
 //! - `embedded begin + complete`: the in-memory store, for scale.
 //!
-//! Prints ops/s, p50 and p99 per row and the ratio to the raw row; rows interleaved over
-//! rounds, median round reported. `.ci/with-redis cargo bench --features redis --bench redis`
+//! Prints ops/s, p50 and p99 per row, the server's time per request (from `INFO
+//! commandstats`, summed over every command) and the ratio to the raw row; rows interleaved
+//! over rounds, median round reported. `.ci/with-redis cargo bench --features redis --bench redis`
 //! (`IDEMKV_BENCH_QUICK=1`: short rows). Writes `target/bench-redis.csv`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,14 +26,15 @@ const RESPONSE: &[u8] = br#"{"id":"o-1","items":[{"sku":"id-17236","count":1}]}"
 #[derive(Clone, Copy)]
 enum Row {
     Raw,
-    Backend,
+    /// Index into the Redis stores.
+    Backend(usize),
     Embedded,
 }
 
 async fn run_row(
     row: Row,
     conn: &redis::aio::ConnectionManager,
-    store: &RedisStore,
+    stores: &[RedisStore],
     embedded: &Store,
     dur: Duration,
     tag: &str,
@@ -40,12 +44,12 @@ async fn run_row(
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CALLERS {
-        let (mut conn, store, embedded, tag) = (
-            conn.clone(),
-            store.clone(),
-            embedded.clone(),
-            tag.to_owned(),
-        );
+        let store = match row {
+            Row::Backend(i) => stores[i].clone(),
+            _ => stores[0].clone(),
+        };
+        let (mut conn, store, embedded, tag) =
+            (conn.clone(), store, embedded.clone(), tag.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while Instant::now() < until {
@@ -74,7 +78,7 @@ async fn run_row(
                             .await
                             .expect("SET XX");
                     }
-                    Row::Backend => {
+                    Row::Backend(_) => {
                         let key = Key::new("bench", &id);
                         let Begin::Acquired(lease) = store
                             .begin(key, Fingerprint::of(b"req"), Duration::from_secs(30))
@@ -122,9 +126,29 @@ async fn run_row(
     (all.len() as f64 / secs, pct(0.5), pct(0.99))
 }
 
-fn median(mut v: Vec<(f64, f64, f64)>) -> (f64, f64, f64) {
+fn median(mut v: Vec<(f64, f64, f64, f64)>) -> (f64, f64, f64, f64) {
     v.sort_by(|a, b| a.0.total_cmp(&b.0));
     v[v.len() / 2]
+}
+
+/// The server's busy time so far, µs: the sum of `usec=` over `INFO commandstats`.
+async fn server_usec(conn: &redis::aio::ConnectionManager) -> f64 {
+    let mut c = conn.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter_map(|l| {
+            l.split("usec=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn main() {
@@ -153,37 +177,49 @@ fn main() {
             .connect()
             .await
             .expect("store");
+        let client_clock = RedisStore::builder(&url)
+            .prefix("bench:idemkv:")
+            .client_clock(Duration::from_millis(50))
+            .connect()
+            .await
+            .expect("store");
+        let stores = [store, client_clock];
         let embedded = Store::in_memory();
         let rows = [
             ("raw SET NX + SET XX", Row::Raw),
-            ("RedisStore begin+complete", Row::Backend),
+            ("RedisStore begin+complete", Row::Backend(0)),
+            ("... with client_clock", Row::Backend(1)),
             ("embedded begin+complete", Row::Embedded),
         ];
-        let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); rows.len()];
+        let mut results: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); rows.len()];
         for round in 0..rounds {
             for (i, (name, row)) in rows.iter().enumerate() {
-                let r = run_row(*row, &conn, &store, &embedded, dur, &format!("r{round}")).await;
-                eprintln!("round {round}: {name}: {:.0} ops/s", r.0);
-                results[i].push(r);
+                let busy = server_usec(&conn).await;
+                let (ops, p50, p99) =
+                    run_row(*row, &conn, &stores, &embedded, dur, &format!("r{round}")).await;
+                let per = (server_usec(&conn).await - busy) / (ops * dur.as_secs_f64()).max(1.0);
+                eprintln!("round {round}: {name}: {ops:.0} ops/s, server {per:.1} µs/request");
+                results[i].push((ops, p50, p99, per));
             }
         }
         let base = median(results[0].clone()).0;
-        let mut csv = String::from("row,ops_per_s,p50_us,p99_us,ratio_to_raw\n");
+        let mut csv =
+            String::from("row,ops_per_s,p50_us,p99_us,server_us_per_request,ratio_to_raw\n");
         println!(
             "\n{CALLERS} concurrent callers, 2 round trips per request, median of {rounds} round(s)"
         );
         println!(
-            "{:<28} {:>10} {:>9} {:>9} {:>8}",
-            "row", "ops/s", "p50 µs", "p99 µs", "vs raw"
+            "{:<28} {:>10} {:>9} {:>9} {:>10} {:>8}",
+            "row", "ops/s", "p50 µs", "p99 µs", "server µs", "vs raw"
         );
         for (i, (name, _)) in rows.iter().enumerate() {
-            let (ops, p50, p99) = median(results[i].clone());
+            let (ops, p50, p99, per) = median(results[i].clone());
             println!(
-                "{name:<28} {ops:>10.0} {p50:>9.0} {p99:>9.0} {:>8.2}",
+                "{name:<28} {ops:>10.0} {p50:>9.0} {p99:>9.0} {per:>10.1} {:>8.2}",
                 ops / base
             );
             csv.push_str(&format!(
-                "{name},{ops:.0},{p50:.0},{p99:.0},{:.3}\n",
+                "{name},{ops:.0},{p50:.0},{p99:.0},{per:.2},{:.3}\n",
                 ops / base
             ));
         }

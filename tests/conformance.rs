@@ -532,6 +532,22 @@ async fn redis() -> Option<idemkv::redis::RedisStore> {
 #[cfg(feature = "redis")]
 suite!(redis_backend, redis().await);
 
+/// The same suite with the client's clock instead of the server's `TIME` (a 20 ms skew
+/// bound: takeovers come that much later).
+#[cfg(feature = "redis")]
+async fn redis_client_clock() -> Option<idemkv::redis::RedisStore> {
+    let url = redis_support::url()?;
+    Some(
+        idemkv::redis::RedisStore::builder(url)
+            .client_clock(Duration::from_millis(20))
+            .connect()
+            .await
+            .unwrap(),
+    )
+}
+#[cfg(feature = "redis")]
+suite!(redis_client_clock_backend, redis_client_clock().await);
+
 /// The same suite on a real Redis Cluster (three masters, a replica each) of this test run's
 /// own: scripts routed by slot, sharded pub/sub for waiters.
 #[cfg(feature = "redis")]
@@ -641,4 +657,37 @@ async fn redis_counts_its_operations() {
         (1, 1, 1),
         "{s:?} (released {token})"
     );
+}
+
+/// With the client's clock, a lease is taken over only once it is past its deadline by more
+/// than the skew bound: a caller whose clock runs ahead by up to the bound never takes over a
+/// live holder.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_clock_delays_takeovers_by_the_skew_bound() {
+    let Some(url) = redis_support::url() else {
+        return;
+    };
+    let store = idemkv::redis::RedisStore::builder(&url)
+        .client_clock(Duration::from_millis(600))
+        .connect()
+        .await
+        .unwrap();
+    let sc = scope("skew");
+    let key = Key::new(&sc, "k");
+    let first = acquire(&store, key, Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Past the deadline, within the bound: still held.
+    assert!(matches!(
+        store.begin(key, FP, LONG).await.unwrap(),
+        Begin::InProgress { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    match store.begin(key, FP, LONG).await.unwrap() {
+        Begin::Acquired(l) => {
+            assert!(l.is_takeover());
+            assert!(l.token() > first.token());
+        }
+        other => panic!("{other:?}"),
+    }
 }

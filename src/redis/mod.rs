@@ -112,6 +112,37 @@ pub fn colocated_id(id: &str, anchor: &str) -> Option<String> {
     Some(format!("{id}{{{tag}}}"))
 }
 
+/// This process's clock: ms and µs since the epoch.
+fn client_now() -> (u64, u64) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_millis() as u64, d.as_micros() as u64)
+}
+
+/// With a client clock: refuses to start when this clock and the server's differ by more
+/// than `max_skew` (the server's `TIME` is compared with the middle of its round trip).
+async fn check_skew(conn: &Conn, max_skew: Duration) -> Result<(), Error> {
+    let mut c = conn.clone();
+    let before = client_now().1;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut c)
+        .await
+        .map_err(unavailable)?;
+    let after = client_now().1;
+    let server = secs * 1_000_000 + micros;
+    let mid = before / 2 + after / 2;
+    let skew = Duration::from_micros(server.abs_diff(mid));
+    if skew > max_skew {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "this clock and the Redis server's differ by {skew:?}, more than the client clock's bound of {max_skew:?}"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Configures a [`RedisStore`]; from [`RedisStore::builder`].
 #[derive(Clone, Debug)]
 pub struct RedisStoreBuilder {
@@ -120,6 +151,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     single_slot_batches: bool,
     replicas: Option<(u32, Duration)>,
+    client_clock: Option<Duration>,
     default_ttl: Duration,
     pending_ttl: Duration,
     lease_retention: Duration,
@@ -171,6 +203,20 @@ impl RedisStoreBuilder {
     /// `replicas == 0` turns it off (the default).
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// Scripts take the time from this process's clock instead of calling the server's
+    /// `TIME`, which costs a third of a begin's server time (see DESIGN.md, "What was
+    /// measured"). Every process sharing the store must then keep its clock within
+    /// `max_skew` of the others (NTP does, by milliseconds): a lease is taken over only once
+    /// it is past its deadline by more than `max_skew`, so a process whose clock runs ahead
+    /// by up to that much never takes over a live holder; TTLs shift by the skew. `connect`
+    /// compares this clock with the server's once and refuses to start (with
+    /// [`Error::InvalidConfig`]) when they differ by more than `max_skew`. Leases should be
+    /// well above `max_skew`. Off by default (server time: no assumption about clocks).
+    pub fn client_clock(mut self, max_skew: Duration) -> Self {
+        self.client_clock = Some(max_skew);
         self
     }
 
@@ -305,7 +351,11 @@ impl RedisStoreBuilder {
                 )
             }
         };
-        let script = |body: &str| Script::new(&scripts::with_prelude(body, publish));
+        if let Some(skew) = self.client_clock {
+            check_skew(&conn, skew).await?;
+        }
+        let client_clock = self.client_clock.is_some();
+        let script = |body: &str| Script::new(&scripts::with_prelude(body, publish, client_clock));
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 health: replies::Health::default(),
@@ -462,6 +512,7 @@ impl RedisStore {
             prefix: "idemkv:".into(),
             single_slot_batches: false,
             replicas: None,
+            client_clock: None,
             default_ttl: DAY,
             pending_ttl: DAY,
             lease_retention: DAY,
@@ -475,6 +526,19 @@ impl RedisStore {
 
     fn conn(&self) -> Conn {
         self.inner.conn.clone()
+    }
+
+    /// A script invocation with the client clock's arguments appended (its last three
+    /// ARGV, read by the script's prelude), when the store uses one.
+    fn stamp<'a, 'b>(
+        &self,
+        inv: &'a mut redis::ScriptInvocation<'b>,
+    ) -> &'a mut redis::ScriptInvocation<'b> {
+        if let Some(skew) = self.cfg().client_clock {
+            let (now, us) = client_now();
+            inv.arg(now).arg(us).arg(ms(skew));
+        }
+        inv
     }
 
     /// With [`RedisStoreBuilder::wait_for_replicas`]: waits until the replicas of the master
@@ -632,13 +696,16 @@ impl RedisStore {
             });
         }
         let reply: Vec<Value> = self
-            .inner
-            .scripts
-            .begin
-            .key(&rk)
-            .arg(fingerprint.as_bytes().as_slice())
-            .arg(lease_ms)
-            .arg(ms(self.cfg().lease_retention))
+            .stamp(
+                self.inner
+                    .scripts
+                    .begin
+                    .prepare_invoke()
+                    .key(&rk)
+                    .arg(fingerprint.as_bytes().as_slice())
+                    .arg(lease_ms)
+                    .arg(ms(self.cfg().lease_retention)),
+            )
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;

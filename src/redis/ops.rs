@@ -76,11 +76,14 @@ impl IdempotencyStore for RedisStore {
             c.map.lock().remove(&rk);
         }
         let n: i64 = self
-            .inner
-            .scripts
-            .remove
-            .key(&rk)
-            .key(Self::channel(&rk))
+            .stamp(
+                self.inner
+                    .scripts
+                    .remove
+                    .prepare_invoke()
+                    .key(&rk)
+                    .key(Self::channel(&rk)),
+            )
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
@@ -102,14 +105,17 @@ impl IdempotencyStore for RedisStore {
         let (op, version, value) = cas_args(&write.op);
         let rk = self.redis_key(key);
         let reply: Vec<Value> = self
-            .inner
-            .scripts
-            .cas
-            .key(&rk)
-            .arg(op)
-            .arg(version)
-            .arg(value)
-            .arg(write.ttl.map_or(0, ms))
+            .stamp(
+                self.inner
+                    .scripts
+                    .cas
+                    .prepare_invoke()
+                    .key(&rk)
+                    .arg(op)
+                    .arg(version)
+                    .arg(value)
+                    .arg(write.ttl.map_or(0, ms)),
+            )
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
@@ -140,12 +146,15 @@ impl IdempotencyStore for RedisStore {
         };
         let rk = self.redis_key(key);
         let reply: Vec<Value> = self
-            .inner
-            .scripts
-            .put_pending
-            .key(&rk)
-            .arg(payload)
-            .arg(ttl_ms)
+            .stamp(
+                self.inner
+                    .scripts
+                    .put_pending
+                    .prepare_invoke()
+                    .key(&rk)
+                    .arg(payload)
+                    .arg(ttl_ms),
+            )
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
@@ -167,13 +176,16 @@ impl IdempotencyStore for RedisStore {
         let lease_ms = nonzero(lease, "the lease duration")?;
         let rk = self.redis_key(key);
         let reply: Vec<Value> = self
-            .inner
-            .scripts
-            .take_pending
-            .key(&rk)
-            .arg(lease_ms)
-            .arg(ms(self.cfg().lease_retention))
-            .arg(Fingerprint::NONE.as_bytes().as_slice())
+            .stamp(
+                self.inner
+                    .scripts
+                    .take_pending
+                    .prepare_invoke()
+                    .key(&rk)
+                    .arg(lease_ms)
+                    .arg(ms(self.cfg().lease_retention))
+                    .arg(Fingerprint::NONE.as_bytes().as_slice()),
+            )
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
@@ -294,7 +306,8 @@ impl RedisStore {
             let (op, version, value) = cas_args(&w.op);
             inv.arg(op).arg(version).arg(value).arg(w.ttl.map_or(0, ms));
         }
-        let reply: Vec<Value> = inv
+        let reply: Vec<Value> = self
+            .stamp(&mut inv)
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
@@ -321,13 +334,16 @@ impl RedisStore {
     async fn release_once(&self, lease: Lease) -> Result<(), Error> {
         let rk = self.redis_key(lease.key());
         let reply: i64 = self
-            .inner
-            .scripts
-            .release
-            .key(&rk)
-            .key(Self::channel(&rk))
-            .arg(lease.token())
-            .arg(ms(self.cfg().pending_ttl))
+            .stamp(
+                self.inner
+                    .scripts
+                    .release
+                    .prepare_invoke()
+                    .key(&rk)
+                    .key(Self::channel(&rk))
+                    .arg(lease.token())
+                    .arg(ms(self.cfg().pending_ttl)),
+            )
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;
@@ -343,13 +359,16 @@ impl RedisStore {
         let extend_ms = nonzero(extend, "the lease extension")?;
         let rk = self.redis_key(lease.key());
         let reply: i64 = self
-            .inner
-            .scripts
-            .renew
-            .key(&rk)
-            .arg(lease.token())
-            .arg(extend_ms)
-            .arg(ms(self.cfg().lease_retention))
+            .stamp(
+                self.inner
+                    .scripts
+                    .renew
+                    .prepare_invoke()
+                    .key(&rk)
+                    .arg(lease.token())
+                    .arg(extend_ms)
+                    .arg(ms(self.cfg().lease_retention)),
+            )
             .invoke_async(&mut self.conn())
             .await
             .observed(&self.inner.health)?;

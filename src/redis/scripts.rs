@@ -12,19 +12,41 @@
 //! | `f` | request fingerprint, 16 bytes (`i`, `ip`, `c`) |
 //! | `r` | response (`c`), payload (`p`, `ip`) or value (`v`) |
 //! | `ca`, `ea` | completed at / expires at, ms (`c`, `p`; `ea` of a value, 0 = never) |
+//! | `w` | set (`1`) once a `begin` has found the lease held (`i`): someone may be waiting, so the completion or release publishes; without it they publish nothing |
 //!
-//! Time is the server's (`TIME`), so replicas with skewed clocks agree. Tokens and versions
+//! A completed record is written over its lease's fields, so it may keep the lease's `t`,
+//! `d` and `w`; nothing reads them in a completed record.
+//!
+//! Time is the server's (`TIME`), so replicas with skewed clocks agree; or, with
+//! `client_clock(max_skew)`, the caller's, with leases taken over only once past by more than
+//! the skew (`TIME` costs more than any other call a script makes). Tokens and versions
 //! are `max(previous + 1, server time in µs)`: strictly increasing per key even across a
 //! delete or an expiry, and exact in Lua's doubles (below 2^53 until the year 2255).
 //! Every record has a `PEXPIREAT` at the moment the embedded store would consider it dead,
-//! so Redis enforces the TTLs. Completion, release and removal publish on the key's channel
-//! (`<key>` prefixed by the notify prefix) for waiters.
+//! so Redis enforces the TTLs. Completion and release publish on the key's channel (`<key>`
+//! prefixed by the notify prefix) when a waiter may exist (`w`), removal always.
 
-/// Common prelude: server time and token helpers.
-const PRELUDE: &str = r#"
+/// The clock, from the server: `now` (ms), `us` (µs), and `late`, the time a lease must be
+/// past to count as expired (here `now` itself).
+const SERVER_TIME: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local late = now
+"#;
+
+/// The clock, from the caller (`RedisStoreBuilder::client_clock`): the last three ARGV are
+/// its ms, its µs and the bound on clock skew (ms). A lease counts as expired only once it is
+/// past by more than the skew, so a caller whose clock runs ahead (by at most the bound)
+/// never takes over a lease its holder still has by its own clock.
+const CLIENT_TIME: &str = r#"
+local now = tonumber(ARGV[#ARGV - 2])
+local us = tonumber(ARGV[#ARGV - 1])
+local late = now - tonumber(ARGV[#ARGV])
+"#;
+
+/// Common prelude: token helpers.
+const PRELUDE: &str = r#"
 -- Numbers passed to redis.call are printed with %.17g by Redis's Lua: integers below 2^53
 -- (tokens, millisecond times) are written exactly.
 local function next_token(prev)
@@ -55,7 +77,11 @@ if k == 'c' then
 end
 if k == 'i' then
   if h[4] ~= fp then return {3} end
-  if tonumber(h[3]) > now then return {0, tonumber(h[3])} end
+  if tonumber(h[3]) > late then
+    -- Someone may wait for this holder: its completion or release must publish.
+    redis.call('HSET', KEYS[1], 'w', 1)
+    return {0, tonumber(h[3])}
+  end
   return acquire(h[2], 1)
 end
 return {-1, k}
@@ -66,7 +92,7 @@ return {-1, k}
 /// ttl ms (0: none). Returns {1, expires_at} | {-2} stale | {-3, index, current or -1} |
 /// {-4, index, kind}
 pub(crate) const COMPLETE: &str = r#"
-local h = redis.call('HMGET', KEYS[1], 'k', 't', 'f')
+local h = redis.call('HMGET', KEYS[1], 'k', 't', 'f', 'w')
 if (h[1] ~= 'i' and h[1] ~= 'ip') or tonumber(h[2]) ~= tonumber(ARGV[1]) then return {-2} end
 local n = #KEYS - 2
 local current = {}
@@ -88,7 +114,7 @@ for i = 1, n do
 end
 local ea = now + tonumber(ARGV[3])
 local fp = h[3]
-redis.call('DEL', KEYS[1])
+-- Over the lease's fields (its `t`, `d` and `w` stay, unread in a completed record): no DEL.
 redis.call('HSET', KEYS[1], 'k', 'c', 'r', ARGV[2], 'f', fp, 'ca', now, 'ea', ea)
 redis.call('PEXPIREAT', KEYS[1], ea)
 for i = 1, n do
@@ -106,13 +132,13 @@ for i = 1, n do
     if wea > 0 then redis.call('PEXPIREAT', key, wea) end
   end
 end
-redis.call('PUBLISH', KEYS[2], '1')
+if h[4] then redis.call('PUBLISH', KEYS[2], '1') end
 return {1, ea}
 "#;
 
 /// KEYS: record, channel. ARGV: token, pending ttl ms. Returns 1 | -2 stale.
 pub(crate) const RELEASE: &str = r#"
-local h = redis.call('HMGET', KEYS[1], 'k', 't')
+local h = redis.call('HMGET', KEYS[1], 'k', 't', 'w')
 if (h[1] ~= 'i' and h[1] ~= 'ip') or tonumber(h[2]) ~= tonumber(ARGV[1]) then return -2 end
 if h[1] == 'ip' then
   local ea = now + tonumber(ARGV[2])
@@ -122,7 +148,7 @@ if h[1] == 'ip' then
 else
   redis.call('DEL', KEYS[1])
 end
-redis.call('PUBLISH', KEYS[2], '1')
+if h[3] then redis.call('PUBLISH', KEYS[2], '1') end
 return 1
 "#;
 
@@ -205,7 +231,7 @@ local function acquire(takeover)
 end
 if k == 'p' then return acquire(0) end
 if k == 'ip' then
-  if tonumber(h[3]) > now then return {2, tonumber(h[3])} end
+  if tonumber(h[3]) > late then return {2, tonumber(h[3])} end
   return acquire(1)
 end
 if k == 'c' then return {3, h[4], tonumber(h[5]), tonumber(h[6]), h[7]} end
@@ -215,7 +241,12 @@ return {-1, k}
 /// The script with the prelude in front, publishing with `publish`: `PUBLISH` on one server,
 /// `SPUBLISH` on a cluster (the channel is in the key's slot, so it is one of the script's
 /// keys there).
-pub(crate) fn with_prelude(body: &str, publish: &str) -> String {
+pub(crate) fn with_prelude(body: &str, publish: &str, client_clock: bool) -> String {
     let body = body.replace("redis.call('PUBLISH'", &format!("redis.call('{publish}'"));
-    format!("{PRELUDE}{body}")
+    let clock = if client_clock {
+        CLIENT_TIME
+    } else {
+        SERVER_TIME
+    };
+    format!("{clock}{PRELUDE}{body}")
 }
