@@ -190,12 +190,15 @@ fn create_topics(brokers: &str) {
     });
 }
 
+/// Per request key: when its first reply came, and the order ids its replies named.
+type Replies = HashMap<String, (Instant, HashSet<String>)>;
+
 /// The test side: sends one request every `every` while `sending` is set (key `<run>-<n>`),
 /// and reads every reply. Replies per key: the order ids they name, and when the first came.
 struct Traffic {
     sent: Arc<AtomicUsize>,
     sending: Arc<AtomicBool>,
-    replies: Arc<Mutex<HashMap<String, (Instant, HashSet<String>)>>>,
+    replies: Arc<Mutex<Replies>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -351,7 +354,7 @@ impl Traffic {
         );
     }
 
-    fn stop(self) -> HashMap<String, (Instant, HashSet<String>)> {
+    fn stop(self) -> Replies {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             t.join().unwrap();

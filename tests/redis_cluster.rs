@@ -112,7 +112,10 @@ async fn waiters_batches_and_listings_on_a_cluster() {
     for i in 0..30 {
         let k = OwnedKey::new("listed", format!("v-{i}"));
         shards.insert(cluster.master_of(&store.redis_key(k.as_key())));
-        store.cas(&Write::put_if_absent(k, "1")).await.unwrap();
+        assert!(matches!(
+            store.cas(&Write::put_if_absent(k, "1")).await.unwrap(),
+            idemkv::CasOutcome::Applied { .. }
+        ));
     }
     assert_eq!(shards.len(), 3, "the keys cover every shard");
     let mut ids: Vec<String> = store

@@ -223,6 +223,7 @@ impl RedisStoreBuilder {
     /// Trust the CA certificate(s) in `pem` for `rediss://` servers, instead of the system's
     /// roots (feature `redis-tls`).
     #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
     pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls.root_cert = Some(pem.into());
         self
@@ -231,6 +232,7 @@ impl RedisStoreBuilder {
     /// Present this client certificate and key (PEM) to `rediss://` servers: mutual TLS
     /// (feature `redis-tls`).
     #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
     pub fn tls_client_cert(
         mut self,
         cert_pem: impl Into<Vec<u8>>,

@@ -25,7 +25,9 @@ pub(super) struct Notifier {
     pub(super) waiters: Arc<Mutex<Waiters>>,
 }
 
-/// What a pub/sub connection is opened from.
+/// What a pub/sub connection is opened from. One per store, built once and never moved on
+/// a request's path, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Source {
     Single(redis::Client),
     /// Built with RESP3 and a push sender that wakes the waiters (`cluster_pushes`).

@@ -5,7 +5,7 @@
 //! own before that aborts the run with its output shown); otherwise `None`, said
 //! loudly on stderr — and a failure under `CI=true`, where a skipped backend would be a blind
 //! test.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //! (a static binary; `../shared/KAFKA-NOTES.md`), installed into a venv under `target/` when
 //! missing, started on a free loopback port with in-memory storage, killed when dropped.
 //! Without Python or network the tests are skipped loudly — a failure under `CI=true`.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
