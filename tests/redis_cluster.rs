@@ -131,6 +131,16 @@ async fn waiters_batches_and_listings_on_a_cluster() {
     assert_eq!(ids, want);
 }
 
+/// The cluster once it is whole again (`Cluster::wait_ok`, off the runtime's threads).
+async fn settled(cluster: Cluster) -> Cluster {
+    tokio::task::spawn_blocking(move || {
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    })
+    .await
+    .unwrap()
+}
+
 /// What one worker saw for one key.
 #[derive(Debug)]
 struct Outcome {
@@ -192,12 +202,7 @@ async fn a_master_killed_under_load_fails_over_without_losing_acknowledged_chang
     cluster.kill(victim);
     let killed_at = Instant::now();
     // The replica takes over (node timeout 1 s, then an election).
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.wait_ok(Duration::from_secs(30));
-        cluster
-    })
-    .await
-    .unwrap();
+    let cluster = settled(cluster).await;
     eprintln!(
         "cluster_state:ok again {:?} after the kill",
         killed_at.elapsed()
@@ -225,12 +230,7 @@ async fn a_master_killed_under_load_fails_over_without_losing_acknowledged_chang
     eprintln!("on the shard without a replica: {refused:?}");
     assert!(refused.is_some(), "the replica wait never refused");
     cluster.restart(victim);
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.wait_ok(Duration::from_secs(30));
-        cluster
-    })
-    .await
-    .unwrap();
+    let cluster = settled(cluster).await;
     eprintln!(
         "the killed server is back as a replica {:?} after the kill",
         killed_at.elapsed()

@@ -53,24 +53,7 @@ fn start() -> Option<String> {
     let dir = tempfile::tempdir().ok()?.keep();
     let mut server = spawn(port, &dir);
     let output = child::Stderr::capture(&mut server, "redis-server");
-    // A watchdog stops the server when this process exits, however it exits.
-    let watchdog = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill {pid}; rm -rf '{dir}'",
-        me = std::process::id(),
-        pid = server.id(),
-        dir = dir.display()
-    );
-    // Never waited for: it must outlive this process (init reaps it).
-    #[allow(clippy::zombie_processes)]
-    Command::new("sh")
-        .args(["-c", &watchdog])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        // Inherited, not discarded: should the watchdog fail (say, `kill` refused), what it
-        // says reaches the test run's output.
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the redis-server watchdog");
+    watchdog(&[server.id()], "", &dir);
     // While this process lives, the server may only die by the watchdog's hand, after it: a
     // server that exits on its own fails the run, with its output shown. Written to fd 2
     // directly (not through the test harness's capture, which an abort would discard).
@@ -97,6 +80,29 @@ fn start() -> Option<String> {
         "redis-server on port {port} did not answer within 10 s; its output:\n{}",
         output.text()
     );
+}
+
+/// A watchdog that kills `pids` (with `kill {signal}`) and removes `dir` when this process
+/// exits, however it exits.
+fn watchdog(pids: &[u32], signal: &str, dir: &std::path::Path) {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill {signal} {pids} 2>/dev/null; rm -rf '{dir}'",
+        me = std::process::id(),
+        pids = pids.join(" "),
+        dir = dir.display()
+    );
+    // Never waited for: it must outlive this process (init reaps it).
+    #[allow(clippy::zombie_processes)]
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // Inherited, not discarded: should the watchdog fail, what it says reaches the test
+        // run's output.
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the redis-server watchdog");
 }
 
 /// `redis-server` on `port`, its log (which it writes to stdout) sent to a piped stderr, so
@@ -169,24 +175,12 @@ impl Cluster {
                 output,
             });
         }
-        let pids: Vec<String> = nodes
+        let pids: Vec<u32> = nodes
             .iter()
-            .map(|n| n.child.as_ref().unwrap().id().to_string())
+            .map(|n| n.child.as_ref().unwrap().id())
             .collect();
-        let watchdog = format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pids} 2>/dev/null; rm -rf '{dir}'",
-            me = std::process::id(),
-            pids = pids.join(" "),
-            dir = dir.display()
-        );
-        #[allow(clippy::zombie_processes)]
-        Command::new("sh")
-            .args(["-c", &watchdog])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the cluster watchdog");
+        // SIGKILL: a node the test killed and restarted has a new pid (`Drop` stops it).
+        watchdog(&pids, "-9", &dir);
         let cluster = Cluster { nodes, dir };
         let until = Instant::now() + Duration::from_secs(10);
         while !cluster.nodes.iter().all(|n| ping(n.port)) {
