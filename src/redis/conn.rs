@@ -151,8 +151,6 @@ impl Tls {
         if self.root_cert.is_none() && self.client.is_none() {
             return None;
         }
-        // Both connect paths build a rustls config from the process's default provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         Some(redis::TlsCertificates {
             client_tls: self.client.clone().map(|(client_cert, client_key)| {
                 redis::ClientTlsConfig {
@@ -164,9 +162,16 @@ impl Tls {
         })
     }
 
-    /// A cluster client for `nodes`, with this TLS material if any was given.
-    pub(super) fn cluster_builder(&self, nodes: &[String]) -> redis::cluster::ClusterClientBuilder {
-        let b = ClusterClient::builder(nodes.iter().map(String::as_str));
+    /// A cluster client for `nodes` whose connects and responses time out after `timeout`,
+    /// with this TLS material if any was given.
+    pub(super) fn cluster_builder(
+        &self,
+        nodes: &[String],
+        timeout: Duration,
+    ) -> redis::cluster::ClusterClientBuilder {
+        let b = ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
         #[cfg(feature = "redis-tls")]
         if let Some(certs) = self.certificates() {
             return b.certs(certs);
@@ -175,8 +180,9 @@ impl Tls {
     }
 }
 
-/// Installs ring as rustls's process-wide provider if none is yet: `rediss://` without
-/// explicit certificates still builds a rustls config.
+/// Installs ring as rustls's process-wide provider if none is yet: every TLS connection
+/// (with or without our own certificates) builds its rustls config from it. Called once, by
+/// `connect`.
 pub(super) fn install_tls_provider() {
     #[cfg(feature = "redis-tls")]
     {

@@ -54,6 +54,27 @@ pub(super) fn slot(tag: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// `id` with the hash tag of `anchor` appended (`<id>{<tag>}`), so that a record under it lands
+/// in the same Redis Cluster slot as a record under `anchor`, and the two can be written in
+/// one completion batch. `None` when that cannot be done: `id` has a `{` of its own, or
+/// `anchor`'s tag has a `}` (an anchor like `a}b` with no `{…}` is its own tag).
+///
+/// ```
+/// let order = idemkv::redis::colocated_id("7d3f", "9b1c-retry-key").unwrap();
+/// assert_eq!(order, "7d3f{9b1c-retry-key}");
+/// assert_eq!(idemkv::redis::colocated_id("7d3f", "pay{o-17}").unwrap(), "7d3f{o-17}");
+/// assert_eq!(idemkv::redis::colocated_id("x{y", "k"), None);
+/// ```
+pub fn colocated_id(id: &str, anchor: &str) -> Option<String> {
+    let tag = hash_tag(anchor.as_bytes());
+    if id.contains('{') || tag.contains(&b'}') {
+        return None;
+    }
+    // The tag is bounded by ASCII braces (or is the whole anchor), so it is UTF-8.
+    let tag = std::str::from_utf8(tag).ok()?;
+    Some(format!("{id}{{{tag}}}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

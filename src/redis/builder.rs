@@ -1,0 +1,277 @@
+//! The builder of a [`RedisStore`]: its settings, and `connect`, which checks them, opens the
+//! connection (one server or a cluster), and loads the scripts for that topology and clock.
+
+use super::*;
+
+/// This process's clock: ms and µs since the epoch.
+pub(super) fn client_now() -> (u64, u64) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_millis() as u64, d.as_micros() as u64)
+}
+
+/// With a client clock: refuses to start when this clock and the server's differ by more
+/// than `max_skew` (the server's `TIME` is compared with the middle of its round trip).
+async fn check_skew(conn: &Conn, max_skew: Duration) -> Result<(), Error> {
+    let mut c = conn.clone();
+    let before = client_now().1;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut c)
+        .await
+        .map_err(unavailable)?;
+    let after = client_now().1;
+    let server = secs * 1_000_000 + micros;
+    let mid = before / 2 + after / 2;
+    let skew = Duration::from_micros(server.abs_diff(mid));
+    if skew > max_skew {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "this clock and the Redis server's differ by {skew:?}, more than the client clock's bound of {max_skew:?}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Configures a [`RedisStore`]; from [`RedisStore::builder`].
+#[derive(Clone, Debug)]
+pub struct RedisStoreBuilder {
+    pub(super) topology: Topology,
+    pub(super) tls: Tls,
+    pub(super) prefix: String,
+    pub(super) single_slot_batches: bool,
+    pub(super) replicas: Option<(u32, Duration)>,
+    pub(super) client_clock: Option<Duration>,
+    pub(super) default_ttl: Duration,
+    pub(super) pending_ttl: Duration,
+    pub(super) lease_retention: Duration,
+    pub(super) max_key_len: usize,
+    pub(super) max_value_len: usize,
+    pub(super) max_batch: usize,
+    pub(super) timeout: Duration,
+    pub(super) cache: Option<(usize, Duration)>,
+}
+
+impl RedisStoreBuilder {
+    /// Keeps up to `entries` completed records in this process for at most `max_age`, so a
+    /// replay of a recent request is answered without a round trip.
+    ///
+    /// Completed records never change until they expire or are removed by hand, so the only
+    /// staleness is this: a record [`remove`](IdempotencyStore::remove)d through *another*
+    /// process (or expired early by an operator) may still be replayed here for up to
+    /// `max_age`. Expiry is checked against the record's `expires_at` (server time) with this
+    /// machine's clock, so clock skew between them shifts it by the skew. Removal through
+    /// this store drops the entry at once. Off by default.
+    pub fn cache(mut self, entries: usize, max_age: Duration) -> Self {
+        self.cache = (entries > 0 && !max_age.is_zero()).then_some((entries, max_age));
+        self
+    }
+
+    /// Prefix of every key (default `idemkv:`); one Redis can hold several stores.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Refuse completion batches whose keys map to different Redis Cluster slots, on a
+    /// single URL too: for a proxy in front of a cluster. Always on for a store made by
+    /// [`RedisStore::cluster`]; off by default for one server, which accepts any batch.
+    pub fn single_slot_batches(mut self, on: bool) -> Self {
+        self.single_slot_batches = on;
+        self
+    }
+
+    /// After every change a caller is told of (an acquired lease, a renewal, a completion and
+    /// its batch, a release, a compare-and-set, a removal, a pending request stored or taken),
+    /// wait until `replicas` replicas of the master have it (`WAIT replicas timeout`), so a
+    /// failover does not lose it (see the [module docs](self) for what each setting
+    /// survives). If fewer have it within `timeout`, the operation fails with
+    /// [`Error::Unavailable`]; the change was made on the master and may or may not survive,
+    /// so the caller treats the outcome as unknown and retries (a retry of a completed request
+    /// replays it). Costs a replication round trip per change, and `WAIT` holds the master's
+    /// connection meanwhile. `timeout` must be shorter than [`timeout`](Self::timeout).
+    /// `replicas == 0` turns it off (the default).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// Scripts take the time from this process's clock instead of calling the server's
+    /// `TIME`, which costs a third of a begin's server time (see DESIGN.md, "What was
+    /// measured"). Every process sharing the store must then keep its clock within
+    /// `max_skew` of the others (NTP does, by milliseconds): a lease is taken over only once
+    /// it is past its deadline by more than `max_skew`, so a process whose clock runs ahead
+    /// by up to that much never takes over a live holder; TTLs shift by the skew. `connect`
+    /// compares this clock with the server's once and refuses to start (with
+    /// [`Error::InvalidConfig`]) when they differ by more than `max_skew`. Leases should be
+    /// well above `max_skew`. Off by default (server time: no assumption about clocks).
+    pub fn client_clock(mut self, max_skew: Duration) -> Self {
+        self.client_clock = Some(max_skew);
+        self
+    }
+
+    /// Trust the CA certificate(s) in `pem` for `rediss://` servers, instead of the system's
+    /// roots (feature `redis-tls`).
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_cert = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) to `rediss://` servers: mutual TLS
+    /// (feature `redis-tls`).
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn tls_client_cert(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// TTL of completed records (default 24 h).
+    pub fn default_ttl(mut self, d: Duration) -> Self {
+        self.default_ttl = d;
+        self
+    }
+
+    /// TTL of pending requests and of released pending requests (default 24 h).
+    pub fn pending_ttl(mut self, d: Duration) -> Self {
+        self.pending_ttl = d;
+        self
+    }
+
+    /// How long an expired lease is kept, so a late retry learns it is a takeover (24 h).
+    pub fn lease_retention(mut self, d: Duration) -> Self {
+        self.lease_retention = d;
+        self
+    }
+
+    /// Longest key id accepted (default 255 bytes, as the embedded store).
+    pub fn max_key_len(mut self, n: usize) -> Self {
+        self.max_key_len = n;
+        self
+    }
+
+    /// Largest value accepted (default 1 MiB).
+    pub fn max_value_len(mut self, n: usize) -> Self {
+        self.max_value_len = n;
+        self
+    }
+
+    /// How long one command may take before it fails with [`Error::Unavailable`] (default
+    /// 2 s). The connection reconnects on its own.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// Connects (and fails with [`Error::Unavailable`] if the server cannot be reached).
+    pub async fn connect(self) -> Result<RedisStore, Error> {
+        for (d, what) in [
+            (self.default_ttl, "the default ttl"),
+            (self.pending_ttl, "the pending ttl"),
+            (self.lease_retention, "the lease retention"),
+        ] {
+            nonzero(d, what)?;
+        }
+        if let Some((_, wait)) = self.replicas
+            && wait >= self.timeout
+        {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "the replica wait ({wait:?}) must be shorter than the command timeout ({:?})",
+                    self.timeout
+                ),
+            });
+        }
+        let bad_url = |e: redis::RedisError| Error::InvalidConfig {
+            reason: format!("redis url: {e}"),
+        };
+        conn::install_tls_provider();
+        let waiters: Arc<Mutex<notifier::Waiters>> = Arc::default();
+        let (conn, source, publish) = match &self.topology {
+            Topology::Single(url) => {
+                let client = self.tls.client(url).map_err(bad_url)?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(2);
+                let conn = ConnectionManager::new_with_config(client.clone(), config)
+                    .await
+                    .map_err(unavailable)?;
+                (
+                    Conn::Single(conn),
+                    notifier::Source::Single(client),
+                    "PUBLISH",
+                )
+            }
+            Topology::Cluster(nodes) => {
+                if nodes.is_empty() {
+                    return Err(Error::InvalidConfig {
+                        reason: "a Redis Cluster needs at least one seed node".into(),
+                    });
+                }
+                // Commands: retried through `MOVED`, `ASK` and failovers for at most the
+                // configured timeout in all (the default retry budget is much longer).
+                let client = self
+                    .tls
+                    .cluster_builder(nodes, self.timeout)
+                    .overall_response_timeout(Some(self.timeout))
+                    .build()
+                    .map_err(bad_url)?;
+                let conn = client.get_async_connection().await.map_err(unavailable)?;
+                // Pub/sub: RESP3 pushes (sharded subscriptions need them) into the waiters.
+                let pubsub = self
+                    .tls
+                    .cluster_builder(nodes, self.timeout)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(notifier::cluster_pushes(Arc::downgrade(&waiters)))
+                    .build()
+                    .map_err(bad_url)?;
+                (
+                    Conn::Cluster(conn),
+                    notifier::Source::Cluster(pubsub),
+                    "SPUBLISH",
+                )
+            }
+        };
+        if let Some(skew) = self.client_clock {
+            check_skew(&conn, skew).await?;
+        }
+        let client_clock = self.client_clock.is_some();
+        let script = |body: &str| Script::new(&scripts::with_prelude(body, publish, client_clock));
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                health: replies::Health::default(),
+                counts: Counts::default(),
+                cache: self.cache.map(|(entries, max_age)| Cache {
+                    entries,
+                    max_age,
+                    map: Mutex::new(HashMap::new()),
+                }),
+                conn,
+                notifier: Notifier {
+                    source,
+                    sink: tokio::sync::Mutex::new(None),
+                    waiters,
+                },
+                scripts: Scripts {
+                    begin: script(scripts::BEGIN),
+                    complete: script(scripts::COMPLETE),
+                    release: script(scripts::RELEASE),
+                    renew: script(scripts::RENEW),
+                    remove: script(scripts::REMOVE),
+                    cas: script(scripts::CAS),
+                    put_pending: script(scripts::PUT_PENDING),
+                    take_pending: script(scripts::TAKE_PENDING),
+                },
+                cfg: self,
+            }),
+        })
+    }
+}
