@@ -36,7 +36,7 @@ use std::time::Duration;
 use idemkv::kafka::{
     HandlerError, Incoming, KafkaProcessor, MockKafka, Outcome, Request, Requester,
 };
-use idemkv::{Either, OwnedKey, Store, Write};
+use idemkv::{Either, Fingerprint, OwnedKey, Store, Write};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
@@ -129,7 +129,6 @@ async fn create_order(msg: Incoming) -> Result<Outcome, HandlerError> {
 /// `kafka_orders-<host>-<digest of the data directory's absolute path>`: stable across
 /// restarts of the process that owns that directory.
 fn auto_instance_id(data: &str) -> String {
-    use std::hash::{Hash, Hasher};
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -147,24 +146,14 @@ fn auto_instance_id(data: &str) -> String {
         .take(64)
         .collect();
     let path = std::path::absolute(data).unwrap_or_else(|_| data.into());
-    // A fixed function (not the randomly seeded default hasher), so the id survives restarts.
-    let mut h = FixedHasher(0xcbf2_9ce4_8422_2325);
-    path.hash(&mut h);
-    format!("kafka_orders-{host}-{:016x}", h.finish())
-}
-
-/// FNV-1a: stable across processes and builds.
-struct FixedHasher(u64);
-
-impl std::hash::Hasher for FixedHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
+    // A fixed, specified hash (XXH3-128, the request fingerprint's), so the id survives
+    // restarts and rebuilds; 8 of its bytes are plenty to tell directories apart.
+    let digest = Fingerprint::of(path.as_os_str().as_encoded_bytes());
+    let hex: String = digest.as_bytes()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("kafka_orders-{host}-{hex}")
 }
 
 /// The Redis store with the `redis` feature; without it `--redis` is refused.
