@@ -16,17 +16,10 @@ use idemkv::{Begin, Error, Fingerprint, IdempotencyStore, Key};
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/redis.rs"]
+mod redis_support;
 
 const FP: Fingerprint = Fingerprint::from_bytes([5; 16]);
-
-fn have(cmd: &str) -> bool {
-    Command::new(cmd)
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -167,19 +160,14 @@ impl TlsServer {
 
 impl Drop for TlsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        child::stop(&mut self.child, &self.output, "redis-server (tls)");
     }
 }
 
 /// The tools, or `None` (skipped loudly; a failure under `CI=true`).
 fn setup() -> Option<tempfile::TempDir> {
-    if !(have("openssl")
-        && Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok())
-    {
+    let openssl = Command::new("openssl").arg("version").output();
+    if !(openssl.is_ok_and(|o| o.status.success()) && redis_support::have_redis_server()) {
         assert!(
             !std::env::var("CI").is_ok_and(|v| v == "true"),
             "CI=true: the Redis TLS tests need redis-server and openssl on PATH"

@@ -63,6 +63,23 @@ pub fn sigkill(child: &mut Child, stderr: &Stderr, what: &str) {
     }
 }
 
+/// Stops `child` at the end of its use (its owner's `Drop`). A child that had already exited
+/// on its own fails the test with its stderr shown; if the test is failing anyway, its stderr
+/// is printed instead (a second panic would abort and hide the first).
+pub fn stop(child: &mut Child, stderr: &Stderr, what: &str) {
+    match child.try_wait() {
+        Ok(Some(status)) if std::thread::panicking() => eprintln!(
+            "{what} had exited on its own ({status}); its stderr:\n{}",
+            stderr.text()
+        ),
+        Ok(Some(status)) => died_on_its_own(what, status, stderr),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn died_on_its_own(what: &str, status: std::process::ExitStatus, stderr: &Stderr) -> ! {
     // Give the reader a moment to collect the last lines.
     std::thread::sleep(std::time::Duration::from_millis(100));

@@ -36,13 +36,16 @@ pub fn url() -> Option<String> {
     url.clone()
 }
 
-fn start() -> Option<String> {
-    let found = Command::new("redis-server")
+/// Whether `redis-server` runs from `PATH`.
+pub fn have_redis_server() -> bool {
+    Command::new("redis-server")
         .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn start() -> Option<String> {
+    if !have_redis_server() {
         return None;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -148,12 +151,7 @@ pub struct ClusterNode {
 
 impl Cluster {
     pub fn start(masters: usize) -> Option<Cluster> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
+        if !have_redis_server() {
             assert!(
                 !std::env::var("CI").is_ok_and(|v| v == "true"),
                 "CI=true: the Redis Cluster tests need redis-server on PATH"
@@ -327,11 +325,12 @@ impl Cluster {
 }
 
 impl Drop for Cluster {
+    /// Stops every node the test did not kill; one that died on its own fails the test with
+    /// its log.
     fn drop(&mut self) {
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
+                child::stop(&mut c, &n.output, &format!("redis-server :{}", n.port));
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -386,10 +385,28 @@ fn cluster_port() -> u16 {
 pub fn shared_cluster() -> Option<Vec<String>> {
     static URLS: OnceLock<Option<Vec<String>>> = OnceLock::new();
     URLS.get_or_init(|| {
-        let c = Cluster::start(3)?;
+        let mut c = Cluster::start(3)?;
         let urls = c.urls();
-        // Lives as long as the process; the watchdog stops it.
-        std::mem::forget(c);
+        // Lives as long as the process (the watchdog stops it). Meanwhile a node may only die
+        // by the watchdog's hand: one that exits on its own aborts the run with its log, as
+        // the single server does.
+        std::thread::spawn(move || {
+            loop {
+                for n in &mut c.nodes {
+                    if let Some(Ok(Some(status))) = n.child.as_mut().map(|c| c.try_wait()) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "redis-server :{} of the shared cluster exited on its own ({status}); its output:\n{}",
+                            n.port,
+                            n.output.text()
+                        );
+                        std::process::abort();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
         Some(urls)
     })
     .clone()
