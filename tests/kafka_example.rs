@@ -7,11 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use idemkv::kafka::{ERROR, MockKafka, REPLAYED};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -19,110 +16,38 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-/// The example binary, built now so it is never stale.
-fn example() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--features", "kafka", "--example", "kafka_orders"]);
-    if release {
-        cargo.arg("--release");
-    }
-    assert!(cargo.status().expect("cargo build").success());
-    dir.join("examples").join("kafka_orders")
-}
-
 #[path = "support/child.rs"]
-mod child_support;
+mod child;
+#[path = "support/kafka_orders.rs"]
+mod kafka_orders;
+use kafka_orders::Orders;
 
-struct Child_ {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: child_support::Stderr,
-}
-
-impl Child_ {
-    fn start(brokers: &str, data: &Path) -> Child_ {
-        let mut child = Command::new(example())
-            .args([
-                "--brokers",
-                brokers,
-                "--requests",
-                "requests",
-                "--group",
-                "orders",
-            ])
-            .args(["--dead-letter", "dead", "--durability", "immediate"])
+fn start(brokers: &str, data: &Path) -> Orders {
+    let data = data.to_str().unwrap();
+    Orders::start(
+        "kafka_orders",
+        &[
+            "--brokers",
+            brokers,
+            "--requests",
+            "requests",
+            "--group",
+            "orders",
+            "--dead-letter",
+            "dead",
+            "--durability",
+            "immediate",
             // No offset is committed in the background while it runs: a kill loses them all.
-            .args(["--commit-interval-ms", "3600000"])
-            .args(["--fetch-wait-ms", "10", "--session-timeout-ms", "1000"])
-            .arg("--data")
-            .arg(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the example");
-        let stderr = child_support::Stderr::capture(&mut child, "kafka_orders");
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let sink = lines.clone();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let c = Child_ {
-            child,
-            lines,
-            stderr,
-        };
-        c.wait_for_line("consuming ");
-        c
-    }
-
-    fn wait_for_line(&self, prefix: &str) -> String {
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.starts_with(prefix))
-            {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < until,
-                "no line starting with {prefix:?}; stderr:\n{}",
-                self.stderr.text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn created(&self) -> Vec<String> {
-        let lines = self.lines.lock().unwrap();
-        lines
-            .iter()
-            .filter(|l| l.starts_with("created order"))
-            .map(|l| {
-                l.rsplit("(key ")
-                    .next()
-                    .unwrap()
-                    .trim_end_matches(')')
-                    .to_owned()
-            })
-            .collect()
-    }
-}
-
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            "--commit-interval-ms",
+            "3600000",
+            "--fetch-wait-ms",
+            "10",
+            "--session-timeout-ms",
+            "1000",
+            "--data",
+            data,
+        ],
+    )
 }
 
 #[derive(Debug)]
@@ -208,7 +133,7 @@ async fn killed_before_the_commit_replays_instead_of_running_again() {
     let dir = tempfile::tempdir().unwrap();
 
     // Run 1: 30 orders and 10 duplicates, all answered; then SIGKILL before any commit.
-    let mut first = Child_::start(&brokers, dir.path());
+    let mut first = start(&brokers, dir.path());
     for i in 0..30 {
         request(&producer, &format!("k{i}"), &format!("r{i}")).await;
     }
@@ -218,10 +143,10 @@ async fn killed_before_the_commit_replays_instead_of_running_again() {
     let before = replies(&brokers, 40).await;
     let created_first = first.created();
     assert_eq!(created_first.len(), 30, "{created_first:?}");
-    child_support::sigkill(&mut first.child, &first.stderr, "kafka_orders (run 1)");
+    first.kill();
 
     // Run 2 on the same store: all 40 messages are redelivered; none runs again.
-    let second = Child_::start(&brokers, dir.path());
+    let second = start(&brokers, dir.path());
     let all = replies(&brokers, 80).await;
     assert!(
         second.created().is_empty(),
@@ -257,27 +182,18 @@ async fn killed_before_the_commit_replays_instead_of_running_again() {
     assert_eq!(replayed_after_restart, 40);
 
     // A graceful stop commits: the next run processes only what is new.
-    sigterm(&second);
+    second.terminate();
     let mut second = second;
     assert!(second.child.wait().unwrap().success());
-    let third = Child_::start(&brokers, dir.path());
+    let mut third = start(&brokers, dir.path());
     request(&producer, "k-new", "r-new").await;
     let all = replies(&brokers, 81).await;
     assert_eq!(all[80].headers["x-request-id"], "r-new");
     assert_eq!(third.created(), vec!["k-new".to_owned()]);
-    sigterm(&third);
+    third.terminate();
     let stopped = third.wait_for_line("stopped:");
     assert!(
         stopped.starts_with("stopped: 1 processed, 0 replayed"),
         "{stopped}"
     );
-}
-
-/// Sends SIGTERM through the `kill` command (no unsafe, no libc binding needed).
-fn sigterm(c: &Child_) {
-    let status = Command::new("kill")
-        .args(["-TERM", &c.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }

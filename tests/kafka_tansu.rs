@@ -16,9 +16,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,141 +28,50 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 #[path = "support/child.rs"]
 mod child;
-use child as child_support;
+#[path = "support/kafka_orders.rs"]
+mod kafka_orders;
+use kafka_orders::Orders;
 #[path = "support/tansu.rs"]
 mod tansu;
 use tansu::Tansu;
 
 const SESSION_MS: &str = "6000";
 
-/// The example, built now (with the Redis backend) so it is never stale.
-fn example() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary");
-        let dir = exe.parent().and_then(Path::parent).expect("target dir");
-        let mut cargo = Command::new(env!("CARGO"));
-        let features = if cfg!(feature = "redis") {
-            "kafka,redis"
-        } else {
-            "kafka"
-        };
-        cargo.args(["build", "--features", features, "--example", "kafka_orders"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cargo.arg("--release");
-        }
-        assert!(cargo.status().expect("cargo build").success());
-        dir.join("examples").join("kafka_orders")
-    })
-    .clone()
+/// A group member: `kafka_orders` on `brokers`, in `group`, with the member id `instance`
+/// (`none`: dynamic membership) and the store flags `store`.
+fn member(name: &str, instance: &str, brokers: &str, group: &str, store: &[&str]) -> Orders {
+    let mut args = vec![
+        "--brokers",
+        brokers,
+        "--requests",
+        "requests",
+        "--group",
+        group,
+        "--dead-letter",
+        "dead",
+        "--instance-id",
+        instance,
+        "--commit-interval-ms",
+        "500",
+        "--fetch-wait-ms",
+        "10",
+        "--session-timeout-ms",
+        SESSION_MS,
+    ];
+    args.extend_from_slice(store);
+    Orders::start(name, &args)
 }
 
-/// One `kafka_orders` process; its stdout kept (the "created order" lines).
-struct Member {
-    name: String,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: child_support::Stderr,
-}
-
-impl Member {
-    /// `instance`: the static member id, or `none` for dynamic membership.
-    fn start(name: &str, instance: &str, brokers: &str, group: &str, store: &[&str]) -> Member {
-        let mut child = Command::new(example())
-            .args([
-                "--brokers",
-                brokers,
-                "--requests",
-                "requests",
-                "--group",
-                group,
-            ])
-            .args(["--dead-letter", "dead", "--instance-id", instance])
-            .args(["--commit-interval-ms", "500", "--fetch-wait-ms", "10"])
-            .args(["--session-timeout-ms", SESSION_MS])
-            .args(store)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kafka_orders");
-        let stderr = child_support::Stderr::capture(&mut child, name);
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let sink = lines.clone();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut m = Member {
-            name: name.to_owned(),
-            child,
-            lines,
-            stderr,
-        };
-        let until = Instant::now() + Duration::from_secs(30);
-        while !m
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.starts_with("consuming "))
-        {
-            if let Ok(Some(status)) = m.child.try_wait() {
-                panic!("{name} exited ({status}):\n{}", m.stderr.text());
-            }
-            assert!(
-                Instant::now() < until,
-                "{name} did not start:\n{}",
-                m.stderr.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn kill(&mut self) {
-        let what = self.name.clone();
-        child_support::sigkill(&mut self.child, &self.stderr, &what);
-    }
-
-    /// Keys whose handler ran here.
-    fn created(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l.strip_prefix("created order "))
-            .map(|l| {
-                l.rsplit("(key ")
-                    .next()
-                    .unwrap()
-                    .trim_end_matches(')')
-                    .to_owned()
-            })
-            .collect()
-    }
-
-    /// A clean stop (SIGTERM), waited for.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let status = self.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "{} stopped with {status}:\n{}",
-            self.name,
-            self.stderr.text()
-        );
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A clean stop (SIGTERM), waited for: it must exit successfully.
+fn stop(mut m: Orders) {
+    m.terminate();
+    let status = m.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{} stopped with {status}:\n{}",
+        m.name,
+        m.stderr.text()
+    );
 }
 
 fn create_topics(brokers: &str) {
@@ -315,7 +221,7 @@ impl Traffic {
     }
 
     /// Waits until `n` distinct requests have replies.
-    fn wait_answered(&self, n: usize, within: Duration, members: &[&Member]) {
+    fn wait_answered(&self, n: usize, within: Duration, members: &[&Orders]) {
         let until = Instant::now() + within;
         while self.answered() < n {
             assert!(
@@ -333,7 +239,7 @@ impl Traffic {
     }
 
     /// Stops sending; every sent request must then get its reply.
-    fn drain(&self, members: &[&Member]) -> usize {
+    fn drain(&self, members: &[&Orders]) -> usize {
         self.sending.store(false, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(100));
         let sent = self.sent.load(Ordering::Relaxed);
@@ -388,13 +294,13 @@ fn a_killed_static_member_resumes_at_once_and_nothing_runs_twice() {
     let store = ["--data".to_owned(), data.path().display().to_string()];
     let store: Vec<&str> = store.iter().map(String::as_str).collect();
     let run = run_id();
-    let mut first = Member::start("orders-0", "orders-0", &brokers, "orders", &store);
+    let mut first = member("orders-0", "orders-0", &brokers, "orders", &store);
     let traffic = Traffic::start(&brokers, &run, Duration::from_millis(20));
     traffic.wait_answered(40, Duration::from_secs(60), &[&first]);
 
     first.kill();
     let killed = Instant::now();
-    let second = Member::start("orders-0", "orders-0", &brokers, "orders", &store);
+    let second = member("orders-0", "orders-0", &brokers, "orders", &store);
     let restarted = Instant::now();
     // Resumed: a request sent after the kill is answered.
     let after_kill = traffic.sent.load(Ordering::Relaxed);
@@ -428,7 +334,7 @@ fn a_killed_static_member_resumes_at_once_and_nothing_runs_twice() {
     let sent = traffic.drain(&[&second]);
     traffic.check_one_order_per_key();
     let runs = first.created().len() + second.created().len();
-    second.stop();
+    stop(second);
     let replies = traffic.stop();
     assert_eq!(replies.len(), sent);
     // The store holds one order per key: a redelivered request was replayed, never re-run
@@ -474,10 +380,10 @@ fn three_members_on_redis_lose_one_and_the_survivors_take_its_partitions() {
     let run = run_id();
     let group = format!("orders-{run}");
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut members: Vec<Member> = (0..3)
+    let mut members: Vec<Orders> = (0..3)
         .map(|i| {
             let data = dirs[i].path().display().to_string();
-            Member::start(
+            member(
                 &format!("member-{i}"),
                 "none",
                 &brokers,
@@ -503,9 +409,9 @@ fn three_members_on_redis_lose_one_and_the_survivors_take_its_partitions() {
     std::thread::sleep(Duration::from_secs(2));
     let sent = traffic.drain(&members.iter().collect::<Vec<_>>());
     traffic.check_one_order_per_key();
-    let survivors: Vec<String> = members.iter().flat_map(Member::created).collect();
+    let survivors: Vec<String> = members.iter().flat_map(Orders::created).collect();
     for m in members {
-        m.stop();
+        stop(m);
     }
     let replies = traffic.stop();
     assert_eq!(replies.len(), sent);
