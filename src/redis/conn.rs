@@ -98,7 +98,7 @@ impl Conn {
         }
     }
 
-    /// The masters of a cluster as `(host, port)`, from `CLUSTER SHARDS` of any node; `[None]`
+    /// The masters of a cluster as `(host, port)`, from `CLUSTER NODES` of any node; `[None]`
     /// for a single server. For walks of the whole keyspace (`SCAN` is per node).
     pub(super) async fn masters(&mut self) -> redis::RedisResult<Vec<Option<(String, u16)>>> {
         let Conn::Cluster(c) = self else {
