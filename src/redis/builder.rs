@@ -85,7 +85,7 @@ impl RedisStoreBuilder {
     /// After every change a caller is told of (an acquired lease, a renewal, a completion and
     /// its batch, a release, a compare-and-set, a removal, a pending request stored or taken),
     /// wait until `replicas` replicas of the master have it (`WAIT replicas timeout`), so a
-    /// failover does not lose it (see the [module docs](self) for what each setting
+    /// failover does not lose it (see the [module docs](super) for what each setting
     /// survives). If fewer have it within `timeout`, the operation fails with
     /// [`Error::Unavailable`]; the change was made on the master and may or may not survive,
     /// so the caller treats the outcome as unknown and retries (a retry of a completed request
