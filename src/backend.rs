@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
-use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
+use crate::model::{Begin, CasOutcome, Completion, Lease, PutPending, Snapshot, Take, Write};
 use crate::wal::LeaseSync;
 
 /// How a [`begin_with`](IdempotencyStore::begin_with) behaves beyond its key, fingerprint and
@@ -110,6 +110,46 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         ttl: Option<Duration>,
         writes: &[Write],
     ) -> impl Future<Output = Result<Timestamp, Error>> + Send;
+
+    /// [`begin_with`](Self::begin_with) without waiting, on each of `keys`: one answer per key,
+    /// in order. A key repeated in `keys` is held by its first occurrence, so the later ones
+    /// answer [`Begin::InProgress`]. The embedded store takes every lease in one log record
+    /// and waits for the disk at most once; the default makes one call per key. The outer
+    /// `Err` means the call as a whole was refused (the log, a store-wide limit) and changed
+    /// nothing; an item's own `Err` is what `begin` would have returned for it.
+    fn begin_many(
+        &self,
+        keys: &[(Key<'_>, Fingerprint)],
+        lease: Duration,
+        lease_sync: LeaseSync,
+    ) -> impl Future<Output = Result<Vec<Result<Begin, Error>>, Error>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(keys.len());
+            let options = BeginOptions::new().lease_sync(lease_sync);
+            for &(key, fingerprint) in keys {
+                out.push(self.begin_with(key, fingerprint, lease, options).await);
+            }
+            Ok(out)
+        }
+    }
+
+    /// [`complete`](Self::complete) of each item, one answer per item, in order; each item
+    /// succeeds or fails on its own. The embedded store writes the items without writes as one
+    /// log record and waits for the disk once; the default makes one call per item. The outer
+    /// `Err` means the shared record was refused (the log, a store-wide limit), and none of
+    /// those items changed.
+    fn complete_many(
+        &self,
+        items: &[Completion<'_>],
+    ) -> impl Future<Output = Result<Vec<Result<Timestamp, Error>>, Error>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(items.len());
+            for c in items {
+                out.push(self.complete(c.lease, c.response, c.ttl, c.writes).await);
+            }
+            Ok(out)
+        }
+    }
 
     /// See [`Store::blocking_release`](crate::Store::blocking_release).
     fn release(&self, lease: Lease) -> impl Future<Output = Result<(), Error>> + Send;
@@ -211,6 +251,20 @@ impl<A: IdempotencyStore, B: IdempotencyStore> IdempotencyStore for Either<A, B>
     }
     async fn release(&self, lease: Lease) -> Result<(), Error> {
         either!(self, s => s.release(lease))
+    }
+    async fn begin_many(
+        &self,
+        keys: &[(Key<'_>, Fingerprint)],
+        lease: Duration,
+        lease_sync: LeaseSync,
+    ) -> Result<Vec<Result<Begin, Error>>, Error> {
+        either!(self, s => s.begin_many(keys, lease, lease_sync))
+    }
+    async fn complete_many(
+        &self,
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Result<Timestamp, Error>>, Error> {
+        either!(self, s => s.complete_many(items))
     }
     async fn renew(&self, lease: &mut Lease, extend: Duration) -> Result<Timestamp, Error> {
         either!(self, s => s.renew(lease, extend))

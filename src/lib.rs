@@ -135,8 +135,8 @@ pub use embedded::{OpenError, Store, StoreBuilder};
 pub use error::{Cause, Error, RecordKind};
 pub use key::{Fingerprint, Key, MAX_ID_LEN, MAX_SCOPE_LEN, OwnedKey};
 pub use model::{
-    Begin, CasOp, CasOutcome, CheckpointStats, Completed, Lease, PutPending, Snapshot, Stats, Take,
-    Versioned, Write,
+    Begin, CasOp, CasOutcome, CheckpointStats, Completed, Completion, Lease, PutPending, Snapshot,
+    Stats, Take, Versioned, Write,
 };
 pub use wal::recovery::{DroppedDamage, LogError, OnCorruption, RecoveryReport, TornTail};
 pub use wal::{Durability, LeaseSync};

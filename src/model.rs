@@ -219,6 +219,39 @@ pub enum CasOp {
     },
 }
 
+/// One result for [`IdempotencyStore::complete_many`](crate::IdempotencyStore::complete_many):
+/// what [`complete`](crate::IdempotencyStore::complete) takes, as one value.
+///
+/// ```
+/// # use idemkv::{Completion, Lease};
+/// fn done(lease: &Lease) -> Completion<'_> {
+///     Completion::new(lease, b"201 created")
+/// }
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct Completion<'a> {
+    /// The lease whose key is completed.
+    pub lease: &'a Lease,
+    /// The result to store and replay.
+    pub response: &'a [u8],
+    /// How long it is kept (`None`: the store's default).
+    pub ttl: Option<std::time::Duration>,
+    /// Versioned writes on other keys, committed with it, all or nothing.
+    pub writes: &'a [Write],
+}
+
+impl<'a> Completion<'a> {
+    /// `response` for `lease`, with the default TTL and no writes.
+    pub fn new(lease: &'a Lease, response: &'a [u8]) -> Self {
+        Completion {
+            lease,
+            response,
+            ttl: None,
+            writes: &[],
+        }
+    }
+}
+
 /// One versioned write: on its own with [`Store::blocking_cas`](crate::Store::blocking_cas), or in a completion batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {

@@ -12,8 +12,9 @@ use crate::backend::{BeginOptions, IdempotencyStore};
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
-use crate::model::{Begin, CasOutcome, Lease, PutPending, Snapshot, Take, Write};
+use crate::model::{Begin, CasOutcome, Completion, Lease, PutPending, Snapshot, Take, Write};
 use crate::wait::Signal;
+use crate::wal::LeaseSync;
 
 /// Each method runs the operation (in memory, under its shard lock: no waiting there), then
 /// awaits durability of what it did or saw, without blocking the executor.
@@ -101,6 +102,39 @@ impl IdempotencyStore for Store {
             .settle_async(settle.get(), self.durability_override())
             .await?;
         Ok(expires)
+    }
+
+    async fn begin_many(
+        &self,
+        keys: &[(Key<'_>, Fingerprint)],
+        lease: Duration,
+        lease_sync: LeaseSync,
+    ) -> Result<Vec<Result<Begin, Error>>, Error> {
+        let settle = Settle::default();
+        let inner = self.inner();
+        let answers = inner.begin_many(keys, lease, lease_sync, &settle)?;
+        if answers
+            .iter()
+            .any(|a| a.as_ref().is_ok_and(|b| begin_settles(b, lease_sync)))
+        {
+            inner
+                .settle_async(settle.get(), self.durability_override())
+                .await?;
+        }
+        Ok(answers)
+    }
+
+    async fn complete_many(
+        &self,
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Result<Timestamp, Error>>, Error> {
+        let settle = Settle::default();
+        let inner = self.inner();
+        let results = inner.complete_many(items, &settle)?;
+        inner
+            .settle_async(settle.get(), self.durability_override())
+            .await?;
+        Ok(results)
     }
 
     async fn release(&self, lease: Lease) -> Result<(), Error> {

@@ -88,7 +88,7 @@ impl Inner {
             };
             changes.push((pos(h), h, w.key.as_key(), change));
         }
-        self.commit_many(&mut guards, Op::Complete, &changes)?;
+        self.commit_many(&mut guards, Op::Complete, &changes, false)?;
         let shard = &mut *guards[pos(lease_hash)];
         shard.counters.expirations += dead;
         shard.counters.completions += 1;

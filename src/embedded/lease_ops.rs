@@ -53,75 +53,27 @@ impl Inner {
                 takeover,
             })
         };
-        let fresh = |token| Change::Put {
-            kind: Kind::InFlight,
-            a: token,
-            b: deadline,
-            fingerprint,
-            value: &[],
-        };
         let (table, mut book) = shard.parts();
         let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
-        let found = held(&slot);
-        let c = &mut *book.counters;
         // Decide first (from what the key holds), then make the one change through `commit`.
-        let outcome = match found {
-            None => {
-                let token = self.next_seq(c, hash);
-                self.commit_with(&mut book, slot, key, Some(Op::Begin), fresh(token), lazy)?;
-                book.counters.acquired += 1;
-                acquired(token, false)
+        let verdict = judge(held(&slot), now, fingerprint)?;
+        let c = &mut *book.counters;
+        let outcome = match verdict {
+            Verdict::Answer(outcome) => {
+                verdict_counted(c, &outcome);
+                if let (Begin::InProgress { .. }, true) = (&outcome, wait) {
+                    let signal = shard.add_waiter(hash);
+                    return Ok((outcome, Some((hash, signal))));
+                }
+                outcome
             }
-            Some(rec) if is_dead(rec, now) => {
+            acquire => {
                 let token = self.next_seq(c, hash);
-                self.commit_with(&mut book, slot, key, Some(Op::Begin), fresh(token), lazy)?;
-                book.counters.expirations += 1;
-                book.counters.acquired += 1;
-                acquired(token, false)
+                let change = acquire.change(token, deadline, fingerprint);
+                self.commit_with(&mut book, slot, key, Some(Op::Begin), change, lazy)?;
+                acquire.count(book.counters, key, token);
+                acquired(token, matches!(acquire, Verdict::TakeOver))
             }
-            Some(rec) => match rec.kind() {
-                Kind::Completed | Kind::InFlight if rec.header().fingerprint != fingerprint => {
-                    c.mismatches += 1;
-                    Begin::Mismatch
-                }
-                Kind::Completed => {
-                    c.replayed += 1;
-                    Begin::Completed(completed_of(rec))
-                }
-                Kind::InFlight if rec.header().b > now => {
-                    c.in_progress += 1;
-                    let deadline = Timestamp::from_millis(rec.header().b);
-                    if wait {
-                        let signal = shard.add_waiter(hash);
-                        return Ok((Begin::InProgress { deadline }, Some((hash, signal))));
-                    }
-                    Begin::InProgress { deadline }
-                }
-                Kind::InFlight => {
-                    let token = self.next_seq(c, hash);
-                    let takeover = Change::Restamp {
-                        kind: Kind::InFlight,
-                        a: token,
-                        b: deadline,
-                    };
-                    self.commit_with(&mut book, slot, key, Some(Op::Begin), takeover, lazy)?;
-                    book.counters.acquired += 1;
-                    book.counters.takeovers += 1;
-                    tracing::warn!(
-                        target: "idemkv::lease",
-                        scope = %String::from_utf8_lossy(key.scope()),
-                        token,
-                        "lease expired without completion; taken over by a new attempt"
-                    );
-                    acquired(token, true)
-                }
-                other => {
-                    return Err(Error::WrongKind {
-                        expected: RecordKind::Idempotency,
-                        found: kind_of(other),
-                    });
-                }
-            },
         };
         Ok((outcome, None))
     }
@@ -276,4 +228,103 @@ impl Inner {
         self.commit_held(lease, settle, Op::Renew, renewed, |_| {}, false)?;
         Ok(Timestamp::from_millis(deadline))
     }
+}
+
+/// What `begin` finds at a key, before it changes anything.
+pub(super) enum Verdict {
+    /// Nothing there: a fresh lease.
+    Vacant,
+    /// An expired record: replaced by a fresh lease.
+    Expired,
+    /// A lease past its deadline, never completed: taken over with a new token.
+    TakeOver,
+    /// No change: a replay, a mismatch or a live holder.
+    Answer(Begin),
+}
+
+impl Verdict {
+    /// The change that acquires the key with `token` (for the acquiring verdicts).
+    #[inline]
+    pub(super) fn change(
+        &self,
+        token: u64,
+        deadline: u64,
+        fingerprint: Fingerprint,
+    ) -> Change<'static> {
+        match self {
+            Verdict::TakeOver => Change::Restamp {
+                kind: Kind::InFlight,
+                a: token,
+                b: deadline,
+            },
+            _ => Change::Put {
+                kind: Kind::InFlight,
+                a: token,
+                b: deadline,
+                fingerprint,
+                value: &[],
+            },
+        }
+    }
+
+    /// Counts an acquisition made by this verdict (once it is committed).
+    #[inline]
+    pub(super) fn count(&self, c: &mut Counters, key: Key<'_>, token: u64) {
+        c.acquired += 1;
+        match self {
+            Verdict::Expired => c.expirations += 1,
+            Verdict::TakeOver => {
+                c.takeovers += 1;
+                tracing::warn!(
+                    target: "idemkv::lease",
+                    scope = %String::from_utf8_lossy(key.scope()),
+                    token,
+                    "lease expired without completion; taken over by a new attempt"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Counts an answer that changed nothing.
+#[inline]
+pub(super) fn verdict_counted(c: &mut Counters, outcome: &Begin) {
+    match outcome {
+        Begin::Mismatch => c.mismatches += 1,
+        Begin::Completed(_) => c.replayed += 1,
+        Begin::InProgress { .. } => c.in_progress += 1,
+        Begin::Acquired(_) => {}
+    }
+}
+
+/// What a `begin` with `fingerprint` at `now` does with the record `found` at its key.
+#[inline]
+pub(super) fn judge(
+    found: Option<&Record>,
+    now: u64,
+    fingerprint: Fingerprint,
+) -> Result<Verdict, Error> {
+    let Some(rec) = found else {
+        return Ok(Verdict::Vacant);
+    };
+    if is_dead(rec, now) {
+        return Ok(Verdict::Expired);
+    }
+    Ok(match rec.kind() {
+        Kind::Completed | Kind::InFlight if rec.header().fingerprint != fingerprint => {
+            Verdict::Answer(Begin::Mismatch)
+        }
+        Kind::Completed => Verdict::Answer(Begin::Completed(completed_of(rec))),
+        Kind::InFlight if rec.header().b > now => Verdict::Answer(Begin::InProgress {
+            deadline: Timestamp::from_millis(rec.header().b),
+        }),
+        Kind::InFlight => Verdict::TakeOver,
+        other => {
+            return Err(Error::WrongKind {
+                expected: RecordKind::Idempotency,
+                found: kind_of(other),
+            });
+        }
+    })
 }

@@ -133,7 +133,12 @@ impl Inner {
                 .map(|(h, k)| (0, *h, k.as_key(), Change::Delete))
                 .collect();
             if self
-                .commit_many(std::slice::from_mut(&mut guard), Op::Expire, &changes)
+                .commit_many(
+                    std::slice::from_mut(&mut guard),
+                    Op::Expire,
+                    &changes,
+                    false,
+                )
                 .is_err()
             {
                 return 0;

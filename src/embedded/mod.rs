@@ -16,6 +16,7 @@ mod builder;
 mod engine;
 mod lease_ops;
 mod maintenance;
+mod many;
 mod txn;
 mod values;
 

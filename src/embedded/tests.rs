@@ -956,3 +956,152 @@ fn the_in_flight_count_follows_takeovers_completions_and_sweeps() {
     assert!(s.sweep_expired() >= 1);
     assert_eq!(s.stats().in_flight, 0);
 }
+
+/// The log's last sequence number: how many records were appended.
+fn appended(s: &Store) -> u64 {
+    s.inner().wal.as_ref().map_or(0, |w| w.appended())
+}
+
+#[tokio::test]
+async fn begin_many_answers_each_key_as_begin_would_in_one_log_record() {
+    use crate::IdempotencyStore;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let open = || {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .open(dir.path())
+            .unwrap()
+    };
+    let s = open();
+    let done = acquire(&s, Key::new("t", "done"), "a");
+    s.blocking_complete(&done, b"old", None).unwrap();
+    let _busy = acquire(&s, Key::new("t", "busy"), "a");
+    let stale = acquire(&s, Key::new("t", "stale"), "a");
+    clock.advance(LEASE + Duration::from_millis(1));
+    let before = appended(&s);
+    let keys = [
+        (Key::new("t", "n1"), fp("a")),
+        (Key::new("t", "done"), fp("a")),
+        (Key::new("t", "done"), fp("other")),
+        (Key::new("t", "n1"), fp("a")),
+        (Key::new("t", ""), fp("a")),
+        (Key::new("t", "stale"), fp("a")),
+        (Key::new("t", "n2"), fp("a")),
+    ];
+    let answers = s
+        .begin_many(&keys, LEASE, LeaseSync::Deferred)
+        .await
+        .unwrap();
+    assert_eq!(appended(&s), before + 1, "one record for every lease");
+    let lease = |i: usize| match &answers[i] {
+        Ok(Begin::Acquired(l)) => l,
+        other => panic!("{i}: {other:?}"),
+    };
+    assert!(!lease(0).is_takeover() && !lease(6).is_takeover());
+    assert!(matches!(&answers[1], Ok(Begin::Completed(c)) if c.response == b"old"));
+    assert!(matches!(answers[2], Ok(Begin::Mismatch)));
+    // The repeat is held by its first occurrence.
+    assert!(matches!(answers[3], Ok(Begin::InProgress { .. })));
+    assert_eq!(answers[4].as_ref().unwrap_err(), &Error::EmptyKey);
+    // "stale" was never completed and its lease ran out: a takeover.
+    assert!(lease(5).is_takeover() && lease(5).token > stale.token);
+    assert!(lease(6).token != lease(0).token);
+    let st = s.stats();
+    assert_eq!(
+        (st.acquired, st.takeovers, st.replayed, st.mismatches),
+        (6, 1, 1, 1)
+    );
+    assert!(matches!(
+        s.blocking_begin(Key::new("t", "n2"), fp("a"), LEASE)
+            .unwrap(),
+        Begin::InProgress { .. }
+    ));
+    // Every lease is in the log: after a reopen, they are still held.
+    let tokens: Vec<u64> = [0, 5, 6].iter().map(|&i| lease(i).token).collect();
+    drop(answers);
+    drop(s);
+    let s = open();
+    for (id, token) in ["n1", "stale", "n2"].iter().zip(tokens) {
+        match s.blocking_get(Key::new("t", id)).unwrap() {
+            Some(Snapshot::InFlight { token: t, .. }) => assert_eq!(t, token, "{id}"),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn complete_many_records_each_result_on_its_own_in_one_log_record() {
+    use crate::IdempotencyStore;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let open = || {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .open(dir.path())
+            .unwrap()
+    };
+    let s = open();
+    let leases: Vec<Lease> = (0..4)
+        .map(|i| acquire(&s, Key::new("t", &format!("k{i}")), "a"))
+        .collect();
+    // k3's lease is lost: it expired and was taken over.
+    clock.advance(LEASE + Duration::from_millis(1));
+    let _taker = match s
+        .blocking_begin(Key::new("t", "k3"), fp("a"), LEASE)
+        .unwrap()
+    {
+        Begin::Acquired(l) => l,
+        other => panic!("{other:?}"),
+    };
+    let side = OwnedKey::new("t", "side");
+    let writes = [Write::put_if_absent(side.clone(), b"v".to_vec())];
+    let conflict = [Write::set_if_version(side.clone(), 999, b"x".to_vec())];
+    let huge = vec![0u8; 64 << 20];
+    let items = [
+        Completion::new(&leases[0], b"r0"),
+        Completion {
+            writes: &writes,
+            ..Completion::new(&leases[1], b"r1")
+        },
+        Completion::new(&leases[2], &huge),
+        Completion::new(&leases[3], b"r3"),
+        // The same lease twice: the second finds it already completed.
+        Completion {
+            ttl: Some(Duration::from_secs(5)),
+            ..Completion::new(&leases[0], b"again")
+        },
+        Completion {
+            writes: &conflict,
+            ..Completion::new(&leases[2], b"r2")
+        },
+    ];
+    let before = appended(&s);
+    let results = s.complete_many(&items).await.unwrap();
+    // One record for the plain completions, one for the batch with a write.
+    assert_eq!(appended(&s), before + 2);
+    assert!(results[0].is_ok() && results[1].is_ok());
+    assert!(matches!(results[2], Err(Error::ValueTooLarge { .. })));
+    assert!(matches!(results[3], Err(Error::StaleLease { .. })));
+    assert!(matches!(results[4], Err(Error::StaleLease { .. })));
+    assert!(matches!(
+        results[5],
+        Err(Error::BatchConflict { index: 0, .. })
+    ));
+    drop(s);
+    let s = open();
+    let replay = |id: &str| match s.blocking_begin(Key::new("t", id), fp("a"), LEASE).unwrap() {
+        Begin::Completed(c) => c.response,
+        other => panic!("{id}: {other:?}"),
+    };
+    assert_eq!(replay("k0"), b"r0");
+    assert_eq!(replay("k1"), b"r1");
+    assert_eq!(value_of(&s, &side).unwrap().value, b"v");
+    // k2 still holds its lease (nothing was recorded for it).
+    assert!(matches!(
+        s.blocking_get(Key::new("t", "k2")).unwrap(),
+        Some(Snapshot::InFlight { .. })
+    ));
+}

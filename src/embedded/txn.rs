@@ -341,12 +341,13 @@ impl Inner {
     /// Changes of several keys as one log record, all or nothing: each change names the
     /// position of its key's shard in `guards` (all locked by the caller) and the key's hash.
     /// Accounted as a whole, logged as one record (so after a crash it is there entirely or not
-    /// at all), then applied.
+    /// at all), then applied. `lazy` as for [`commit_with`](Self::commit_with).
     pub(super) fn commit_many(
         &self,
         guards: &mut [ShardGuard<'_>],
         op: Op,
         changes: &[(usize, u64, Key<'_>, Change<'_>)],
+        lazy: bool,
     ) -> Result<(), Error> {
         let deltas: Vec<Delta> = changes
             .iter()
@@ -358,7 +359,7 @@ impl Inner {
         deltas.iter().for_each(|&d| total += d);
         self.account(total, true)?;
         let mut seq = 0;
-        let logged = self.log(&mut seq, op, false, |w| {
+        let logged = self.log(&mut seq, op, lazy, |w| {
             for &(pos, hash, key, change) in changes {
                 change.encode(w, key, guards[pos].table.find(hash, eq_key(key)));
             }
