@@ -324,11 +324,11 @@ impl Incoming {
     }
     /// The message key.
     pub fn key(&self) -> Option<&[u8]> {
-        self.msg.key.as_deref()
+        self.msg.key()
     }
     /// The payload.
     pub fn payload(&self) -> Option<&[u8]> {
-        self.msg.payload.as_deref()
+        self.msg.payload()
     }
     /// The first header named `name` (any case).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
@@ -336,14 +336,11 @@ impl Incoming {
     }
     /// All headers, in order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.msg
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
+        self.msg.headers()
     }
     /// The idempotency key's id (its scope is the processor's).
     pub fn idempotency_key(&self) -> &[u8] {
-        &self.msg.id
+        self.msg.id()
     }
     /// Which attempt this is, from 1; attempts of earlier processes that died count.
     pub fn attempt(&self) -> u32 {
@@ -399,7 +396,7 @@ impl Incoming {
         let index = site
             .next_index
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let url = call::url_for(url_template, &site.scope, &self.msg.id, site.token, index)
+        let url = call::url_for(url_template, &site.scope, self.msg.id(), site.token, index)
             .map_err(HandlerError::fail)?;
         if tag.is_empty() || tag.len() > 255 || tag.contains(['\r', '\n']) {
             return Err(HandlerError::fail(format!(

@@ -19,6 +19,21 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         msg: Arc<Message>,
         drain: &mut Drain,
     ) -> Result<Disposition, KafkaError> {
+        self.process_from(handler, msg, Attempts::default(), None, drain)
+            .await
+    }
+
+    /// [`process`](Self::process), for a message whose first attempt already ran (in a batch)
+    /// and asked for `after`: `Again` (begin again, waiting for a holder) or `Backoff` (wait,
+    /// then begin again); `None` starts from the beginning.
+    pub(super) async fn process_from<H: Handler>(
+        &self,
+        handler: &H,
+        msg: Arc<Message>,
+        mut attempts: Attempts,
+        after: Option<Step>,
+        drain: &mut Drain,
+    ) -> Result<Disposition, KafkaError> {
         let echo = match echo_headers(&self.cfg.echo, &msg) {
             Ok(echo) => echo,
             Err(why) => {
@@ -28,11 +43,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 return Ok(Disposition::Done);
             }
         };
-        let key = Key::new(&self.scope, &msg.id);
-        let fingerprint = Fingerprint::of(msg.payload.as_deref().unwrap_or_default());
-        let mut attempts = Attempts::default();
-        if let Some(scope) = &self.cfg.tokens {
-            let token = OwnedKey::new(scope, &msg.id);
+        let key = Key::new(&self.scope, msg.id());
+        let fingerprint = Fingerprint::of(msg.payload().unwrap_or_default());
+        if let Some(scope) = self.cfg.tokens.as_ref().filter(|_| after.is_none()) {
+            let token = OwnedKey::new(scope, msg.id());
             match self.store.get(token.as_key()).await? {
                 Some(Snapshot::Value(v)) => attempts.token = Some((token, v.version)),
                 _ => {
@@ -42,7 +56,12 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             }
         }
         // The first look does not wait: most keys are new, and a plain `begin` is cheaper.
-        let mut first = true;
+        let mut first = after.is_none();
+        if let Some(Step::Backoff) = after
+            && let Some(d) = self.back_off(&attempts, drain).await
+        {
+            return Ok(d);
+        }
         loop {
             let options = BeginOptions::new().lease_sync(self.cfg.lease_sync);
             let begin = if std::mem::take(&mut first) {
@@ -74,7 +93,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 Begin::Completed(done) => {
                     let record = StoredReply::decode(&done.response).map_err(|e| {
                         KafkaError::CorruptRecord {
-                            key: String::from_utf8_lossy(&msg.id).into_owned(),
+                            key: String::from_utf8_lossy(msg.id()).into_owned(),
                             reason: e.0,
                         }
                     })?;
@@ -119,17 +138,24 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 Step::Finished(d) => return Ok(d),
                 Step::Again => {}
                 Step::Backoff => {
-                    let wait = backoff(
-                        self.cfg.retry_backoff,
-                        self.cfg.max_backoff,
-                        attempts.failed,
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = drain_requested(drain) => return Ok(Disposition::Abandoned),
+                    if let Some(d) = self.back_off(&attempts, drain).await {
+                        return Ok(d);
                     }
                 }
             }
+        }
+    }
+
+    /// The wait after a failed attempt; `Some` if the partition was drained meanwhile.
+    async fn back_off(&self, attempts: &Attempts, drain: &mut Drain) -> Option<Disposition> {
+        let wait = backoff(
+            self.cfg.retry_backoff,
+            self.cfg.max_backoff,
+            attempts.failed,
+        );
+        tokio::select! {
+            () = tokio::time::sleep(wait) => None,
+            () = drain_requested(drain) => Some(Disposition::Abandoned),
         }
     }
 
@@ -143,7 +169,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         attempts: &mut Attempts,
         drain: &mut Drain,
     ) -> Result<Step, KafkaError> {
-        let attempts_key = OwnedKey::new(&self.attempts_scope, &msg.id);
+        let attempts_key = OwnedKey::new(&self.attempts_scope, msg.id());
         // The counter is only read when something went wrong before: a takeover, or a failed
         // attempt in this process. (A counter left by a process that died during a backoff is
         // found when the next attempt fails, and expires with its TTL.)
@@ -218,6 +244,34 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 return Ok(Step::Finished(Disposition::Abandoned));
             }
         };
+        let tail = Tail {
+            calls,
+            follow_up_url,
+            took_over,
+        };
+        self.conclude(msg, echo, lease, result, attempts, tail, drain)
+            .await
+    }
+
+    /// The rest of an attempt once its handler has run under `lease`: record the result (with
+    /// the handler's writes and the outbox), send the outbox, clean up calls, reply.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn conclude(
+        &self,
+        msg: &Arc<Message>,
+        echo: &[(String, Vec<u8>)],
+        lease: Lease,
+        result: Result<Outcome, HandlerError>,
+        attempts: &mut Attempts,
+        tail: Tail,
+        drain: &mut Drain,
+    ) -> Result<Step, KafkaError> {
+        let Tail {
+            calls,
+            follow_up_url,
+            took_over,
+        } = tail;
+        let attempts_key = OwnedKey::new(&self.attempts_scope, msg.id());
         let mut sends = false;
         // The winning attempt's call URLs, when the reply is its follow-ups'.
         let mut winners: Vec<String> = Vec::new();
@@ -284,40 +338,13 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         let failed = record.error.is_some();
         // The batch `record` commits: the handler's writes, the attempt counter's, the token.
         let writes_len = writes.len() + usize::from(attempts.version.is_some()) + 1;
-        match self
+        if let Err(e) = self
             .record(&lease, &record, writes, &attempts_key, attempts)
             .await
         {
-            Ok(()) => {}
-            Err(Error::StaleLease { .. }) => return Ok(Step::Again),
-            // The token is gone: another holder processed the message meanwhile.
-            Err(Error::BatchConflict { index, .. })
-                if attempts.token.is_some() && index + 1 == writes_len =>
-            {
-                bump(&self.stats.untokened);
-                self.release(lease).await?;
-                return Ok(Step::Finished(Disposition::Done));
-            }
-            Err(e @ (Error::BatchConflict { .. } | Error::InvalidBatch { .. })) => {
-                // The handler's writes lost a race (or are malformed): not recorded; retry.
-                bump(&self.stats.retried);
-                attempts.last_error = Some(e.to_string());
-                self.count_failure(&attempts_key, attempts).await?;
-                self.release(lease).await?;
-                return Ok(Step::Backoff);
-            }
-            Err(e @ (Error::ValueTooLarge { .. } | Error::KeyTooLong { .. })) => {
-                let failure = StoredReply::failure(format!("result not recorded: {e}"));
-                self.record(&lease, &failure, Vec::new(), &attempts_key, attempts)
-                    .await?;
-                bump(&self.stats.failed);
-                self.reply(msg, echo, &failure, false).await;
-                return Ok(Step::Finished(Disposition::Done));
-            }
-            Err(e) => {
-                let _ = self.store.release(lease).await;
-                return Err(e.into());
-            }
+            return self
+                .record_failed(e, msg, echo, lease, attempts, writes_len)
+                .await;
         }
         bump(if failed {
             &self.stats.failed
@@ -345,6 +372,51 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             return Ok(Step::Finished(d));
         }
         Ok(Step::Finished(Disposition::Done))
+    }
+
+    /// A result that `record` refused (`e`, with `lease` still held unless it was lost): what
+    /// the attempt does next. `writes_len` counts the batch's writes, the token's last.
+    pub(super) async fn record_failed(
+        &self,
+        e: Error,
+        msg: &Arc<Message>,
+        echo: &[(String, Vec<u8>)],
+        lease: Lease,
+        attempts: &mut Attempts,
+        writes_len: usize,
+    ) -> Result<Step, KafkaError> {
+        let attempts_key = OwnedKey::new(&self.attempts_scope, msg.id());
+        match e {
+            Error::StaleLease { .. } => Ok(Step::Again),
+            // The token is gone: another holder processed the message meanwhile.
+            Error::BatchConflict { index, .. }
+                if attempts.token.is_some() && index + 1 == writes_len =>
+            {
+                bump(&self.stats.untokened);
+                self.release(lease).await?;
+                Ok(Step::Finished(Disposition::Done))
+            }
+            e @ (Error::BatchConflict { .. } | Error::InvalidBatch { .. }) => {
+                // The handler's writes lost a race (or are malformed): not recorded; retry.
+                bump(&self.stats.retried);
+                attempts.last_error = Some(e.to_string());
+                self.count_failure(&attempts_key, attempts).await?;
+                self.release(lease).await?;
+                Ok(Step::Backoff)
+            }
+            e @ (Error::ValueTooLarge { .. } | Error::KeyTooLong { .. }) => {
+                let failure = StoredReply::failure(format!("result not recorded: {e}"));
+                self.record(&lease, &failure, Vec::new(), &attempts_key, attempts)
+                    .await?;
+                bump(&self.stats.failed);
+                self.reply(msg, echo, &failure, false).await;
+                Ok(Step::Finished(Disposition::Done))
+            }
+            e => {
+                let _ = self.store.release(lease).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Records `record` as the key's result, clearing the attempt counter in the same batch.
@@ -439,6 +511,13 @@ pub(super) struct Attempts {
     pub(super) last_error: Option<String>,
     /// Token mode: the message's token and the version it was seen with.
     pub(super) token: Option<(OwnedKey, u64)>,
+}
+
+/// What an attempt knows beyond its result, for [`Shared::conclude`].
+pub(super) struct Tail {
+    pub(super) calls: Option<Arc<CallSite>>,
+    pub(super) follow_up_url: Option<String>,
+    pub(super) took_over: bool,
 }
 
 pub(super) enum Step {

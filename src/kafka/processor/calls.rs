@@ -42,7 +42,7 @@ const CALLS_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl<St: IdempotencyStore + Clone> Shared<St> {
     fn calls_key(&self, msg: &Message) -> OwnedKey {
-        OwnedKey::new(&self.calls_scope, &msg.id)
+        OwnedKey::new(&self.calls_scope, msg.id())
     }
 
     /// Whether `msg` is a follow-up (on the follow-up topic, with a call URL): its URL.
@@ -77,14 +77,14 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
     /// payload and headers (so its reply goes where the request's would), and the call.
     pub(super) fn follow_up_message(&self, msg: &Message, call: &PendingCall) -> Outgoing {
         let topic = self.cfg.follow_up_topic.clone().unwrap_or_default();
-        let mut out = Outgoing::to(topic).payload(msg.payload.clone().unwrap_or_default());
-        if let Some(k) = &msg.key {
-            out = out.key(k.clone());
+        let mut out = Outgoing::to(topic).payload(msg.payload().unwrap_or_default().to_vec());
+        if let Some(k) = msg.key() {
+            out = out.key(k.to_vec());
         }
-        for (n, v) in &msg.headers {
+        for (n, v) in msg.headers() {
             let ours = [crate::kafka::IDEMPOTENCY_KEY, CALL_URL, FOLLOW_UP];
             if !ours.iter().any(|o| n.eq_ignore_ascii_case(o)) {
-                out = out.header(n.clone(), v.clone());
+                out = out.header(n.to_owned(), v.to_vec());
             }
         }
         out.header(CALL_URL, call.url.clone())
@@ -140,7 +140,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
     /// Replies to a repeat of a request whose answer is its follow-up's: that follow-up's
     /// recorded reply, replayed, once it exists (waiting up to `wait_for_holder`).
     pub(super) async fn reply_from_follow_up(&self, msg: &Message, echo: &[(String, Vec<u8>)]) {
-        let key = OwnedKey::new(&self.scope, message_id(&msg.id, 0));
+        let key = OwnedKey::new(&self.scope, message_id(msg.id(), 0));
         let until = Instant::now() + self.cfg.wait_for_holder;
         loop {
             if let Ok(Some(Snapshot::Completed(c))) = self.store.get(key.as_key()).await

@@ -7,27 +7,136 @@
 
 use std::sync::Arc;
 
+use rdkafka::message::Headers as _;
+
 use super::*;
 
-/// A consumed message, copied out of librdkafka's buffer.
+/// Where a part of a message lies in its buffer.
+#[derive(Clone, Copy, Debug, Default)]
+struct Span {
+    at: u32,
+    len: u32,
+}
+
+/// A consumed message, copied out of librdkafka's buffer in one allocation: key, payload,
+/// header names and values, and (when it is not one of those) the idempotency id are spans
+/// of `bytes`.
 #[derive(Debug)]
 pub(crate) struct Message {
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    bytes: Box<[u8]>,
+    key: Option<Span>,
+    payload: Option<Span>,
+    /// Name and value of each header, in order; names are UTF-8.
+    headers: Box<[(Span, Span)]>,
     /// The idempotency key's id, derived by the configured key sources.
-    pub id: Vec<u8>,
+    id: Span,
+}
+
+/// Appends `part` to `buf` and says where it is.
+fn push(buf: &mut Vec<u8>, part: &[u8]) -> Span {
+    let at = buf.len() as u32;
+    buf.extend_from_slice(part);
+    Span {
+        at,
+        len: part.len() as u32,
+    }
 }
 
 impl Message {
+    /// A message from its parts (copied), with its id derived by `sources`.
+    pub(crate) fn new<'a>(
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: impl ExactSizeIterator<Item = (&'a str, &'a [u8])> + Clone,
+        sources: &[KeySource],
+    ) -> Message {
+        let size = key.map_or(0, <[u8]>::len)
+            + payload.map_or(0, <[u8]>::len)
+            + headers
+                .clone()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>();
+        let mut buf = Vec::with_capacity(size);
+        let key = key.map(|k| push(&mut buf, k));
+        let payload = payload.map(|p| push(&mut buf, p));
+        let headers: Box<[(Span, Span)]> = headers
+            .map(|(n, v)| (push(&mut buf, n.as_bytes()), push(&mut buf, v)))
+            .collect();
+        let mut msg = Message {
+            topic,
+            partition,
+            offset,
+            bytes: Box::default(),
+            key,
+            payload,
+            headers,
+            id: Span::default(),
+        };
+        msg.bytes = buf.into_boxed_slice();
+        msg.id = match derive_id(&msg, sources) {
+            Id::Within(span) => span,
+            Id::Made(id) => {
+                // Rare (positions, digests): the buffer grows once more.
+                let mut buf = std::mem::take(&mut msg.bytes).into_vec();
+                let span = push(&mut buf, &id);
+                msg.bytes = buf.into_boxed_slice();
+                span
+            }
+        };
+        msg
+    }
+
+    fn get(&self, span: Span) -> &[u8] {
+        let at = span.at as usize;
+        self.bytes
+            .get(at..at + span.len as usize)
+            .unwrap_or_default()
+    }
+
+    /// The message key.
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        self.key.map(|s| self.get(s))
+    }
+
+    /// The payload.
+    pub(crate) fn payload(&self) -> Option<&[u8]> {
+        self.payload.map(|s| self.get(s))
+    }
+
+    /// The idempotency key's id.
+    pub(crate) fn id(&self) -> &[u8] {
+        self.get(self.id)
+    }
+
+    /// All headers, in order.
+    pub(crate) fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers.iter().map(|&(n, v)| {
+            // Names were copied from `&str`s.
+            (
+                std::str::from_utf8(self.get(n)).unwrap_or_default(),
+                self.get(v),
+            )
+        })
+    }
+
     pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Like [`header`](Self::header), as a span of the buffer.
+    fn header_span(&self, name: &str) -> Option<Span> {
         self.headers
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .find(|&&(n, _)| self.get(n).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|&(_, v)| v)
     }
 
     pub(super) fn header_str(&self, name: &str) -> Option<&str> {
@@ -39,52 +148,81 @@ impl Message {
         topic: Arc<str>,
         sources: &[KeySource],
     ) -> Message {
-        let headers = crate::kafka::from_headers(m.headers());
-        let mut msg = Message {
+        let headers = m.headers();
+        let count = headers.map_or(0, |hs| hs.count());
+        let pairs = (0..count)
+            .filter_map(move |i| headers.and_then(|hs| hs.try_get(i)))
+            .map(|h| (h.key, h.value.unwrap_or_default()));
+        Message::new(
             topic,
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
-            headers,
-            id: Vec::new(),
-        };
-        msg.id = derive_id(&msg, sources);
-        msg
+            m.partition(),
+            m.offset(),
+            m.key(),
+            m.payload(),
+            Counted(pairs, count),
+            sources,
+        )
     }
 }
+
+/// An iterator with its length known beforehand.
+#[derive(Clone)]
+struct Counted<I>(I, usize);
+
+impl<I: Iterator> Iterator for Counted<I> {
+    type Item = I::Item;
+    fn next(&mut self) -> Option<I::Item> {
+        let next = self.0.next();
+        if next.is_some() {
+            self.1 = self.1.saturating_sub(1);
+        }
+        next
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.1, Some(self.1))
+    }
+}
+
+impl<I: Iterator> ExactSizeIterator for Counted<I> {}
 
 /// Ids longer than this are replaced by their digest (below the store's default key limit).
 pub(super) const MAX_DERIVED_ID: usize = 128;
 
+/// A message's id: a span of its buffer (a header's value, its key), or made from its position
+/// or as a digest.
+enum Id {
+    Within(Span),
+    Made(Vec<u8>),
+}
+
 /// The first non-empty value among `sources`; ids longer than [`MAX_DERIVED_ID`] are replaced
 /// by a digest (`xxh3:` and 32 hex digits), so a long message key never becomes an error.
-pub(super) fn derive_id(msg: &Message, sources: &[KeySource]) -> Vec<u8> {
+fn derive_id(msg: &Message, sources: &[KeySource]) -> Id {
+    let position =
+        || Id::Made(format!("{}/{}/{}", msg.topic, msg.partition, msg.offset).into_bytes());
     // A follow-up's id is the one its outbox gave it (`{request id}/{index}`), whatever the
     // sources say: it must not collide with the request's own.
-    if msg.header(crate::kafka::call::CALL_URL).is_some()
-        && let Some(id) = msg
-            .header(crate::kafka::IDEMPOTENCY_KEY)
-            .filter(|v| !v.is_empty())
-    {
-        return id.to_vec();
-    }
-    let found = sources.iter().find_map(|s| match s {
-        KeySource::Header(name) => msg
-            .header(name)
-            .filter(|v| !v.is_empty())
-            .map(<[u8]>::to_vec),
-        KeySource::MessageKey => msg.key.clone().filter(|k| !k.is_empty()),
-        KeySource::Position => {
-            Some(format!("{}/{}/{}", msg.topic, msg.partition, msg.offset).into_bytes())
-        }
+    let followed = msg
+        .header(crate::kafka::call::CALL_URL)
+        .is_some()
+        .then(|| msg.header_span(crate::kafka::IDEMPOTENCY_KEY))
+        .flatten()
+        .filter(|s| s.len > 0);
+    let id = followed.map(Id::Within).or_else(|| {
+        sources.iter().find_map(|s| match s {
+            KeySource::Header(name) => msg.header_span(name).filter(|s| s.len > 0).map(Id::Within),
+            KeySource::MessageKey => msg.key.filter(|s| s.len > 0).map(Id::Within),
+            KeySource::Position => Some(position()),
+        })
     });
-    let id = found
-        .unwrap_or_else(|| format!("{}/{}/{}", msg.topic, msg.partition, msg.offset).into_bytes());
-    if id.len() > MAX_DERIVED_ID {
-        format!("xxh3:{:032x}", xxhash_rust::xxh3::xxh3_128(&id)).into_bytes()
-    } else {
-        id
+    let id = id.unwrap_or_else(position);
+    let long = |bytes: &[u8]| {
+        Id::Made(format!("xxh3:{:032x}", xxhash_rust::xxh3::xxh3_128(bytes)).into_bytes())
+    };
+    match id {
+        Id::Within(s) if s.len as usize > MAX_DERIVED_ID => long(msg.get(s)),
+        Id::Made(v) if v.len() > MAX_DERIVED_ID => long(&v),
+        id => id,
     }
 }
 
@@ -95,12 +233,11 @@ pub(super) fn echo_headers(
     msg: &Message,
 ) -> Result<Vec<(String, Vec<u8>)>, String> {
     let raws = msg
-        .headers
-        .iter()
+        .headers()
         .filter(|(n, _)| {
             n.eq_ignore_ascii_case(ECHO_SET_HEADER) || n.eq_ignore_ascii_case("x-reply-set-header")
         })
-        .map(|(_, raw)| raw.as_slice());
+        .map(|(_, raw)| raw);
     match policy.parse_all(raws) {
         Ok(all) => Ok(all
             .into_iter()
@@ -126,34 +263,53 @@ mod tests {
     use crate::kafka::KeySource;
 
     fn message(headers: &[(&str, &str)], key: Option<&str>) -> Message {
-        let mut m = Message {
-            topic: "t".into(),
-            partition: 3,
-            offset: 42,
-            key: key.map(|k| k.as_bytes().to_vec()),
-            payload: None,
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            id: Vec::new(),
-        };
-        m.id = derive_id(&m, &KeySource::defaults());
-        m
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+        Message::new(
+            "t".into(),
+            3,
+            42,
+            key.map(str::as_bytes),
+            None,
+            headers.into_iter(),
+            &KeySource::defaults(),
+        )
+    }
+
+    fn derived(m: &Message, sources: &[KeySource]) -> Vec<u8> {
+        match derive_id(m, sources) {
+            Id::Within(span) => m.get(span).to_vec(),
+            Id::Made(id) => id,
+        }
     }
 
     #[test]
     fn key_sources_in_order() {
-        assert_eq!(message(&[("Idempotency-Key", "k1")], Some("mk")).id, b"k1");
-        assert_eq!(message(&[("idempotency-key", "")], Some("mk")).id, b"mk");
-        assert_eq!(message(&[], Some("")).id, b"t/3/42");
+        assert_eq!(
+            message(&[("Idempotency-Key", "k1")], Some("mk")).id(),
+            b"k1"
+        );
+        assert_eq!(message(&[("idempotency-key", "")], Some("mk")).id(), b"mk");
+        assert_eq!(message(&[], Some("")).id(), b"t/3/42");
         let long = "x".repeat(MAX_DERIVED_ID + 1);
-        let id = message(&[], Some(&long)).id;
+        let m = message(&[("a", "b")], Some(&long));
+        let id = m.id();
         assert!(id.starts_with(b"xxh3:") && id.len() == 37, "{id:?}");
-        assert_eq!(id, message(&[], Some(&long)).id);
+        assert_eq!(id, message(&[], Some(&long)).id());
+        // The parts are still where they were after the id was appended.
+        assert_eq!(m.key(), Some(long.as_bytes()));
+        assert_eq!(m.headers().collect::<Vec<_>>(), [("a", &b"b"[..])]);
         let m = message(&[("idempotency-key", "k1")], Some("mk"));
-        assert_eq!(derive_id(&m, &[KeySource::MessageKey]), b"mk");
-        assert_eq!(derive_id(&m, &[KeySource::Position]), b"t/3/42");
+        assert_eq!(derived(&m, &[KeySource::MessageKey]), b"mk");
+        assert_eq!(derived(&m, &[KeySource::Position]), b"t/3/42");
+        // A follow-up keeps the id its outbox gave it.
+        let follow = message(
+            &[
+                (crate::kafka::call::CALL_URL, "http://x"),
+                ("idempotency-key", "r/0"),
+            ],
+            Some("mk"),
+        );
+        assert_eq!(derived(&follow, &[KeySource::MessageKey]), b"r/0");
     }
 
     #[test]

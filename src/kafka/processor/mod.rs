@@ -54,6 +54,7 @@ where
 }
 
 mod attempt;
+mod batch;
 mod calls;
 mod message;
 mod outbound;

@@ -19,7 +19,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
     /// The key of `msg`'s outbox record (same id as the message's record: on Redis, the same
     /// slot, so the two commit in one batch).
     pub(super) fn outbox_key(&self, msg: &Message) -> OwnedKey {
-        OwnedKey::new(&self.outbox_scope, &msg.id)
+        OwnedKey::new(&self.outbox_scope, msg.id())
     }
 
     /// The writes that record `outgoing` with the result (the outbox record, and the tokens of
@@ -40,7 +40,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         let ttl = self.cfg.result_ttl.unwrap_or(OUTBOX_TTL);
         let record = Write::put_if_absent(self.outbox_key(msg), outbox::encode(0, outgoing));
         let mut writes = vec![record.with_ttl(ttl)];
-        writes.extend(outbox::token_writes(&msg.id, outgoing, ttl));
+        writes.extend(outbox::token_writes(msg.id(), outgoing, ttl));
         Ok(writes)
     }
 
@@ -58,7 +58,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             ProducerPublisher::new(self.producer.clone()).timeout(self.cfg.reply_timeout);
         let mut failures = 0;
         loop {
-            match outbox::flush(&self.store, &key, &msg.id, ttl, &publisher).await {
+            match outbox::flush(&self.store, &key, msg.id(), ttl, &publisher).await {
                 Ok(n) => {
                     self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
                     return Ok(None);
@@ -66,7 +66,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 Err(FlushError::Store(e)) => return Err(e.into()),
                 Err(FlushError::Corrupt(reason)) => {
                     return Err(KafkaError::CorruptRecord {
-                        key: String::from_utf8_lossy(&msg.id).into_owned(),
+                        key: String::from_utf8_lossy(msg.id()).into_owned(),
                         reason,
                     });
                 }
@@ -113,13 +113,13 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             (ATTEMPTS, count.as_bytes()),
             (ORIGIN, origin.as_bytes()),
         ];
-        let original = msg.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+        let original = msg.headers();
         let headers = to_headers(original.chain(extra));
         let mut record = FutureRecord::to(dlq).headers(headers);
-        if let Some(k) = &msg.key {
+        if let Some(k) = msg.key() {
             record = record.key(k);
         }
-        if let Some(p) = &msg.payload {
+        if let Some(p) = msg.payload() {
             record = record.payload(p);
         }
         if let Err((e, _)) = self.producer.send(record, self.cfg.reply_timeout).await {
@@ -147,22 +147,20 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         Ok(Disposition::Done)
     }
 
-    /// Sends the reply if the request names a `reply-to` topic. A failure to deliver is
-    /// counted, not fatal: the result is recorded, so a retried request replays it.
-    pub(super) async fn reply(
+    /// The reply to `msg`, if it names a `reply-to` topic (a name that is not a topic's is
+    /// counted and logged, and gets none).
+    fn reply_record<'a>(
         &self,
-        msg: &Message,
-        echo: &[(String, Vec<u8>)],
-        record: &StoredReply,
+        msg: &'a Message,
+        echo: &'a [(String, Vec<u8>)],
+        record: &'a StoredReply,
         replayed: bool,
-    ) {
-        let Some(topic) = msg.header_str(REPLY_TO) else {
-            return;
-        };
+    ) -> Option<FutureRecord<'a, [u8], [u8]>> {
+        let topic = msg.header_str(REPLY_TO)?;
         if !valid_topic(topic) {
             bump(&self.stats.reply_failures);
             tracing::warn!(target: "idemkv::kafka", reply_to = %topic.escape_debug(), "no reply sent: reply-to is not a valid topic name");
-            return;
+            return None;
         }
         let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(record.headers.len() + echo.len() + 3);
         for (n, v) in &record.headers {
@@ -186,17 +184,71 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         }
         let headers = to_headers(out);
         let mut reply = FutureRecord::to(topic)
-            .payload(&record.payload)
+            .payload(record.payload.as_slice())
             .headers(headers);
-        if let Some(k) = &msg.key {
+        if let Some(k) = msg.key() {
             reply = reply.key(k);
         }
-        match self.producer.send(reply, self.cfg.reply_timeout).await {
-            Ok(_) => bump(&self.stats.replies),
-            Err((e, _)) => {
+        Some(reply)
+    }
+
+    /// Counts a reply's delivery, or logs why it failed.
+    fn delivered(&self, topic: &str, result: Result<(), rdkafka::error::KafkaError>) {
+        match result {
+            Ok(()) => bump(&self.stats.replies),
+            Err(e) => {
                 bump(&self.stats.reply_failures);
                 tracing::warn!(target: "idemkv::kafka", topic, error = %e, "reply could not be delivered; a retried request replays it");
             }
+        }
+    }
+
+    /// Sends the reply if the request names a `reply-to` topic. A failure to deliver is
+    /// counted, not fatal: the result is recorded, so a retried request replays it.
+    pub(super) async fn reply(
+        &self,
+        msg: &Message,
+        echo: &[(String, Vec<u8>)],
+        record: &StoredReply,
+        replayed: bool,
+    ) {
+        let Some(reply) = self.reply_record(msg, echo, record, replayed) else {
+            return;
+        };
+        let topic = reply.topic;
+        let sent = self.producer.send(reply, self.cfg.reply_timeout).await;
+        self.delivered(topic, sent.map(drop).map_err(|(e, _)| e));
+    }
+
+    /// [`reply`](Self::reply) to each of `replies` (fresh results): all are queued first, then
+    /// their deliveries awaited, so a batch waits for one round trip to the broker, not one
+    /// per reply.
+    pub(super) async fn reply_all(
+        &self,
+        replies: impl Iterator<Item = (&Message, &[(String, Vec<u8>)], &StoredReply)>,
+    ) {
+        let mut queued = Vec::new();
+        for (msg, echo, record) in replies {
+            let Some(reply) = self.reply_record(msg, echo, record, false) else {
+                continue;
+            };
+            let topic = reply.topic;
+            match self.producer.send_result(reply) {
+                Ok(delivery) => queued.push((topic, delivery)),
+                // The producer's queue is full: this one waits for room, as `reply` does.
+                Err((_, reply)) => {
+                    let sent = self.producer.send(reply, self.cfg.reply_timeout).await;
+                    self.delivered(topic, sent.map(drop).map_err(|(e, _)| e));
+                }
+            }
+        }
+        for (topic, delivery) in queued {
+            let result = match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                Err(_cancelled) => Err(rdkafka::error::KafkaError::Canceled),
+            };
+            self.delivered(topic, result);
         }
     }
 }

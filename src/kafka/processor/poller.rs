@@ -384,28 +384,22 @@ pub(super) fn start_worker<St: IdempotencyStore + Clone, H: Handler>(
                 b = rx.recv() => match b { Some(b) => b, None => break },
             };
             let mut last_done = None;
-            for msg in batch {
+            let mut rest = &batch[..];
+            while !rest.is_empty() {
                 if drain_rx.borrow().is_some() {
                     store_offset(last_done);
                     break 'run;
                 }
-                let offset = msg.offset;
-                // One span per message; a disabled span costs one callsite check.
-                let span = tracing::info_span!(
-                    "kafka_message",
-                    topic = %msg.topic,
-                    partition = msg.partition,
-                    offset,
-                );
-                let processed = tracing::Instrument::instrument(
-                    shared.process(&*handler, msg, &mut drain_rx),
-                    span,
-                );
-                match processed.await {
-                    Ok(Disposition::Done) => last_done = Some(offset),
-                    Ok(Disposition::Abandoned) => {
-                        store_offset(last_done);
-                        break 'run;
+                match shared.process_batch(&*handler, rest, &mut drain_rx).await {
+                    Ok(end) => {
+                        if end.done > 0 {
+                            last_done = Some(rest[end.done - 1].offset);
+                            rest = &rest[end.done..];
+                        }
+                        if end.abandoned {
+                            store_offset(last_done);
+                            break 'run;
+                        }
                     }
                     Err(e) => {
                         store_offset(last_done);
