@@ -9,6 +9,10 @@
 //! - request-reply round trip, one request at a time: a plain rdkafka echo service (consume,
 //!   produce the reply with the correlation id, store the offset) vs the adapter (`Batched`).
 //!
+//! Each row also gives the CPU time the whole process spent per message over the same window
+//! (all threads: the consumer's, the runtime's, librdkafka's and the mock broker's), which
+//! varies far less between runs on a shared machine than the rate does.
+//!
 //! `cargo bench --features kafka --bench kafka` (`IDEMKV_BENCH_QUICK=1`: 20k messages, one
 //! round; `IDEMKV_BENCH_ROWS=0,3` runs only those rows, `IDEMKV_BENCH_RR=0` skips the round
 //! trips). Writes `target/bench-kafka.csv`.
@@ -26,6 +30,31 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 
 const PARTITIONS: i32 = 4;
+
+/// CPU seconds this process has used, all threads (`/proc/self/stat`, in clock ticks of
+/// 1/100 s; 0 where there is no procfs).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime: fields 14 and 15 of the line, 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A row's figures: messages per second, and CPU microseconds per message.
+#[derive(Clone, Copy)]
+struct Rate {
+    per_s: f64,
+    cpu_us: f64,
+}
 
 fn produce(kafka: &MockKafka, topic: &str, n: usize) {
     kafka.create_topic(topic, PARTITIONS).expect("topic");
@@ -68,7 +97,7 @@ fn consumer_config(kafka: &MockKafka, group: &str) -> ClientConfig {
 }
 
 /// The plain at-least-once loop: messages/s from the first message to the n-th.
-fn plain(kafka: &MockKafka, topic: &str, n: usize) -> f64 {
+fn plain(kafka: &MockKafka, topic: &str, n: usize) -> Rate {
     let consumer: BaseConsumer = consumer_config(kafka, &format!("plain-{topic}"))
         .create()
         .expect("consumer");
@@ -78,14 +107,24 @@ fn plain(kafka: &MockKafka, topic: &str, n: usize) -> f64 {
     let mut start = None;
     while seen < n {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            start.get_or_insert_with(Instant::now);
+            start.get_or_insert_with(|| (Instant::now(), cpu_seconds()));
             bytes += m.payload().map_or(0, <[u8]>::len) + m.headers().map_or(0, |h| h.count());
             let _ = consumer.store_offset(m.topic(), m.partition(), m.offset());
             seen += 1;
         }
     }
     std::hint::black_box(bytes);
-    n as f64 / start.map_or(1.0, |s| s.elapsed().as_secs_f64())
+    rate(start, n)
+}
+
+fn rate(start: Option<(Instant, f64)>, n: usize) -> Rate {
+    let (secs, cpu) = start.map_or((1.0, 0.0), |(t, c)| {
+        (t.elapsed().as_secs_f64(), cpu_seconds() - c)
+    });
+    Rate {
+        per_s: n as f64 / secs,
+        cpu_us: cpu * 1e6 / n as f64,
+    }
 }
 
 /// The adapter with a no-op handler: messages/s from the first handler call to the n-th
@@ -96,7 +135,7 @@ fn adapter(
     topic: &str,
     n: usize,
     store: Store,
-) -> f64 {
+) -> Rate {
     rt.block_on(async {
         let processor =
             KafkaProcessor::builder(store, consumer_config(kafka, &format!("adapter-{topic}")))
@@ -104,12 +143,13 @@ fn adapter(
                 .build()
                 .expect("processor");
         let handle = processor.handle();
-        let first: Arc<parking_lot::Mutex<Option<Instant>>> = Arc::default();
+        let first: Arc<parking_lot::Mutex<Option<(Instant, f64)>>> = Arc::default();
         let mark = first.clone();
         let task = tokio::spawn(processor.run(move |msg: Incoming| {
             let mark = mark.clone();
             async move {
-                mark.lock().get_or_insert_with(Instant::now);
+                mark.lock()
+                    .get_or_insert_with(|| (Instant::now(), cpu_seconds()));
                 std::hint::black_box(msg.payload());
                 Ok(Outcome::done())
             }
@@ -117,10 +157,10 @@ fn adapter(
         while handle.stats().processed < n as u64 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let secs = first.lock().map_or(1.0, |s| s.elapsed().as_secs_f64());
+        let rate = rate(*first.lock(), n);
         handle.shutdown();
         task.await.expect("join").expect("run");
-        n as f64 / secs
+        rate
     })
 }
 
@@ -219,7 +259,7 @@ fn main() {
         ),
         ("adapter, Immediate", Some(Durability::Immediate)),
     ];
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    let mut results: Vec<Vec<Rate>> = vec![Vec::new(); rows.len()];
     // `IDEMKV_BENCH_ROWS=0,3`: only those rows (for profiling); `IDEMKV_BENCH_RR=0`: no
     // round trips.
     let only: Option<Vec<usize>> = std::env::var("IDEMKV_BENCH_ROWS")
@@ -228,7 +268,10 @@ fn main() {
     for round in 0..rounds {
         for (i, (name, durability)) in rows.iter().enumerate() {
             if only.as_ref().is_some_and(|o| !o.contains(&i)) {
-                results[i].push(f64::NAN);
+                results[i].push(Rate {
+                    per_s: f64::NAN,
+                    cpu_us: f64::NAN,
+                });
                 continue;
             }
             let topic = format!("bench-{round}-{i}");
@@ -244,18 +287,26 @@ fn main() {
                     adapter(&rt, &kafka, &topic, n, store)
                 }
             };
-            eprintln!("round {round}: {name}: {rate:.0} msg/s");
+            eprintln!(
+                "round {round}: {name}: {:.0} msg/s, {:.2} CPU µs/msg",
+                rate.per_s, rate.cpu_us
+            );
             results[i].push(rate);
         }
     }
-    let base = median(results[0].clone());
-    let mut csv = String::from("row,messages_per_s,ratio_to_plain\n");
+    let per_s = |i: usize| median(results[i].iter().map(|r| r.per_s).collect());
+    let cpu_us = |i: usize| median(results[i].iter().map(|r| r.cpu_us).collect());
+    let base = per_s(0);
+    let mut csv = String::from("row,messages_per_s,ratio_to_plain,cpu_us_per_message\n");
     println!("\n{n} messages, {PARTITIONS} partitions, median of {rounds} round(s)");
-    println!("{:<22} {:>12} {:>8}", "row", "msg/s", "ratio");
+    println!(
+        "{:<22} {:>12} {:>8} {:>12}",
+        "row", "msg/s", "ratio", "CPU µs/msg"
+    );
     for (i, (name, _)) in rows.iter().enumerate() {
-        let m = median(results[i].clone());
-        println!("{name:<22} {m:>12.0} {:>8.2}", m / base);
-        csv.push_str(&format!("{name},{m:.0},{:.3}\n", m / base));
+        let (m, c) = (per_s(i), cpu_us(i));
+        println!("{name:<22} {m:>12.0} {:>8.2} {c:>12.2}", m / base);
+        csv.push_str(&format!("{name},{m:.0},{:.3},{c:.3}\n", m / base));
     }
 
     if std::env::var("IDEMKV_BENCH_RR").is_ok_and(|v| v == "0") {
@@ -309,11 +360,11 @@ fn main() {
     );
     println!("p50 ratio adapter/plain: {:.2}", adapter_rt.0 / plain_rt.0);
     csv.push_str(&format!(
-        "rr plain p50 ms,{:.3},\nrr plain p99 ms,{:.3},\n",
+        "rr plain p50 ms,{:.3},,\nrr plain p99 ms,{:.3},,\n",
         plain_rt.0, plain_rt.1
     ));
     csv.push_str(&format!(
-        "rr adapter p50 ms,{:.3},\nrr adapter p99 ms,{:.3},\n",
+        "rr adapter p50 ms,{:.3},,\nrr adapter p99 ms,{:.3},,\n",
         adapter_rt.0, adapter_rt.1
     ));
     let _ = std::fs::write("target/bench-kafka.csv", csv);

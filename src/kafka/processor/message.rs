@@ -125,10 +125,9 @@ impl Message {
         })
     }
 
+    /// The values of the headers named `name` (any case), in order.
     pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        self.header_span(name).map(|s| self.get(s))
     }
 
     /// Like [`header`](Self::header), as a span of the buffer.
@@ -233,11 +232,14 @@ pub(super) fn echo_headers(
     msg: &Message,
 ) -> Result<Vec<(String, Vec<u8>)>, String> {
     let raws = msg
-        .headers()
-        .filter(|(n, _)| {
-            n.eq_ignore_ascii_case(ECHO_SET_HEADER) || n.eq_ignore_ascii_case("x-reply-set-header")
+        .headers
+        .iter()
+        .filter(|&&(n, _)| {
+            let n = msg.get(n);
+            n.eq_ignore_ascii_case(ECHO_SET_HEADER.as_bytes())
+                || n.eq_ignore_ascii_case(b"x-reply-set-header")
         })
-        .map(|(_, raw)| raw);
+        .map(|&(_, raw)| msg.get(raw));
     match policy.parse_all(raws) {
         Ok(all) => Ok(all
             .into_iter()

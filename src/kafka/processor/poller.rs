@@ -167,6 +167,10 @@ fn is_no_offset(e: &rdkafka::error::KafkaError) -> bool {
 /// Most messages handed to a partition task at once.
 pub(super) const BATCH: usize = 64;
 
+/// How long the polling thread waits for a new message while every task it holds messages
+/// for is behind.
+const STALL_WAIT: Duration = Duration::from_millis(1);
+
 /// Messages fetched but not yet handed to their partition's task.
 pub(super) struct Pending {
     pub(super) topic: Arc<str>,
@@ -185,11 +189,17 @@ pub(super) fn poll_loop<St: IdempotencyStore + Clone, H: Handler>(
     let partitions = consumer.context().partitions.clone();
     let mut pending: Vec<Pending> = Vec::new();
     let mut held = 0usize;
+    // Whether the last hand-over found every task's queue full: the tasks are behind.
+    let mut stalled = false;
     while !shared.stop.is_set() {
         // Block only when nothing is held back; otherwise take what is already fetched and
-        // hand the batches over as soon as the local queue runs dry.
+        // hand the batches over as soon as the local queue runs dry. While the tasks are
+        // behind, wait a little for new messages instead of spinning: on a small machine the
+        // spin takes the core the tasks need.
         let wait = if held == 0 {
             Duration::from_millis(50)
+        } else if stalled {
+            STALL_WAIT
         } else {
             Duration::ZERO
         };
@@ -239,9 +249,11 @@ pub(super) fn poll_loop<St: IdempotencyStore + Clone, H: Handler>(
                 continue;
             }
         }
+        let before = held;
         for p in pending.iter_mut().filter(|p| !p.batch.is_empty()) {
             held -= hand_over(shared, consumer, handler, runtime, &partitions, p, false);
         }
+        stalled = held > 0 && held == before;
         // Back-pressure: past the bound, wait for the fullest partition's task to take a batch.
         while held > shared.cfg.queue && !shared.stop.is_set() {
             let Some(p) = pending.iter_mut().max_by_key(|p| p.batch.len()) else {
@@ -378,11 +390,18 @@ pub(super) fn start_worker<St: IdempotencyStore + Clone, H: Handler>(
             }
         };
         'run: loop {
-            let batch = tokio::select! {
+            let mut batch = tokio::select! {
                 biased;
                 () = drain_requested(&mut drain_rx) => break,
                 b = rx.recv() => match b { Some(b) => b, None => break },
             };
+            // Batches queued meanwhile join this one, for fewer and larger store calls.
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(mut more) => batch.append(&mut more),
+                    Err(_) => break,
+                }
+            }
             let mut last_done = None;
             let mut rest = &batch[..];
             while !rest.is_empty() {
