@@ -60,6 +60,21 @@ pub(crate) fn encode<'h>(
 ) -> Vec<u8> {
     let err = error.unwrap_or("");
     let mut out = Vec::with_capacity((64 + err.len() + body.len()).min(max.saturating_add(64)));
+    encode_into(&mut out, status, headers, error, body, max);
+    out
+}
+
+/// [`encode`], appended to `out` (several records in one buffer); `max` bounds this record.
+pub(crate) fn encode_into<'h>(
+    out: &mut Vec<u8>,
+    status: u16,
+    headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+    error: Option<&str>,
+    body: &[u8],
+    max: usize,
+) {
+    let start = out.len();
+    let err = error.unwrap_or("");
     let mut flags = if error.is_some() { FAILED } else { 0 };
     out.extend_from_slice(&[MAGIC, VERSION, 0]);
     out.extend_from_slice(&status.to_le_bytes());
@@ -74,16 +89,15 @@ pub(crate) fn encode<'h>(
         out.extend_from_slice(v);
         count += 1;
     }
-    out[5..7].copy_from_slice(&count.to_le_bytes());
+    out[start + 5..start + 7].copy_from_slice(&count.to_le_bytes());
     out.extend_from_slice(&(err.len() as u32).to_le_bytes());
     out.extend_from_slice(err.as_bytes());
-    if out.len() + body.len() > max {
+    if out.len() - start + body.len() > max {
         flags |= TOO_LARGE;
     } else {
         out.extend_from_slice(body);
     }
-    out[2] = flags;
-    out
+    out[start + 2] = flags;
 }
 
 struct Reader<'a>(&'a [u8]);

@@ -31,19 +31,27 @@ impl StoredReply {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`encode`](Self::encode), appended to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         // Header names and values are bounded when the reply is built (`Outcome::header`).
         let headers = self
             .headers
             .iter()
             .map(|(n, v)| (n.as_bytes(), v.as_slice()));
         let status = u16::from(self.deferred);
-        reply::encode(
+        reply::encode_into(
+            out,
             status,
             headers,
             self.error.as_deref(),
             &self.payload,
             usize::MAX,
-        )
+        );
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {

@@ -344,15 +344,25 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         if ran.is_empty() {
             return Ok(None);
         }
-        let encoded: Vec<Vec<u8>> = ran.iter().map(|r| r.record.encode()).collect();
+        // Every record in one buffer.
+        let mut encoded = Vec::new();
+        let mut ends = Vec::with_capacity(ran.len());
+        for r in ran.iter() {
+            r.record.encode_into(&mut encoded);
+            ends.push(encoded.len());
+        }
         let items: Vec<Completion<'_>> = ran
             .iter()
-            .zip(&encoded)
-            .map(|(r, response)| Completion {
-                lease: &r.lease,
-                response,
-                ttl: self.cfg.result_ttl,
-                writes: &r.writes,
+            .zip(&ends)
+            .scan(0, |start, (r, &end)| {
+                let response = encoded.get(*start..end).unwrap_or_default();
+                *start = end;
+                Some(Completion {
+                    lease: &r.lease,
+                    response,
+                    ttl: self.cfg.result_ttl,
+                    writes: &r.writes,
+                })
             })
             .collect();
         let results = match self.store.complete_many(&items).await {

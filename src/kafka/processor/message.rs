@@ -30,9 +30,28 @@ pub(crate) struct Message {
     key: Option<Span>,
     payload: Option<Span>,
     /// Name and value of each header, in order; names are UTF-8.
-    headers: Box<[(Span, Span)]>,
+    headers: HeaderSpans,
     /// The idempotency key's id, derived by the configured key sources.
     id: Span,
+}
+
+/// Up to this many headers are kept without an allocation of their own.
+const INLINE_HEADERS: usize = 4;
+
+/// Where a message's headers are: inline for the common few, else in their own allocation.
+#[derive(Debug)]
+enum HeaderSpans {
+    Inline(u8, [(Span, Span); INLINE_HEADERS]),
+    Heap(Box<[(Span, Span)]>),
+}
+
+impl HeaderSpans {
+    fn as_slice(&self) -> &[(Span, Span)] {
+        match self {
+            HeaderSpans::Inline(n, spans) => spans.get(..usize::from(*n)).unwrap_or_default(),
+            HeaderSpans::Heap(spans) => spans,
+        }
+    }
 }
 
 /// Appends `part` to `buf` and says where it is.
@@ -65,9 +84,18 @@ impl Message {
         let mut buf = Vec::with_capacity(size);
         let key = key.map(|k| push(&mut buf, k));
         let payload = payload.map(|p| push(&mut buf, p));
-        let headers: Box<[(Span, Span)]> = headers
-            .map(|(n, v)| (push(&mut buf, n.as_bytes()), push(&mut buf, v)))
-            .collect();
+        let mut spans = headers.map(|(n, v)| (push(&mut buf, n.as_bytes()), push(&mut buf, v)));
+        let headers = if spans.len() <= INLINE_HEADERS {
+            let mut inline = [(Span::default(), Span::default()); INLINE_HEADERS];
+            let mut n = 0u8;
+            for (slot, span) in inline.iter_mut().zip(spans.by_ref()) {
+                *slot = span;
+                n += 1;
+            }
+            HeaderSpans::Inline(n, inline)
+        } else {
+            HeaderSpans::Heap(spans.collect())
+        };
         let mut msg = Message {
             topic,
             partition,
@@ -116,7 +144,7 @@ impl Message {
 
     /// All headers, in order.
     pub(crate) fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.headers.iter().map(|&(n, v)| {
+        self.headers.as_slice().iter().map(|&(n, v)| {
             // Names were copied from `&str`s.
             (
                 std::str::from_utf8(self.get(n)).unwrap_or_default(),
@@ -133,6 +161,7 @@ impl Message {
     /// Like [`header`](Self::header), as a span of the buffer.
     fn header_span(&self, name: &str) -> Option<Span> {
         self.headers
+            .as_slice()
             .iter()
             .find(|&&(n, _)| self.get(n).eq_ignore_ascii_case(name.as_bytes()))
             .map(|&(_, v)| v)
@@ -233,6 +262,7 @@ pub(super) fn echo_headers(
 ) -> Result<Vec<(String, Vec<u8>)>, String> {
     let raws = msg
         .headers
+        .as_slice()
         .iter()
         .filter(|&&(n, _)| {
             let n = msg.get(n);
@@ -312,6 +342,36 @@ mod tests {
             Some("mk"),
         );
         assert_eq!(derived(&follow, &[KeySource::MessageKey]), b"r/0");
+    }
+
+    #[test]
+    fn headers_inline_or_not_read_back_in_order() {
+        for count in [0, 1, INLINE_HEADERS, INLINE_HEADERS + 1, 9] {
+            let owned: Vec<(String, String)> = (0..count)
+                .map(|i| (format!("H{i}"), format!("v{i}")))
+                .collect();
+            let pairs: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let m = message(&pairs, Some("k"));
+            let back: Vec<(String, Vec<u8>)> = m
+                .headers()
+                .map(|(n, v)| (n.to_owned(), v.to_vec()))
+                .collect();
+            let want: Vec<(String, Vec<u8>)> = owned
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone().into_bytes()))
+                .collect();
+            assert_eq!(back, want, "{count} headers");
+            if count > 0 {
+                let last = count - 1;
+                let value = format!("v{last}");
+                assert_eq!(m.header(&format!("h{last}")), Some(value.as_bytes()));
+            }
+            assert_eq!(m.key(), Some(&b"k"[..]));
+            assert_eq!(m.payload(), None);
+        }
     }
 
     #[test]
