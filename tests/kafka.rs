@@ -9,116 +9,21 @@ mod child;
 #[path = "support/redis.rs"]
 mod redis_support;
 
+#[path = "support/kafka.rs"]
+mod kafka_support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idemkv::kafka::{
-    ATTEMPTS, ERROR, HandlerError, Incoming, KafkaError, KafkaProcessor, MockKafka, ORIGIN,
-    Outcome, ProcessorStats, REPLAYED, Request, Requester,
+    ATTEMPTS, ERROR, HandlerError, Incoming, KafkaError, KafkaProcessor, ORIGIN, Outcome,
+    ProcessorStats, REPLAYED, Request, Requester,
 };
 use idemkv::{IdempotencyStore, Key, Snapshot, Store};
+use kafka_support::{Cluster, Got, read, send};
 use parking_lot::Mutex;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-
-struct Cluster {
-    mock: MockKafka,
-}
-
-impl Cluster {
-    fn new(request_partitions: i32) -> Cluster {
-        let mock = MockKafka::start(1).unwrap();
-        mock.create_topic("requests", request_partitions).unwrap();
-        mock.create_topic("replies", 1).unwrap();
-        mock.create_topic("dead", 1).unwrap();
-        Cluster { mock }
-    }
-
-    fn client(&self) -> ClientConfig {
-        self.mock.client_config()
-    }
-
-    fn consumer(&self, group: &str) -> ClientConfig {
-        let mut c = self.client();
-        c.set("group.id", group)
-            .set("auto.offset.reset", "earliest")
-            .set("auto.commit.interval.ms", "100");
-        c
-    }
-
-    fn producer(&self) -> FutureProducer {
-        self.client().create().unwrap()
-    }
-}
-
-/// A received message: key, payload, headers.
-#[derive(Clone, Debug)]
-struct Got {
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    headers: Vec<(String, String)>,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn send(p: &FutureProducer, key: &str, payload: &str, headers: &[(&str, &str)]) {
-    let mut hs = OwnedHeaders::new();
-    for (n, v) in headers {
-        hs = hs.insert(Header {
-            key: n,
-            value: Some(*v),
-        });
-    }
-    let record = FutureRecord::to("requests")
-        .key(key)
-        .payload(payload)
-        .headers(hs);
-    p.send(record, Duration::from_secs(5)).await.unwrap();
-}
-
-/// Reads `topic` (one partition) from the beginning until `n` messages or `within`.
-async fn read(cluster: &Cluster, topic: &str, n: usize, within: Duration) -> Vec<Got> {
-    let mut config = cluster.client();
-    config.set("group.id", "test-reader");
-    let consumer: StreamConsumer = config.create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let until = tokio::time::Instant::now() + within;
-    while out.len() < n {
-        let Ok(Ok(m)) = tokio::time::timeout_at(until, consumer.recv()).await else {
-            break;
-        };
-        out.push(Got {
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().unwrap_or_default().to_vec(),
-            headers: m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                            (h.key.to_owned(), v.into_owned())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        });
-    }
-    out
-}
+use rdkafka::ClientConfig;
 
 /// Polls `done` every 10 ms for up to 20 s.
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
