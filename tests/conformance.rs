@@ -462,6 +462,78 @@ async fn bad_input_is_a_typed_error<S: IdempotencyStore>(s: S) {
     ));
 }
 
+async fn many_keys_at_once<S: IdempotencyStore>(s: S) {
+    let sc = scope("many");
+    let k = |id: &'static str| Key::new(&sc, id);
+    let done = acquire(&s, k("{m}done"), LONG).await;
+    s.complete(&done, b"old", None, &[]).await.unwrap();
+    let _held = acquire(&s, k("{m}held"), LONG).await;
+    let old = acquire(&s, k("{m}stale"), Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let keys = [
+        (k("{m}a"), FP),
+        (k("{m}b"), FP),
+        (k("{m}a"), FP),
+        (k("{m}done"), FP),
+        (k("{m}done"), OTHER),
+        (k("{m}held"), FP),
+        (k(""), FP),
+        (k("{m}stale"), FP),
+    ];
+    let answers = s
+        .begin_many(&keys, LONG, idemkv::LeaseSync::Deferred)
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), keys.len());
+    let mut leases = Vec::new();
+    for (i, answer) in answers.into_iter().enumerate() {
+        match (i, answer) {
+            (0 | 1, Ok(Begin::Acquired(l))) => {
+                assert!(!l.is_takeover());
+                leases.push(l);
+            }
+            // The repeat is held by its first occurrence.
+            (2 | 5, Ok(Begin::InProgress { .. })) => {}
+            (3, Ok(Begin::Completed(c))) => assert_eq!(c.response, b"old"),
+            (4, Ok(Begin::Mismatch)) => {}
+            (6, Err(Error::EmptyKey)) => {}
+            (7, Ok(Begin::Acquired(l))) => {
+                assert!(l.is_takeover() && l.token() > old.token());
+                leases.push(l);
+            }
+            (i, other) => panic!("{i}: {other:?}"),
+        }
+    }
+    let side = OwnedKey::new(&sc, "{m}side");
+    let writes = [Write::put_if_absent(side.clone(), "v")];
+    let items = [
+        idemkv::Completion::new(&leases[0], b"ra"),
+        idemkv::Completion {
+            writes: &writes,
+            ..idemkv::Completion::new(&leases[1], b"rb")
+        },
+        // Taken over: refused, and it changes nothing.
+        idemkv::Completion::new(&old, b"late"),
+        idemkv::Completion::new(&leases[2], b"rs"),
+    ];
+    let results = s.complete_many(&items).await.unwrap();
+    assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok());
+    assert_eq!(
+        results[2].as_ref().unwrap_err(),
+        &Error::StaleLease { token: old.token() }
+    );
+    for (id, want) in [("{m}a", "ra"), ("{m}b", "rb"), ("{m}stale", "rs")] {
+        match s.begin(k(id), FP, LONG).await.unwrap() {
+            Begin::Completed(c) => assert_eq!(c.response, want.as_bytes(), "{id}"),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        s.get(side.as_key()).await.unwrap(),
+        Some(Snapshot::Value(_))
+    ));
+}
+
 macro_rules! suite {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -500,6 +572,11 @@ macro_rules! suite {
             async fn waiting_for_a_holder() {
                 let Some(s) = $make else { return };
                 super::waiting_for_a_holder(s).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn many_keys_at_once() {
+                let Some(s) = $make else { return };
+                super::many_keys_at_once(s).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn bad_input_is_a_typed_error() {

@@ -46,6 +46,42 @@ impl IdempotencyStore for RedisStore {
         r
     }
 
+    /// Every key's script is sent at once: on the multiplexed connection they are pipelined
+    /// (one round trip for the batch). Keys that repeat go one at a time, so that the first
+    /// occurrence is the one that acquires.
+    async fn begin_many(
+        &self,
+        keys: &[(Key<'_>, Fingerprint)],
+        lease: Duration,
+        _lease_sync: crate::LeaseSync,
+    ) -> Result<Vec<Result<Begin, Error>>, Error> {
+        let repeats = keys
+            .iter()
+            .enumerate()
+            .any(|(i, (k, _))| keys[..i].iter().any(|(e, _)| e == k));
+        if repeats {
+            // A repeated key's answer depends on the order its scripts run in: one at a time.
+            let mut out = Vec::with_capacity(keys.len());
+            for &(key, fp) in keys {
+                out.push(self.begin(key, fp, lease).await);
+            }
+            return Ok(out);
+        }
+        let begins = keys.iter().map(|&(key, fp)| self.begin(key, fp, lease));
+        Ok(futures_util::future::join_all(begins).await)
+    }
+
+    /// Pipelined as [`begin_many`](Self::begin_many) is.
+    async fn complete_many(
+        &self,
+        items: &[crate::Completion<'_>],
+    ) -> Result<Vec<Result<Timestamp, Error>>, Error> {
+        let completes = items
+            .iter()
+            .map(|c| self.complete(c.lease, c.response, c.ttl, c.writes));
+        Ok(futures_util::future::join_all(completes).await)
+    }
+
     async fn release(&self, lease: Lease) -> Result<(), Error> {
         let r = self.release_once(lease).await;
         let c = &self.inner.counts;
