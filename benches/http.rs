@@ -21,6 +21,8 @@ use axum::routing::post;
 use idemkv::http::IdempotencyLayer;
 use idemkv::{Durability, Store};
 
+#[path = "support/cpu.rs"]
+mod cpu;
 #[path = "support/timed.rs"]
 mod timed;
 
@@ -142,9 +144,32 @@ fn read_response(r: &mut BufReader<TcpStream>) -> Option<u16> {
     Some(status)
 }
 
+/// One row's run: requests/s, p50 and p99 in µs, and the process's CPU µs per request (the
+/// server's, the client's and the kernel's work for it, all on this machine).
+#[derive(Clone, Copy)]
+struct Run {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    cpu_us: f64,
+}
+
 /// `CONNECTIONS` keep-alive connections sending POST /orders for `dur`; `key(conn, i)` gives
 /// the Idempotency-Key of request `i` on connection `conn` (`None`: no header).
-fn load(addr: SocketAddr, dur: Duration, key: KeyFn) -> (f64, f64, f64) {
+fn load(addr: SocketAddr, dur: Duration, key: KeyFn) -> Run {
+    let (cpu0, t0) = (cpu::cpu_seconds(), Instant::now());
+    let (rps, p50, p99) = load_for(addr, dur, key);
+    let requests = rps * t0.elapsed().as_secs_f64();
+    let cpu_us = (cpu::cpu_seconds() - cpu0) * 1e6 / requests.max(1.0);
+    Run {
+        rps,
+        p50,
+        p99,
+        cpu_us,
+    }
+}
+
+fn load_for(addr: SocketAddr, dur: Duration, key: KeyFn) -> (f64, f64, f64) {
     timed::run_for(CONNECTIONS, dur, move |c, stop| {
         let mut lat = Vec::new();
         let Ok(stream) = TcpStream::connect(addr) else {
@@ -277,12 +302,15 @@ fn main() {
     // `IDEMKV_BENCH_ONLY="fresh, batched"` runs one row alone for 10 s (for profiling).
     if let Ok(only) = std::env::var("IDEMKV_BENCH_ONLY") {
         if let Some((name, addr, key)) = systems.iter().find(|s| s.0 == only) {
-            let (rps, p50, p99) = load(*addr, Duration::from_secs(10), Arc::clone(key));
-            println!("{name}: {rps:.0} req/s, p50 {p50:.0} us, p99 {p99:.0} us");
+            let r = load(*addr, Duration::from_secs(10), Arc::clone(key));
+            println!(
+                "{name}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {:.1} CPU us/request",
+                r.rps, r.p50, r.p99, r.cpu_us
+            );
         }
         return;
     }
-    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); systems.len()];
+    let mut results: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
     for round in 0..rounds {
         for j in 0..systems.len() {
             let k = (round + j) % systems.len();
@@ -295,7 +323,7 @@ fn main() {
             median(
                 results[baseline_of(systems[k].0)]
                     .iter()
-                    .map(|r| r.0)
+                    .map(|r| r.rps)
                     .collect(),
             )
         })
@@ -304,29 +332,32 @@ fn main() {
         "\nPOST /orders over loopback, {CONNECTIONS} keep-alive connections, median of {rounds} interleaved rounds"
     );
     println!(
-        "{:<18} {:>10} {:>9} {:>9} {:>10}",
-        "variant", "req/s", "p50 us", "p99 us", "vs none"
+        "{:<18} {:>10} {:>9} {:>9} {:>10} {:>12}",
+        "variant", "req/s", "p50 us", "p99 us", "vs none", "CPU us/req"
     );
     let rounds_per_req = WORK_ROUNDS.load(Ordering::Relaxed);
-    let mut csv = String::from("variant,req_per_sec,p50_us,p99_us,ratio_to_its_baseline\n");
+    let mut csv = String::from(
+        "variant,req_per_sec,p50_us,p99_us,ratio_to_its_baseline,cpu_us_per_request\n",
+    );
     for (k, (name, _, _)) in systems.iter().enumerate() {
-        let rps = median(results[k].iter().map(|r| r.0).collect());
-        let p50 = median(results[k].iter().map(|r| r.1).collect());
-        let p99 = median(results[k].iter().map(|r| r.2).collect());
+        let rps = median(results[k].iter().map(|r| r.rps).collect());
+        let p50 = median(results[k].iter().map(|r| r.p50).collect());
+        let p99 = median(results[k].iter().map(|r| r.p99).collect());
+        let cpu = median(results[k].iter().map(|r| r.cpu_us).collect());
         let base = bases[k];
         println!(
-            "{name:<18} {rps:>10.0} {p50:>9.0} {p99:>9.0} {:>10.2}",
+            "{name:<18} {rps:>10.0} {p50:>9.0} {p99:>9.0} {:>10.2} {cpu:>12.1}",
             rps / base
         );
         csv.push_str(&format!(
-            "{name},{rps:.0},{p50:.0},{p99:.0},{:.3}\n",
+            "{name},{rps:.0},{p50:.0},{p99:.0},{:.3},{cpu:.2}\n",
             rps / base
         ));
     }
-    let keyed = median(results[1].iter().map(|r| r.0).collect());
+    let keyed = median(results[1].iter().map(|r| r.rps).collect());
     for (k, (name, _, _)) in systems.iter().enumerate() {
         if name.starts_with("fresh") || *name == "replays" {
-            let rps = median(results[k].iter().map(|r| r.0).collect());
+            let rps = median(results[k].iter().map(|r| r.rps).collect());
             println!("{name:<18} vs \"no layer, keyed\": {:.2}", rps / keyed);
             csv.push_str(&format!("# {name} vs no layer keyed,{:.3}\n", rps / keyed));
         }

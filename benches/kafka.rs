@@ -29,25 +29,11 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 
-const PARTITIONS: i32 = 4;
+#[path = "support/cpu.rs"]
+mod cpu;
+use cpu::cpu_seconds;
 
-/// CPU seconds this process has used, all threads (`/proc/self/stat`, in clock ticks of
-/// 1/100 s; 0 where there is no procfs).
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime: fields 14 and 15 of the line, 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
+const PARTITIONS: i32 = 4;
 
 /// A row's figures: messages per second, and CPU microseconds per message.
 #[derive(Clone, Copy)]
