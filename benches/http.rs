@@ -7,6 +7,9 @@
 //! keyed rows also against `no layer, keyed` (the same requests, key header and the load
 //! generator's key formatting included, to the server without the layer).
 //!
+//! Then the same routers called in process, without sockets or a load generator: the layer's
+//! own cost per request (µs of one core), against the bare router.
+//!
 //! `cargo bench --bench http` (`IDEMKV_BENCH_QUICK=1`: shorter rows).
 
 use std::io::{BufRead, BufReader, Read, Write as _};
@@ -202,6 +205,27 @@ fn load_for(addr: SocketAddr, dur: Duration, key: KeyFn) -> (f64, f64, f64) {
     })
 }
 
+/// `n` requests through `router`, awaited one at a time on this task: µs per request.
+async fn in_process(router: Router, key: &KeyFn, n: u64) -> f64 {
+    use tower::ServiceExt as _;
+    let start = Instant::now();
+    for i in 0..n {
+        let mut req =
+            axum::http::Request::post("/orders").header("content-type", "application/json");
+        if let Some(k) = key(0, i) {
+            req = req.header("idempotency-key", k);
+        }
+        let req = req.body(axum::body::Body::from(BODY)).expect("request");
+        let res = router.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        std::hint::black_box(body);
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -366,6 +390,52 @@ fn main() {
         "(realistic rows: compared with \"realistic, none\"; the handler parses the JSON body and \
          computes for about 200 us, {rounds_per_req} rounds; target: the layer costs <= 5 %, ratio >= 0.95)"
     );
+    // In process: the routers as services, one request at a time.
+    let n = if quick { 20_000 } else { 100_000 };
+    let routed = |store: Option<Store>, handler_realistic: bool| {
+        let route = if handler_realistic {
+            post(realistic)
+        } else {
+            post(create)
+        };
+        let router = Router::new().route("/orders", route);
+        match store {
+            Some(s) => router.layer(IdempotencyLayer::new(s)),
+            None => router,
+        }
+    };
+    let replayed = Store::in_memory();
+    let in_rows: Vec<(&str, Router, KeyFn)> = vec![
+        ("bare router", routed(None, false), fresh("pn")),
+        (
+            "layer, fresh, memory",
+            routed(Some(Store::in_memory()), false),
+            fresh("pm"),
+        ),
+        (
+            "layer, replays",
+            routed(Some(replayed.clone()), false),
+            Arc::new(|_, i| Some(format!("pr-{}", i % 1000))),
+        ),
+    ];
+    println!("\nin process, {n} requests one at a time (µs per request, one core)");
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); in_rows.len()];
+    for round in 0..rounds {
+        for j in 0..in_rows.len() {
+            let k = (round + j) % in_rows.len();
+            let (_, router, key) = &in_rows[k];
+            per[k].push(rt.block_on(in_process(router.clone(), key, n)));
+        }
+    }
+    let bare_us = median(per[0].clone());
+    for (k, (name, _, _)) in in_rows.iter().enumerate() {
+        let us = median(per[k].clone());
+        println!(
+            "{name:<22} {us:>8.2} us  (+{:.2} us over the bare router)",
+            us - bare_us
+        );
+        csv.push_str(&format!("# in process {name} us per request,{us:.3}\n"));
+    }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-http.csv");
     match std::fs::write(&path, csv) {
         Ok(()) => println!("wrote {}", path.display()),
