@@ -14,7 +14,8 @@
 //! Prints ops/s and the ratio to the bare map, writes the table to `target/bench-compare.csv`,
 //! and prints idemkv's memory per record beyond key and value (allocator-requested bytes).
 //!
-//! `cargo bench --bench compare`; `IDEMKV_BENCH_QUICK=1` finishes in well under a minute.
+//! `cargo bench --bench compare`; `IDEMKV_BENCH_QUICK=1` finishes in well under a minute;
+//! `IDEMKV_BENCH_ONLY=idemkv` (or another system, or `recovery`) runs one part alone.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hash::BuildHasher;
@@ -320,6 +321,11 @@ fn main() {
     let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:016x}").into_bytes()).collect();
     // `IDEMKV_BENCH_ONLY=idemkv` runs one system alone (for profiling); the table needs all.
     if let Ok(only) = std::env::var("IDEMKV_BENCH_ONLY") {
+        if only == "recovery" {
+            let (cp, log, _, _) = durable::recovery(n as u64);
+            println!("recovery of {n} records: checkpoint {cp:.2} s, log alone {log:.2} s");
+            return;
+        }
         let (ops, _) = round(&only, &keys, 1);
         println!("{only}: {ops:.0} ops/s ({n} keys, 1 thread)");
         return;

@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::key::{Fingerprint, Key};
 use crate::record::Kind;
@@ -155,8 +155,13 @@ impl Checkpoints {
     }
 
     /// Feeds every stored record to `apply`; returns what the checkpoint covers.
-    pub(crate) fn load(&self, apply: impl FnMut(&Item<'_>)) -> Result<Loaded, CheckpointError> {
-        load_from(&self.db, &self.path, apply)
+    /// Feeds every record to `apply`, after telling `expect` how many there are.
+    pub(crate) fn load(
+        &self,
+        expect: impl FnOnce(u64),
+        apply: impl FnMut(&Item<'_>),
+    ) -> Result<Loaded, CheckpointError> {
+        load_from(&self.db, &self.path, expect, apply)
     }
 
     /// Replaces the checkpoint with `records` (encoded key, encoded value pairs), covering the
@@ -186,10 +191,12 @@ impl Checkpoints {
     }
 }
 
-/// Feeds every record of the checkpoint database `db` (at `path`) to `apply`.
+/// Feeds every record of the checkpoint database `db` (at `path`) to `apply`, after telling
+/// `expect` how many there are (so the index can be sized once).
 fn load_from(
     db: &impl ReadableDatabase,
     path: &Path,
+    expect: impl FnOnce(u64),
     mut apply: impl FnMut(&Item<'_>),
 ) -> Result<Loaded, CheckpointError> {
     let e = redb_err(path);
@@ -216,6 +223,7 @@ fn load_from(
     loaded.seq = get("checkpoint_seq")?;
     loaded.token_high = get("token_high")?;
     let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+    expect(records.len().map_err(|x| e(x.into()))?);
     for entry in records.iter().map_err(|x| e(x.into()))? {
         let (k, v) = entry.map_err(|x| e(x.into()))?;
         let item = decode(k.value(), v.value()).map_err(|m| CheckpointError::Corrupt {
@@ -240,7 +248,7 @@ pub(crate) fn load_read_only(
         return Ok(None);
     }
     let db = redb::ReadOnlyDatabase::open(path).map_err(|e| redb_err(path)(e.into()))?;
-    load_from(&db, path, apply).map(Some)
+    load_from(&db, path, |_| {}, apply).map(Some)
 }
 
 #[cfg(test)]

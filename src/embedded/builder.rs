@@ -100,6 +100,11 @@ impl Default for StoreBuilder {
     }
 }
 
+/// Log bytes per live record assumed when sizing the index before a replay: about what one
+/// begin and its completion of a short key and response take (a log of renewals or rewrites
+/// of few keys over-sizes it, and the tables are shrunk after the replay).
+const LOG_BYTES_PER_RECORD_GUESS: u64 = 160;
+
 impl StoreBuilder {
     /// Number of shards, a power of two (default 64).
     pub fn shards(mut self, n: usize) -> Self {
@@ -251,9 +256,12 @@ impl StoreBuilder {
         // 1. The last checkpoint, 2. the log written since.
         let checkpoints = Checkpoints::open(dir.join("checkpoint.redb"))?;
         let mut max_token = 0u64;
-        let loaded = checkpoints.load(|item| {
-            max_token = max_token.max(inner.apply(item));
-        })?;
+        let loaded = checkpoints.load(
+            |n| inner.reserve_records(n),
+            |item| {
+                max_token = max_token.max(inner.apply(item));
+            },
+        )?;
         let report = self.replay_log(&inner, &wal_dir, &loaded, max_token, true)?;
         inner.wal = Some(
             Wal::start(
@@ -320,6 +328,16 @@ impl StoreBuilder {
         modify: bool,
     ) -> Result<crate::RecoveryReport, OpenError> {
         let mut max_token = max_token.max(loaded.token_high);
+        // The index is sized once for what the log may hold (a guess from its size; the
+        // tables are shrunk to fit afterwards), instead of growing step by step.
+        if let Ok(list) = crate::wal::segments::list(wal_dir) {
+            let bytes: u64 = list
+                .iter()
+                .filter_map(|(_, p)| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
+            inner.reserve_records(bytes / LOG_BYTES_PER_RECORD_GUESS);
+        }
         let mut report = if modify || wal_dir.exists() {
             crate::wal::recovery::replay(
                 wal_dir,
@@ -336,6 +354,7 @@ impl StoreBuilder {
         } else {
             crate::RecoveryReport::default()
         };
+        inner.shrink_tables();
         report.checkpoint_seq = loaded.seq;
         report.checkpoint_records = loaded.records;
         for shard in inner.shards.iter() {

@@ -311,6 +311,33 @@ impl Inner {
         c.seq += 1;
         (c.seq << 16) | self.shard_index(hash) as u64
     }
+    /// Makes room for `n` more records spread over the shards (recovery sizes the index
+    /// once instead of growing it step by step).
+    pub(crate) fn reserve_records(&self, n: u64) {
+        let per_shard = usize::try_from(n / self.shards.len() as u64).unwrap_or(usize::MAX);
+        if per_shard == 0 {
+            return;
+        }
+        // Beyond ~16M records a shard the guess is more likely wrong than right.
+        let per_shard = per_shard.min(1 << 24);
+        for shard in self.shards.iter() {
+            shard
+                .0
+                .lock()
+                .table
+                .reserve(per_shard, |r| self.hash(r.key()));
+        }
+    }
+
+    /// Gives back table room that recovery reserved and did not use.
+    pub(crate) fn shrink_tables(&self) {
+        for shard in self.shards.iter() {
+            let mut s = shard.0.lock();
+            let len = s.table.len();
+            s.table.shrink_to(len, |r| self.hash(r.key()));
+        }
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         let mut s = Stats::default();
         for shard in self.shards.iter() {
