@@ -112,8 +112,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Timestamp, Error>> + Send;
 
     /// [`begin_with`](Self::begin_with) without waiting, on each of `keys`: one answer per key,
-    /// in order. A key repeated in `keys` is held by its first occurrence, so the later ones
-    /// answer [`Begin::InProgress`]. The embedded store takes every lease in one log record
+    /// in order, as if each were its own `begin` one after another. So a key repeated in `keys`
+    /// is held by its first occurrence: the later ones answer [`Begin::InProgress`] (or
+    /// [`Begin::Mismatch`] under another fingerprint). The embedded store takes every lease in one log record
     /// and waits for the disk at most once; the default makes one call per key. The outer
     /// `Err` means the call as a whole was refused (the log, a store-wide limit) and changed
     /// nothing; an item's own `Err` is what `begin` would have returned for it.

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use idemkv::{
-    Begin, CasOp, CasOutcome, Error, Fingerprint, Lease, ManualClock, OwnedKey, PutPending,
-    Snapshot, Store, Take, Timestamp, Write,
+    Begin, CasOp, CasOutcome, Error, Fingerprint, IdempotencyStore, Lease, LeaseSync, ManualClock,
+    OwnedKey, PutPending, Snapshot, Store, Take, Timestamp, Write,
 };
 use proptest::prelude::*;
 
@@ -30,6 +30,15 @@ enum Op {
         lease: usize,
         resp: Vec<u8>,
         ttl_ms: Option<u64>,
+    },
+    /// `begin_many` of these keys (repeats included).
+    BeginMany {
+        keys: Vec<(u8, u8)>,
+        lease_ms: u64,
+    },
+    /// `complete_many` of these leases (repeats included).
+    CompleteMany {
+        items: Vec<(usize, Vec<u8>, Option<u64>)>,
     },
     Batch {
         lease: usize,
@@ -89,6 +98,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (key.clone(), 0u8..2, ms(10)).prop_map(|(key, fp, lease_ms)| Op::Begin { key, fp, lease_ms }),
         3 => (any::<usize>(), bytes(), ttl()).prop_map(|(lease, resp, ttl_ms)| Op::Complete { lease, resp, ttl_ms }),
+        1 => (prop::collection::vec((key.clone(), 0u8..2), 1..6), ms(10)).prop_map(|(keys, lease_ms)| Op::BeginMany { keys, lease_ms }),
+        1 => prop::collection::vec((any::<usize>(), bytes(), ttl()), 1..5).prop_map(|items| Op::CompleteMany { items }),
         1 => (any::<usize>(), bytes(), prop::collection::vec((0u8..8, 0u8..3, any::<bool>()), 0..4))
             .prop_map(|(lease, resp, writes)| Op::Batch { lease, resp, writes }),
         1 => any::<usize>().prop_map(|lease| Op::Release { lease }),
@@ -300,6 +311,119 @@ fn new_value(model: &mut Model, outcome: CasOutcome, op: &CasOp, k: &OwnedKey, e
     }
 }
 
+/// Checks what `begin` of `k` answered (`got`) against the model, and applies it there.
+fn check_begin(
+    model: &mut Model,
+    leases: &mut Vec<Lease>,
+    k: OwnedKey,
+    fp: Fingerprint,
+    lease_ms: u64,
+    got: Result<Begin, Error>,
+) {
+    let deadline = model.now + lease_ms;
+    match (model.live(&k).cloned(), got) {
+        (None, Ok(Begin::Acquired(l))) => {
+            assert!(!l.is_takeover());
+            model.fresh(&k, l.token());
+            model.map.insert(
+                k,
+                M::InFlight {
+                    token: l.token(),
+                    deadline,
+                    fp,
+                    pending: None,
+                },
+            );
+            leases.push(l);
+        }
+        (Some(M::Completed { fp: f, .. }), Ok(Begin::Mismatch)) if f != fp => {}
+        (
+            Some(M::Completed {
+                resp,
+                fp: f,
+                at,
+                exp,
+            }),
+            Ok(Begin::Completed(c)),
+        ) if f == fp => {
+            assert_eq!(c, completed(&resp, f, at, exp));
+        }
+        (
+            Some(M::InFlight {
+                fp: f,
+                pending: None,
+                ..
+            }),
+            Ok(Begin::Mismatch),
+        ) if f != fp => {}
+        (
+            Some(M::InFlight {
+                fp: f,
+                pending: None,
+                deadline: d,
+                ..
+            }),
+            Ok(Begin::InProgress { deadline: got }),
+        ) if f == fp && d > model.now => {
+            assert_eq!(got.as_millis(), d);
+        }
+        (
+            Some(M::InFlight {
+                fp: f,
+                pending: None,
+                deadline: d,
+                ..
+            }),
+            Ok(Begin::Acquired(l)),
+        ) if f == fp && d <= model.now => {
+            assert!(l.is_takeover());
+            model.fresh(&k, l.token());
+            model.map.insert(
+                k,
+                M::InFlight {
+                    token: l.token(),
+                    deadline,
+                    fp,
+                    pending: None,
+                },
+            );
+            leases.push(l);
+        }
+        (
+            Some(
+                M::InFlight {
+                    pending: Some(_), ..
+                }
+                | M::Pending { .. }
+                | M::Value { .. },
+            ),
+            Err(Error::WrongKind { .. }),
+        ) => {}
+        (m, got) => panic!("begin {k:?}: model {m:?}, store {got:?}"),
+    }
+}
+
+/// Checks what `complete` of `l` answered (`got`) against the model, and applies it there.
+fn check_complete(
+    model: &mut Model,
+    l: &Lease,
+    resp: Vec<u8>,
+    ttl_ms: Option<u64>,
+    got: Result<Timestamp, Error>,
+) {
+    match model.holder(l).cloned() {
+        Some(M::InFlight { fp, .. }) => {
+            let exp = model.now + ttl_ms.unwrap_or(DEFAULT_TTL_MS);
+            assert_eq!(got, Ok(Timestamp::from_millis(exp)));
+            let at = model.now;
+            model
+                .map
+                .insert(l.key().to_owned(), M::Completed { resp, fp, at, exp });
+        }
+        _ => assert_eq!(got, Err(Error::StaleLease { token: l.token() })),
+    }
+}
+
 // ---------------------------------------------------------------- system under test
 
 fn run(ops: Vec<Op>) {
@@ -318,7 +442,9 @@ fn run(ops: Vec<Op>) {
         last_seq: BTreeMap::new(),
     };
     let mut leases: Vec<Lease> = Vec::new();
-    let now = |m: &Model| m.now;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
 
     for op in ops {
         match op {
@@ -326,86 +452,26 @@ fn run(ops: Vec<Op>) {
                 let k = key_of(key);
                 let fp = fp_of(fp);
                 let got = store.blocking_begin(k.as_key(), fp, Duration::from_millis(lease_ms));
-                let deadline = now(&model) + lease_ms;
-                match (model.live(&k).cloned(), got) {
-                    (None, Ok(Begin::Acquired(l))) => {
-                        assert!(!l.is_takeover());
-                        model.fresh(&k, l.token());
-                        model.map.insert(
-                            k,
-                            M::InFlight {
-                                token: l.token(),
-                                deadline,
-                                fp,
-                                pending: None,
-                            },
-                        );
-                        leases.push(l);
-                    }
-                    (Some(M::Completed { fp: f, .. }), Ok(Begin::Mismatch)) if f != fp => {}
-                    (
-                        Some(M::Completed {
-                            resp,
-                            fp: f,
-                            at,
-                            exp,
-                        }),
-                        Ok(Begin::Completed(c)),
-                    ) if f == fp => {
-                        assert_eq!(c, completed(&resp, f, at, exp));
-                    }
-                    (
-                        Some(M::InFlight {
-                            fp: f,
-                            pending: None,
-                            ..
-                        }),
-                        Ok(Begin::Mismatch),
-                    ) if f != fp => {}
-                    (
-                        Some(M::InFlight {
-                            fp: f,
-                            pending: None,
-                            deadline: d,
-                            ..
-                        }),
-                        Ok(Begin::InProgress { deadline: got }),
-                    ) if f == fp && d > model.now => {
-                        assert_eq!(got.as_millis(), d);
-                    }
-                    (
-                        Some(M::InFlight {
-                            fp: f,
-                            pending: None,
-                            deadline: d,
-                            ..
-                        }),
-                        Ok(Begin::Acquired(l)),
-                    ) if f == fp && d <= model.now => {
-                        assert!(l.is_takeover());
-                        model.fresh(&k, l.token());
-                        model.map.insert(
-                            k,
-                            M::InFlight {
-                                token: l.token(),
-                                deadline,
-                                fp,
-                                pending: None,
-                            },
-                        );
-                        leases.push(l);
-                    }
-                    (
-                        Some(
-                            M::InFlight {
-                                pending: Some(_), ..
-                            }
-                            | M::Pending { .. }
-                            | M::Value { .. },
-                        ),
-                        Err(Error::WrongKind { .. }),
-                    ) => {}
-                    (m, got) => panic!("begin {k:?}: model {m:?}, store {got:?}"),
+                check_begin(&mut model, &mut leases, k, fp, lease_ms, got);
+            }
+            Op::BeginMany { keys, lease_ms } => {
+                let owned: Vec<(OwnedKey, Fingerprint)> =
+                    keys.iter().map(|&(k, f)| (key_of(k), fp_of(f))).collect();
+                let refs: Vec<(idemkv::Key<'_>, Fingerprint)> =
+                    owned.iter().map(|(k, f)| (k.as_key(), *f)).collect();
+                let lease = Duration::from_millis(lease_ms);
+                let got = rt
+                    .block_on(IdempotencyStore::begin_many(
+                        &store,
+                        &refs,
+                        lease,
+                        LeaseSync::Deferred,
+                    ))
+                    .expect("no limit or log to refuse it");
+                assert_eq!(got.len(), owned.len());
+                // One after another, as if each were its own `begin` at the same instant.
+                for ((k, fp), got) in owned.into_iter().zip(got) {
+                    check_begin(&mut model, &mut leases, k, fp, lease_ms, got);
                 }
             }
             Op::Complete {
@@ -418,16 +484,28 @@ fn run(ops: Vec<Op>) {
                 }
                 let l = &leases[lease % leases.len()];
                 let got = store.blocking_complete(l, &resp, ttl_ms.map(Duration::from_millis));
-                match model.holder(l).cloned() {
-                    Some(M::InFlight { fp, .. }) => {
-                        let exp = model.now + ttl_ms.unwrap_or(DEFAULT_TTL_MS);
-                        assert_eq!(got, Ok(Timestamp::from_millis(exp)));
-                        let at = model.now;
-                        model
-                            .map
-                            .insert(l.key().to_owned(), M::Completed { resp, fp, at, exp });
-                    }
-                    _ => assert_eq!(got, Err(Error::StaleLease { token: l.token() })),
+                check_complete(&mut model, l, resp, ttl_ms, got);
+            }
+            Op::CompleteMany { items } => {
+                if leases.is_empty() {
+                    continue;
+                }
+                let picked: Vec<(&Lease, Vec<u8>, Option<u64>)> = items
+                    .into_iter()
+                    .map(|(i, resp, ttl_ms)| (&leases[i % leases.len()], resp, ttl_ms))
+                    .collect();
+                let batch: Vec<idemkv::Completion<'_>> = picked
+                    .iter()
+                    .map(|(l, resp, ttl_ms)| idemkv::Completion {
+                        ttl: ttl_ms.map(Duration::from_millis),
+                        ..idemkv::Completion::new(l, resp)
+                    })
+                    .collect();
+                let got = rt
+                    .block_on(IdempotencyStore::complete_many(&store, &batch))
+                    .expect("no limit or log to refuse it");
+                for ((l, resp, ttl_ms), got) in picked.iter().zip(got) {
+                    check_complete(&mut model, l, resp.clone(), *ttl_ms, got);
                 }
             }
             Op::Batch {

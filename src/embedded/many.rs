@@ -4,9 +4,10 @@
 //! does) and writes its changes as one log record.
 //!
 //! Invariants:
-//! - Each item gets the answer its single-key operation would give at that moment; a key that
-//!   an earlier item of the same call acquired (or completed) is held by that item, so the
-//!   later one answers `InProgress` (or `StaleLease`).
+//! - Each item gets the answer its single-key operation would give at that moment, as if the
+//!   items ran one after another: a key that an earlier item of the same call acquired is held
+//!   by it (a later one answers `InProgress`, or `Mismatch` under another fingerprint), and a
+//!   lease completed by an earlier item is no longer held (`StaleLease`).
 //! - The changes of a call are all in one log record and applied together, or (if the log or
 //!   a store-wide limit refuses them) none is: then the call fails as a whole and changed
 //!   nothing.
@@ -63,10 +64,18 @@ impl Inner {
                 answers.push(Err(e));
                 continue;
             }
-            let earlier = changes.iter().any(|&(_, h, k, _)| h == hash && k == key);
-            if earlier {
-                answers.push(Ok(Begin::InProgress {
-                    deadline: Timestamp::from_millis(deadline),
+            // A key acquired earlier in this call is held by that lease: in progress, or a
+            // mismatch under another fingerprint, as `begin` would answer.
+            let earlier = acquiring
+                .iter()
+                .find(|&&(j, _, _)| hashes[j] == hash && keys[j].0 == key);
+            if let Some(&(j, _, _)) = earlier {
+                answers.push(Ok(if keys[j].1 == fingerprint {
+                    Begin::InProgress {
+                        deadline: Timestamp::from_millis(deadline),
+                    }
+                } else {
+                    Begin::Mismatch
                 }));
                 continue;
             }
