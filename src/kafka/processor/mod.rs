@@ -2,14 +2,16 @@
 //!
 //! The polling thread owns the librdkafka consumer's event loop: it fetches messages, routes
 //! each to its partition's task through a bounded queue, and runs the rebalance callbacks.
-//! A partition's task processes its messages one at a time, in order; partitions run
+//! A partition's task processes its messages in order, one handler at a time, a batch at once
+//! where it can (`batch`: one `begin_many`, the handlers, one `complete_many`); partitions run
 //! concurrently. After a message is recorded (or replayed) its offset is *stored*; librdkafka
 //! commits stored offsets every `auto.commit.interval.ms`, and we commit synchronously when
 //! partitions are revoked and at shutdown.
 //!
 //! This module holds the public face (the builder, the processor, its handle and statistics)
 //! and the state the parts share; the parts, one job each: `message` (a consumed message and
-//! its id), `attempt` (the per-message state machine), `outbound` (replies and dead letters),
+//! its id), `batch` (the batch path), `attempt` (the per-message state machine), `outbound`
+//! (replies and dead letters),
 //! `poller` (the polling thread, partition tasks, rebalance). The children read this module's
 //! items through `use super::*`.
 
