@@ -16,6 +16,8 @@
 mod child;
 #[path = "support/http_client.rs"]
 mod http_client;
+#[path = "support/kafka.rs"]
+mod kafka_support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -26,10 +28,9 @@ use std::time::{Duration, Instant};
 
 use idemkv::Snapshot;
 use idemkv::kafka::MockKafka;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::Message;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// One of the two services, as a child process whose stdout lines are kept.
 struct Proc {
@@ -190,27 +191,14 @@ async fn read_all(
     mock: &MockKafka,
     topic: &str,
 ) -> Vec<(HashMap<String, String>, String, serde_json::Value)> {
-    let mut config = mock.client_config();
-    config.set("group.id", "test-reader");
-    let consumer: StreamConsumer = config.create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
+    let consumer = kafka_support::reader(mock.client_config(), topic);
     let mut out = Vec::new();
     // A new consumer takes a moment to fetch; after the first message, 500 ms of silence ends.
     let mut wait = Duration::from_secs(10);
     while let Ok(Ok(m)) = tokio::time::timeout(wait, consumer.recv()).await {
         wait = Duration::from_millis(500);
         let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), text(h.value)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = kafka_support::text_headers(&m);
         let json = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_default();
         out.push((headers, text(m.key()), json));
     }

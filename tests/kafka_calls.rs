@@ -3,6 +3,9 @@
 #![cfg(feature = "kafka")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/kafka.rs"]
+mod kafka_support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +17,9 @@ use idemkv::kafka::{HandlerError, Incoming, KafkaProcessor, MockKafka, Outcome};
 use idemkv::outbox::Outgoing;
 use idemkv::{Snapshot, Store};
 use parking_lot::Mutex;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::Message;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// The payments service: an `ExactlyOnce` endpoint counting its runs per id. With `lose_first`,
 /// the first POST of each id runs, but its answer is replaced by a 503 (the caller must fetch
@@ -168,13 +170,7 @@ type Got = (HashMap<String, String>, String);
 
 /// (headers, payload) of `topic`'s messages, until `n` arrived (then 300 ms more) or 20 s.
 async fn read(mock: &MockKafka, topic: &str, n: usize) -> Vec<Got> {
-    let mut config = mock.client_config();
-    config.set("group.id", "test-reader");
-    let consumer: StreamConsumer = config.create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
+    let consumer = kafka_support::reader(mock.client_config(), topic);
     let mut out = Vec::new();
     let mut until = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -185,14 +181,7 @@ async fn read(mock: &MockKafka, topic: &str, n: usize) -> Vec<Got> {
             break;
         };
         let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), text(h.value)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = kafka_support::text_headers(&m);
         out.push((headers, text(m.payload())));
     }
     out

@@ -11,15 +11,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use idemkv::kafka::{ERROR, MockKafka, REPLAYED};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::Message;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[path = "support/child.rs"]
 mod child;
 #[path = "support/kafka_orders.rs"]
 mod kafka_orders;
+#[path = "support/kafka.rs"]
+mod kafka_support;
 use kafka_orders::Orders;
 
 fn start(brokers: &str, data: &Path) -> Orders {
@@ -58,33 +59,18 @@ struct Reply {
 
 /// Reads the reply topic from the start until `n` replies.
 async fn replies(brokers: &str, n: usize) -> Vec<Reply> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+    let mut config = rdkafka::ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
-        .set("group.id", "reader")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("replies", 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
+        .set("fetch.wait.max.ms", "10");
+    let consumer = kafka_support::reader(config, "replies");
     let mut out = Vec::new();
     while out.len() < n {
         let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .unwrap_or_else(|_| panic!("only {} of {n} replies", out.len()))
             .unwrap();
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                        (h.key.to_owned(), v.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = kafka_support::text_headers(&m);
         let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())
             .unwrap_or(serde_json::Value::Null);
         out.push(Reply {

@@ -311,6 +311,28 @@ fn new_value(model: &mut Model, outcome: CasOutcome, op: &CasOp, k: &OwnedKey, e
     }
 }
 
+/// Records in the model that `l` holds `k` until `deadline`.
+fn held_by(
+    model: &mut Model,
+    leases: &mut Vec<Lease>,
+    k: OwnedKey,
+    l: Lease,
+    deadline: u64,
+    fp: Fingerprint,
+) {
+    model.fresh(&k, l.token());
+    model.map.insert(
+        k,
+        M::InFlight {
+            token: l.token(),
+            deadline,
+            fp,
+            pending: None,
+        },
+    );
+    leases.push(l);
+}
+
 /// Checks what `begin` of `k` answered (`got`) against the model, and applies it there.
 fn check_begin(
     model: &mut Model,
@@ -324,17 +346,7 @@ fn check_begin(
     match (model.live(&k).cloned(), got) {
         (None, Ok(Begin::Acquired(l))) => {
             assert!(!l.is_takeover());
-            model.fresh(&k, l.token());
-            model.map.insert(
-                k,
-                M::InFlight {
-                    token: l.token(),
-                    deadline,
-                    fp,
-                    pending: None,
-                },
-            );
-            leases.push(l);
+            held_by(model, leases, k, l, deadline, fp);
         }
         (Some(M::Completed { fp: f, .. }), Ok(Begin::Mismatch)) if f != fp => {}
         (
@@ -377,17 +389,7 @@ fn check_begin(
             Ok(Begin::Acquired(l)),
         ) if f == fp && d <= model.now => {
             assert!(l.is_takeover());
-            model.fresh(&k, l.token());
-            model.map.insert(
-                k,
-                M::InFlight {
-                    token: l.token(),
-                    deadline,
-                    fp,
-                    pending: None,
-                },
-            );
-            leases.push(l);
+            held_by(model, leases, k, l, deadline, fp);
         }
         (
             Some(

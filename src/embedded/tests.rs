@@ -962,18 +962,21 @@ fn appended(s: &Store) -> u64 {
     s.inner().wal.as_ref().map_or(0, |w| w.appended())
 }
 
+/// A durable store in `dir` on `clock`, without the sweeper.
+fn durable(dir: &tempfile::TempDir, clock: &ManualClock) -> Store {
+    Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .open(dir.path())
+        .unwrap()
+}
+
 #[tokio::test]
 async fn begin_many_answers_each_key_as_begin_would_in_one_log_record() {
     use crate::IdempotencyStore;
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
-    let open = || {
-        Store::builder()
-            .clock(clock.clone())
-            .sweep_interval(None)
-            .open(dir.path())
-            .unwrap()
-    };
+    let open = || durable(&dir, &clock);
     let s = open();
     let done = acquire(&s, Key::new("t", "done"), "a");
     s.blocking_complete(&done, b"old", None).unwrap();
@@ -1036,13 +1039,7 @@ async fn complete_many_records_each_result_on_its_own_in_one_log_record() {
     use crate::IdempotencyStore;
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
-    let open = || {
-        Store::builder()
-            .clock(clock.clone())
-            .sweep_interval(None)
-            .open(dir.path())
-            .unwrap()
-    };
+    let open = || durable(&dir, &clock);
     let s = open();
     let leases: Vec<Lease> = (0..4)
         .map(|i| acquire(&s, Key::new("t", &format!("k{i}")), "a"))

@@ -72,15 +72,37 @@ pub async fn send(p: &FutureProducer, key: &str, payload: &str, headers: &[(&str
     p.send(record, Duration::from_secs(5)).await.unwrap();
 }
 
-/// Reads `topic` (one partition) from the beginning until `n` messages or `within`.
-pub async fn read(cluster: &Cluster, topic: &str, n: usize, within: Duration) -> Vec<Got> {
-    let mut config = cluster.client();
+/// A consumer of `topic`'s partition 0 from its beginning, on the brokers of `config` (its own
+/// `group.id`, which assignment does not use).
+pub fn reader(mut config: ClientConfig, topic: &str) -> StreamConsumer {
     config.set("group.id", "test-reader");
     let consumer: StreamConsumer = config.create().unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)
         .unwrap();
     consumer.assign(&tpl).unwrap();
+    consumer
+}
+
+/// A message's headers as text (lossy UTF-8; an absent value is empty), in order.
+pub fn text_headers<C: FromIterator<(String, String)>>(m: &impl Message) -> C {
+    m.headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    let v = String::from_utf8_lossy(h.value.unwrap_or_default());
+                    (h.key.to_owned(), v.into_owned())
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
+/// Reads `topic` (one partition) from the beginning until `n` messages or `within`.
+pub async fn read(cluster: &Cluster, topic: &str, n: usize, within: Duration) -> Vec<Got> {
+    let consumer = reader(cluster.client(), topic);
     let mut out = Vec::new();
     let until = tokio::time::Instant::now() + within;
     while out.len() < n {
@@ -90,17 +112,7 @@ pub async fn read(cluster: &Cluster, topic: &str, n: usize, within: Duration) ->
         out.push(Got {
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().unwrap_or_default().to_vec(),
-            headers: m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                            (h.key.to_owned(), v.into_owned())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: text_headers(&m),
         });
     }
     out
