@@ -20,6 +20,16 @@ pub(crate) struct StoredReply {
 }
 
 impl StoredReply {
+    /// A recorded result: the handler's reply headers and payload.
+    pub fn reply(headers: Vec<(String, Vec<u8>)>, payload: Vec<u8>) -> Self {
+        StoredReply {
+            headers,
+            payload,
+            error: None,
+            deferred: false,
+        }
+    }
+
     /// A recorded final failure: no headers, no payload, the reason.
     pub fn failure(why: String) -> Self {
         StoredReply {

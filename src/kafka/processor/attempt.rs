@@ -277,12 +277,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         let mut winners: Vec<String> = Vec::new();
         let (record, writes) = match result {
             Ok(mut outcome) => {
-                let mut record = StoredReply {
-                    headers: std::mem::take(&mut outcome.headers),
-                    payload: std::mem::take(&mut outcome.payload),
-                    error: None,
-                    deferred: false,
-                };
+                let mut record = StoredReply::reply(
+                    std::mem::take(&mut outcome.headers),
+                    std::mem::take(&mut outcome.payload),
+                );
                 if !outcome.follow_ups.is_empty() {
                     // Follow-ups go first in the outbox: follow-up 0's id is `{id}/0`.
                     let mut out: Vec<_> = outcome

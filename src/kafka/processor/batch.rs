@@ -185,16 +185,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             };
             match result {
                 Ok(outcome) if outcome.outgoing.is_empty() && outcome.follow_ups.is_empty() => {
-                    let record = StoredReply {
-                        headers: outcome.headers,
-                        payload: outcome.payload,
-                        error: None,
-                        deferred: false,
-                    };
                     ran.push(Finished {
                         at,
                         lease,
-                        record,
+                        record: StoredReply::reply(outcome.headers, outcome.payload),
                         writes: outcome.writes,
                     });
                 }
