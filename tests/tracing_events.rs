@@ -3,6 +3,10 @@
 //! never the raw key or credentials. A small recording subscriber stands in for a real one.
 #![cfg(all(feature = "http", not(loom)))]
 
+#[cfg(feature = "kafka")]
+#[path = "support/kafka.rs"]
+mod kafka_support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -76,6 +80,9 @@ impl Subscriber for Recorder {
     fn record_follows_from(&self, _: &Id, _: &Id) {}
     fn event(&self, event: &Event<'_>) {
         let mut fields = Vec::new();
+        if let Some(id) = CURRENT.with(|c| c.borrow().last().copied()) {
+            fields.push(("#span".to_owned(), id.to_string()));
+        }
         event.record(&mut Fields(&mut fields));
         self.seen.lock().push(Seen {
             kind: "event",
@@ -84,8 +91,22 @@ impl Subscriber for Recorder {
             fields,
         });
     }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
+    fn enter(&self, span: &Id) {
+        CURRENT.with(|c| c.borrow_mut().push(span.into_u64()));
+    }
+    fn exit(&self, span: &Id) {
+        CURRENT.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some(at) = c.iter().rposition(|&id| id == span.into_u64()) {
+                c.remove(at);
+            }
+        });
+    }
+}
+
+thread_local! {
+    /// The spans entered on this thread, innermost last: an event belongs to the last.
+    static CURRENT: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Recorder {
@@ -250,4 +271,57 @@ async fn a_store_error_is_logged_and_the_body_stays_clean() {
             && e.field("error").is_some_and(|t| t.contains("maximum of 1"))),
         "{ev:?}"
     );
+}
+
+/// Every handler run happens inside its message's `kafka_message` span: in a batch, and when a
+/// message leaves the batch for the per-message path (a retry's second attempt).
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "current_thread")]
+async fn each_kafka_handler_run_is_inside_its_message_span() {
+    use idemkv::kafka::{HandlerError, Incoming, KafkaProcessor, Outcome};
+
+    let rec = Recorder::default();
+    let _guard = tracing::subscriber::set_default(rec.clone());
+    let cluster = kafka_support::Cluster::new(1);
+    let p = cluster.producer();
+    for key in ["f0", "retry-x", "f1"] {
+        kafka_support::send(&p, key, "x", &[("idempotency-key", key)]).await;
+    }
+    let processor = KafkaProcessor::builder(idemkv::Store::in_memory(), cluster.consumer("spans"))
+        .topics(["requests"])
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .build()
+        .expect("processor");
+    let handle = processor.handle();
+    let running = tokio::spawn(processor.run(|msg: Incoming| async move {
+        let key = String::from_utf8_lossy(msg.idempotency_key()).into_owned();
+        tracing::info!(target: "test::handler", key = %key, offset = msg.offset(), "handled");
+        if key == "retry-x" && msg.attempt() == 1 {
+            return Err(HandlerError::retry("once"));
+        }
+        Ok(Outcome::done())
+    }));
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while handle.stats().processed < 3 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    handle.shutdown();
+    let stats = running.await.expect("join").expect("run");
+    assert_eq!(stats.processed, 3, "{stats:?}");
+    let runs = rec.events("test::handler");
+    assert_eq!(runs.len(), 4, "three messages, one retried: {runs:?}");
+    let spans = rec.spans("kafka_message");
+    for run in &runs {
+        let span = run
+            .field("#span")
+            .and_then(|id| spans.iter().find(|s| s.field("#id") == Some(id)));
+        let Some(span) = span else {
+            panic!("a handler ran outside any message span: {run:?}");
+        };
+        assert_eq!(
+            span.field("offset"),
+            run.field("offset"),
+            "{run:?} in {span:?}"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! Shared by the Kafka tests: a mock cluster with the request, reply and dead-letter topics,
 //! a producer of requests, and a reader of a topic.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::time::Duration;
 

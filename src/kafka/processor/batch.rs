@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
+use tracing::Instrument as _;
+
 use super::attempt::{Attempts, Step, Tail};
 use super::poller::BATCH;
 use super::*;
@@ -81,7 +83,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         };
         if n < 2 {
             // One message (or one the batch path cannot take): the per-message path.
-            let d = self.process(handler, msgs[0].clone(), drain).await?;
+            let d = self
+                .process(handler, msgs[0].clone(), drain)
+                .instrument(span(&msgs[0]))
+                .await?;
             return Ok(alone_first(d));
         }
         let keys: Vec<(Key<'_>, Fingerprint)> = msgs[..n]
@@ -97,7 +102,10 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             .await
         else {
             // Refused as a whole: the per-message path answers (or fails) message by message.
-            let d = self.process(handler, msgs[0].clone(), drain).await?;
+            let d = self
+                .process(handler, msgs[0].clone(), drain)
+                .instrument(span(&msgs[0]))
+                .await?;
             return Ok(alone_first(d));
         };
         let taken = Instant::now();
@@ -129,22 +137,13 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 break;
             };
             let msg = &msgs[at];
-            let span = tracing::info_span!(
-                "kafka_message",
-                topic = %msg.topic,
-                partition = msg.partition,
-                offset = msg.offset,
-            );
             let incoming = Incoming {
                 msg: msg.clone(),
                 attempt: 1,
                 calls: None,
                 follow_up: None,
             };
-            let mut work = std::pin::pin!(tracing::Instrument::instrument(
-                handler.handle(incoming),
-                span
-            ));
+            let mut work = std::pin::pin!(handler.handle(incoming).instrument(span(msg)));
             let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
             let (result, lease) = match first {
                 Poll::Ready(result) => (result, lease),
@@ -208,19 +207,19 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                         leases[at] = Some(lease);
                         return self.give_back(leases, stop).await;
                     }
-                    let mut attempts = Attempts::default();
                     let tail = Tail {
                         calls: None,
                         follow_up_url: None,
                         took_over: false,
                     };
-                    let step = self
-                        .conclude(msg, &echoes[at], lease, other, &mut attempts, tail, drain)
-                        .await?;
-                    if let Disposition::Abandoned = self
-                        .finish_alone(handler, msg, attempts, step, drain)
-                        .await?
-                    {
+                    let rest = async {
+                        let mut attempts = Attempts::default();
+                        let step = self
+                            .conclude(msg, &echoes[at], lease, other, &mut attempts, tail, drain)
+                            .await?;
+                        self.finish_alone(handler, msg, attempts, step, drain).await
+                    };
+                    if let Disposition::Abandoned = rest.instrument(span(msg)).await? {
                         return self.give_back(leases, at).await;
                     }
                 }
@@ -245,6 +244,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             let msg = &msgs[at];
             let d = self
                 .alone(handler, msg, &echoes[at], lease, taken, drain)
+                .instrument(span(msg))
                 .await?;
             if let Disposition::Abandoned = d {
                 return self.give_back(leases, at).await;
@@ -388,14 +388,15 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 }
                 Err(e) => {
                     let (msg, echo) = (&msgs[r.at], &echoes[r.at]);
-                    let mut attempts = Attempts::default();
                     let writes_len = r.writes.len() + 1;
-                    let step = self
-                        .record_failed(e, msg, echo, r.lease, &mut attempts, writes_len)
-                        .await?;
-                    let d = self
-                        .finish_alone(handler, msg, attempts, step, drain)
-                        .await?;
+                    let again = async {
+                        let mut attempts = Attempts::default();
+                        let step = self
+                            .record_failed(e, msg, echo, r.lease, &mut attempts, writes_len)
+                            .await?;
+                        self.finish_alone(handler, msg, attempts, step, drain).await
+                    };
+                    let d = again.instrument(span(msg)).await?;
                     if let Disposition::Abandoned = d {
                         stop = Some(r.at);
                     }
@@ -410,4 +411,14 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
         .await;
         Ok(stop)
     }
+}
+
+/// The span of one message's processing (a disabled span costs one callsite check).
+fn span(msg: &Message) -> tracing::Span {
+    tracing::info_span!(
+        "kafka_message",
+        topic = %msg.topic,
+        partition = msg.partition,
+        offset = msg.offset,
+    )
 }
