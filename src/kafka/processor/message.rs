@@ -72,20 +72,19 @@ impl Message {
         offset: i64,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        headers: impl ExactSizeIterator<Item = (&'a str, &'a [u8])> + Clone,
+        headers: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
         sources: &[KeySource],
     ) -> Message {
-        let size = key.map_or(0, <[u8]>::len)
-            + payload.map_or(0, <[u8]>::len)
-            + headers
-                .clone()
-                .map(|(n, v)| n.len() + v.len())
-                .sum::<usize>();
+        // One pass to size the buffer and count the headers, one to copy.
+        let (count, header_bytes) = headers
+            .clone()
+            .fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
+        let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + header_bytes;
         let mut buf = Vec::with_capacity(size);
         let key = key.map(|k| push(&mut buf, k));
         let payload = payload.map(|p| push(&mut buf, p));
         let mut spans = headers.map(|(n, v)| (push(&mut buf, n.as_bytes()), push(&mut buf, v)));
-        let headers = if spans.len() <= INLINE_HEADERS {
+        let headers = if count <= INLINE_HEADERS {
             let mut inline = [(Span::default(), Span::default()); INLINE_HEADERS];
             let mut n = 0u8;
             for (slot, span) in inline.iter_mut().zip(spans.by_ref()) {
@@ -187,31 +186,11 @@ impl Message {
             m.offset(),
             m.key(),
             m.payload(),
-            Counted(pairs, count),
+            pairs,
             sources,
         )
     }
 }
-
-/// An iterator with its length known beforehand.
-#[derive(Clone)]
-struct Counted<I>(I, usize);
-
-impl<I: Iterator> Iterator for Counted<I> {
-    type Item = I::Item;
-    fn next(&mut self) -> Option<I::Item> {
-        let next = self.0.next();
-        if next.is_some() {
-            self.1 = self.1.saturating_sub(1);
-        }
-        next
-    }
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.1, Some(self.1))
-    }
-}
-
-impl<I: Iterator> ExactSizeIterator for Counted<I> {}
 
 /// Ids longer than this are replaced by their digest (below the store's default key limit).
 pub(super) const MAX_DERIVED_ID: usize = 128;
