@@ -15,7 +15,8 @@
 //! and prints idemkv's memory per record beyond key and value (allocator-requested bytes).
 //!
 //! `cargo bench --bench compare`; `IDEMKV_BENCH_QUICK=1` finishes in well under a minute;
-//! `IDEMKV_BENCH_ONLY=idemkv` (or another system, or `recovery`) runs one part alone.
+//! `IDEMKV_BENCH_ONLY=idemkv` (or another system, `recovery` or `checkpoint`) runs one part
+//! alone.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hash::BuildHasher;
@@ -321,6 +322,16 @@ fn main() {
     let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:016x}").into_bytes()).collect();
     // `IDEMKV_BENCH_ONLY=idemkv` runs one system alone (for profiling); the table needs all.
     if let Ok(only) = std::env::var("IDEMKV_BENCH_ONLY") {
+        if only == "checkpoint" {
+            let (inc, whole) = durable::checkpoint_cost(n as u64, 10_000);
+            println!(
+                "checkpoint of 10000 changes over {n} records: incremental {:.1} ms, whole {:.1} ms ({:.1}x)",
+                inc * 1e3,
+                whole * 1e3,
+                whole / inc
+            );
+            return;
+        }
         if only == "recovery" {
             let (cp, log, _, _) = durable::recovery(n as u64);
             println!("recovery of {n} records: checkpoint {cp:.2} s, log alone {log:.2} s");
@@ -436,6 +447,18 @@ fn main() {
     );
     csv.push_str(&format!(
         "# recovery,{live},checkpoint_s,{cp:.3},log_s,{log:.3},checkpoint_bytes_per_record,{cp_bytes:.0},log_bytes_per_record,{log_bytes:.0}\n"
+    ));
+    let (inc, whole) = durable::checkpoint_cost(live, 10_000);
+    println!(
+        "checkpoint recording 10000 changes over {live} live records: incremental {:.1} ms, \
+         whole {:.1} ms: incremental / whole = {:.3}",
+        inc * 1e3,
+        whole * 1e3,
+        inc / whole
+    );
+    csv.push_str(&format!(
+        "# checkpoint,{live},changes,10000,incremental_s,{inc:.4},whole_s,{whole:.4},ratio,{:.4}\n",
+        inc / whole
     ));
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-compare.csv");
     match std::fs::write(&path, csv) {

@@ -77,6 +77,13 @@ pub(crate) fn encode_key(key: Key<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(key.id());
 }
 
+/// The key of [`encode_key`]'s bytes; `None` if they are too short for their scope length.
+pub(crate) fn decode_key(k: &[u8]) -> Option<Key<'_>> {
+    let (&scope_len, rest) = k.split_first()?;
+    let (scope, id) = rest.split_at_checked(usize::from(scope_len))?;
+    Some(Key::new(scope, id))
+}
+
 pub(crate) fn encode_value(
     kind: Kind,
     a: u64,
@@ -180,6 +187,40 @@ impl Checkpoints {
             for (k, v) in records {
                 t.insert(k.as_slice(), v.as_slice())
                     .map_err(|x| e(x.into()))?;
+            }
+            let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
+            m.insert("format", FORMAT).map_err(|x| e(x.into()))?;
+            m.insert("checkpoint_seq", seq).map_err(|x| e(x.into()))?;
+            m.insert("token_high", token_high)
+                .map_err(|x| e(x.into()))?;
+        }
+        txn.commit().map_err(|x| e(x.into()))
+    }
+}
+
+impl Checkpoints {
+    /// Updates the checkpoint in place, in one transaction: each key's value is replaced, or
+    /// the key removed where `changes` gives `None`; then the sequence number it covers.
+    pub(crate) fn write_changes(
+        &self,
+        seq: u64,
+        token_high: u64,
+        changes: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), CheckpointError> {
+        let e = redb_err(&self.path);
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut t = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            for (k, v) in changes {
+                match v {
+                    Some(v) => {
+                        t.insert(k.as_slice(), v.as_slice())
+                            .map_err(|x| e(x.into()))?;
+                    }
+                    None => {
+                        t.remove(k.as_slice()).map_err(|x| e(x.into()))?;
+                    }
+                }
             }
             let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
             m.insert("format", FORMAT).map_err(|x| e(x.into()))?;

@@ -322,8 +322,12 @@ pub enum CasOutcome {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CheckpointStats {
-    /// Live records written.
+    /// Live records written: those the log changed since the previous checkpoint (all of
+    /// them when the checkpoint had to be written whole).
     pub records: u64,
+    /// Records removed from the checkpoint: changed since the previous one and now gone
+    /// (deleted, expired or reclaimed).
+    pub removed: u64,
     /// Every log record up to this sequence number is reflected.
     pub covers_seq: u64,
     /// Log segments deleted.

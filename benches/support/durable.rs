@@ -281,6 +281,57 @@ pub fn run_all(quick: bool) -> Vec<Row> {
 
 /// Recovery time and on-disk size for `n` live records: from the checkpoint (after
 /// `Store::checkpoint`), and from the log alone.
+/// Seconds a checkpoint takes to record `changes` new records on top of `n` live ones: the
+/// incremental one (the keys the log changed), then the whole one, which the store falls back
+/// to when the log cannot say what changed (here: its files are removed under the open store,
+/// as the fallback's test does). Each checkpoint records its own `changes` fresh keys.
+pub fn checkpoint_cost(n: u64, changes: u64) -> (f64, f64) {
+    let fp = Fingerprint::of(b"POST /orders {}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::builder()
+        .durability(Durability::Batched {
+            max_delay: Duration::from_millis(20),
+        })
+        .sweep_interval(None)
+        .checkpoint_every(u64::MAX)
+        .open(dir.path())
+        .expect("open");
+    let add = |from: u64, count: u64| {
+        for i in from..from + count {
+            let id = format!("{i:016x}");
+            if let Ok(Begin::Acquired(l)) =
+                store.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
+            {
+                let _ = store.blocking_complete(&l, RESPONSE, None);
+            }
+        }
+    };
+    add(0, n);
+    store.checkpoint().expect("first checkpoint");
+    let timed = |whole: bool| {
+        if whole {
+            for e in std::fs::read_dir(dir.path().join("wal")).expect("wal") {
+                std::fs::remove_file(e.expect("entry").path()).expect("remove");
+            }
+        }
+        let t = Instant::now();
+        let stats = store.checkpoint().expect("checkpoint");
+        let secs = t.elapsed().as_secs_f64();
+        let expect = if whole {
+            store.stats().records
+        } else {
+            changes
+        };
+        assert_eq!(stats.records, expect, "whole: {whole}");
+        secs
+    };
+    add(n, changes);
+    let incremental = timed(false);
+    add(n + changes, changes);
+    let whole = timed(true);
+    (incremental, whole)
+}
+
 pub fn recovery(n: u64) -> (f64, f64, f64, f64) {
     let fp = Fingerprint::of(b"POST /orders {}");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -279,6 +279,8 @@ impl StoreBuilder {
         inner.checkpoints = Some(checkpoints);
         inner.wal_dir = wal_dir;
         inner.checkpoint_every = self.checkpoint_every;
+        // The next checkpoint reads the log from where the loaded one ends.
+        inner.checkpointing.get_mut().seq = loaded.seq;
         Ok(self.finish(inner))
     }
 
@@ -428,7 +430,11 @@ impl StoreBuilder {
             storage: std::sync::Arc::clone(&self.storage),
             checkpoint_every: u64::MAX,
             checkpoint_interval: self.checkpoint_interval,
-            checkpointing: parking_lot::Mutex::new((0, Instant::now())),
+            checkpointing: parking_lot::Mutex::new(maintenance::LastCheckpoint {
+                written: 0,
+                at: Instant::now(),
+                seq: 0,
+            }),
             checkpoints_written: AtomicU64::new(0),
             stale_leases: AtomicU64::new(0),
         })

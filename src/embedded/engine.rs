@@ -6,7 +6,7 @@
 //! applied, so the log holds the changes of a key in the order they were made.
 
 use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::checkpoint::Checkpoints;
 use crate::clock::{Clock, Timestamp};
@@ -116,8 +116,8 @@ pub(crate) struct Inner {
     // Read by the maintenance thread, which loom models do not start.
     #[cfg_attr(loom, allow(dead_code))]
     pub(super) checkpoint_interval: Duration,
-    /// One checkpoint at a time; holds the log size and the time at the last one.
-    pub(super) checkpointing: parking_lot::Mutex<(u64, Instant)>,
+    /// One checkpoint at a time; holds what the last one left.
+    pub(super) checkpointing: parking_lot::Mutex<super::maintenance::LastCheckpoint>,
     pub(super) checkpoints_written: AtomicU64,
     pub(super) stale_leases: AtomicU64,
 }

@@ -16,8 +16,10 @@ use super::txn::Change;
 use crate::error::Error;
 use crate::key::OwnedKey;
 use crate::model::CheckpointStats;
-use crate::shard::{is_dead, reclaim_at};
+use crate::record::Record;
+use crate::shard::{eq_key, is_dead, reclaim_at};
 use crate::sync::{Arc, Ordering};
+use crate::wal::changes::changed_keys;
 use crate::wal::format::Op;
 
 #[derive(Debug)]
@@ -160,10 +162,10 @@ impl Inner {
             return;
         };
         let due = {
-            let (at_bytes, at_time) = *self.checkpointing.lock();
-            let grown = wal.written().saturating_sub(at_bytes);
+            let last = self.checkpointing.lock();
+            let grown = wal.written().saturating_sub(last.written);
             grown >= self.checkpoint_every
-                || (grown > 0 && at_time.elapsed() >= self.checkpoint_interval)
+                || (grown > 0 && last.at.elapsed() >= self.checkpoint_interval)
         };
         if due {
             // Logged, and retried at the next due time; the log (which still holds
@@ -173,13 +175,21 @@ impl Inner {
             }
         }
     }
-    /// Writes the live records into the checkpoint database and deletes the log segments it
-    /// covers. Callers are not stopped: shards are copied one at a time under their own locks.
+    /// Brings the checkpoint database up to date and deletes the log segments it then covers.
+    /// Callers are not stopped: shards are read one at a time under their own locks.
+    ///
+    /// Incremental: only the keys the log changed since the last checkpoint are rewritten
+    /// (or removed, when their record is gone or expired), found by reading that stretch of
+    /// the log back. If the log cannot say (see [`changed_keys`]), every live record is
+    /// written instead, into a fresh table.
     ///
     /// Correct for any interleaving with writers because log records are redo images: the
     /// checkpoint reflects at least every record up to `upto` (taken before the copy), and
     /// replaying records after `upto` over it — some of them already reflected — gives the
-    /// same state as replaying them over the exact state at `upto`.
+    /// same state as replaying them over the exact state at `upto`. A key no record in
+    /// `after + 1 ..= upto` touched still holds what an earlier checkpoint copied, which
+    /// reflects every record of that key up to `after` and possibly later ones, all of them
+    /// replayed again after `upto` if they come after it.
     pub(crate) fn checkpoint(&self) -> Result<CheckpointStats, Error> {
         let (Some(wal), Some(checkpoints)) = (&self.wal, &self.checkpoints) else {
             return Ok(CheckpointStats::default());
@@ -190,40 +200,39 @@ impl Inner {
         wal.check()?;
         let written = wal.written();
         let upto = wal.appended();
-        let now = self.now();
-        let retention = self.lease_retention_ms;
-        let mut records = Vec::new();
-        let mut token_high = 0;
-        for shard in self.shards.iter() {
-            let s = shard.0.lock();
-            token_high = token_high.max(s.counters.seq);
-            for r in s.table.iter() {
-                // Expired records are not carried into checkpoints.
-                if is_dead(r, now) || reclaim_at(r, retention) <= now {
-                    continue;
-                }
-                let (mut k, mut v) = (Vec::new(), Vec::new());
-                let h = r.header();
-                crate::checkpoint::encode_key(r.key(), &mut k);
-                crate::checkpoint::encode_value(
-                    r.kind(),
-                    h.a,
-                    h.b,
-                    h.fingerprint,
-                    r.value(),
-                    &mut v,
-                );
-                records.push((k, v));
-            }
+        // Records up to `upto` are on disk before the log is read back for their keys.
+        wal.wait(upto)?;
+        let changed = changed_keys(&self.wal_dir, last.seq, upto);
+        if let Err(e) = &changed {
+            tracing::warn!(target: "idemkv::checkpoint", reason = %e.0, "the log does not say which keys changed since the last checkpoint: writing every live record");
         }
-        // Everything copied is durable in the log before the checkpoint can claim it.
-        wal.wait(wal.appended())?;
-        checkpoints
-            .write(upto, token_high, &records)
-            .map_err(|e| Error::Checkpoint {
-                reason: e.to_string(),
-                source: crate::error::Cause::new(e),
-            })?;
+        let now = self.now();
+        let token_high = self
+            .shards
+            .iter()
+            .map(|s| s.0.lock().counters.seq)
+            .max()
+            .unwrap_or(0);
+        let (written_records, removed) = match changed {
+            Ok(keys) => {
+                let changes = self.current_of(keys, now);
+                // Everything copied is durable in the log before the checkpoint can claim it.
+                wal.wait(wal.appended())?;
+                let removed = changes.iter().filter(|(_, v)| v.is_none()).count() as u64;
+                checkpoints
+                    .write_changes(upto, token_high, &changes)
+                    .map_err(checkpoint_error)?;
+                (changes.len() as u64 - removed, removed)
+            }
+            Err(_) => {
+                let records = self.live_records(now);
+                wal.wait(wal.appended())?;
+                checkpoints
+                    .write(upto, token_high, &records)
+                    .map_err(checkpoint_error)?;
+                (records.len() as u64, 0)
+            }
+        };
         // The segments wholly covered by the checkpoint go; the newest one always stays.
         let deleted =
             crate::wal::segments::remove_covered(self.storage.as_ref(), &self.wal_dir, upto)
@@ -231,14 +240,96 @@ impl Inner {
                     reason: format!("removing log segments in {}: {e}", self.wal_dir.display()),
                     source: crate::error::Cause::new(e),
                 })?;
-        *last = (written, Instant::now());
+        *last = LastCheckpoint {
+            written,
+            at: Instant::now(),
+            seq: upto,
+        };
         self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         crate::metrics::checkpoint(started.elapsed());
         Ok(CheckpointStats {
-            records: records.len() as u64,
+            records: written_records,
+            removed,
             covers_seq: upto,
             segments_deleted: deleted,
         })
     }
+
+    /// What the checkpoint should hold for each of `keys` (checkpoint encoding, sorted): the
+    /// encoded record, or `None` when there is none (gone, expired, or past its retention).
+    /// Each shard is locked once. The result keeps the keys' order.
+    fn current_of(&self, keys: Vec<Vec<u8>>, now: u64) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let retention = self.lease_retention_ms;
+        let mut by_shard: Vec<(usize, u64, usize)> = keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                let key = crate::checkpoint::decode_key(k)?;
+                let h = self.hash(key);
+                Some((self.shard_index(h), h, i))
+            })
+            .collect();
+        by_shard.sort_unstable();
+        let mut values: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        for group in by_shard.chunk_by(|a, b| a.0 == b.0) {
+            let shard = self.shards[group[0].0].0.lock();
+            for &(_, h, i) in group {
+                let Some(key) = crate::checkpoint::decode_key(&keys[i]) else {
+                    continue;
+                };
+                values[i] = shard
+                    .table
+                    .find(h, eq_key(key))
+                    .filter(|r| !is_dead(r, now) && reclaim_at(r, retention) > now)
+                    .map(encode_record);
+            }
+        }
+        keys.into_iter().zip(values).collect()
+    }
+
+    /// Every live record, encoded, sorted by key (redb inserts in key order touch each page
+    /// once).
+    fn live_records(&self, now: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let retention = self.lease_retention_ms;
+        let mut records = Vec::new();
+        for shard in self.shards.iter() {
+            let s = shard.0.lock();
+            for r in s.table.iter() {
+                // Expired records are not carried into checkpoints.
+                if is_dead(r, now) || reclaim_at(r, retention) <= now {
+                    continue;
+                }
+                let mut k = Vec::new();
+                crate::checkpoint::encode_key(r.key(), &mut k);
+                records.push((k, encode_record(r)));
+            }
+        }
+        records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        records
+    }
+}
+
+/// One record in the checkpoint's value encoding.
+fn encode_record(r: &Record) -> Vec<u8> {
+    let mut v = Vec::new();
+    let h = r.header();
+    crate::checkpoint::encode_value(r.kind(), h.a, h.b, h.fingerprint, r.value(), &mut v);
+    v
+}
+
+fn checkpoint_error(e: crate::checkpoint::CheckpointError) -> Error {
+    Error::Checkpoint {
+        reason: e.to_string(),
+        source: crate::error::Cause::new(e),
+    }
+}
+
+/// What the last checkpoint left: the log's size and the time then (when the next is due),
+/// and the sequence number it covers (where the next one reads the log from).
+#[derive(Debug)]
+pub(crate) struct LastCheckpoint {
+    pub(crate) written: u64,
+    pub(crate) at: Instant,
+    pub(crate) seq: u64,
 }

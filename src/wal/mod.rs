@@ -17,6 +17,7 @@
 //! 5. With `Durability::Immediate` a caller returns only once its shard's last record is
 //!    durable; with `Batched` it returns at step 2 and step 3 happens within `max_delay`.
 
+pub(crate) mod changes;
 pub(crate) mod format;
 pub(crate) mod io;
 pub(crate) mod recovery;
