@@ -70,8 +70,8 @@ fn redb_err(path: &Path) -> impl Fn(redb::Error) -> CheckpointError + '_ {
     }
 }
 
+/// Appends the checkpoint encoding of `key` to `out`.
 pub(crate) fn encode_key(key: Key<'_>, out: &mut Vec<u8>) {
-    out.clear();
     out.push(key.scope().len() as u8);
     out.extend_from_slice(key.scope());
     out.extend_from_slice(key.id());
@@ -84,6 +84,7 @@ pub(crate) fn decode_key(k: &[u8]) -> Option<Key<'_>> {
     Some(Key::new(scope, id))
 }
 
+/// Appends the checkpoint encoding of a record's value to `out`.
 pub(crate) fn encode_value(
     kind: Kind,
     a: u64,
@@ -92,15 +93,96 @@ pub(crate) fn encode_value(
     value: &[u8],
     out: &mut Vec<u8>,
 ) {
-    out.clear();
+    let start = out.len();
     out.extend_from_slice(&[0; 4]);
     out.push(kind as u8);
     out.extend_from_slice(&a.to_le_bytes());
     out.extend_from_slice(&b.to_le_bytes());
     out.extend_from_slice(fp.as_bytes());
     out.extend_from_slice(value);
-    let crc = crc32fast::hash(&out[4..]);
-    out[..4].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&out[start + 4..]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Where an encoded key or value lies in a [`Packed`] buffer.
+type Span = (usize, usize);
+
+/// Records for a checkpoint to write, packed: keys in one buffer, values in another (two
+/// allocations in all, not two per record). Each entry is a key and its value, or a key
+/// without one: remove it.
+#[derive(Debug, Default)]
+pub(crate) struct Packed {
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    entries: Vec<(Span, Option<Span>)>,
+}
+
+impl Packed {
+    /// Adds `key`, without a value (yet).
+    pub(crate) fn push_key(&mut self, key: Key<'_>) {
+        let start = self.keys.len();
+        encode_key(key, &mut self.keys);
+        self.entries.push(((start, self.keys.len() - start), None));
+    }
+
+    /// Adds `key` with the value of `record`.
+    pub(crate) fn push(&mut self, key: Key<'_>, record: &crate::record::Record) {
+        self.push_key(key);
+        let last = self.entries.len() - 1;
+        self.set_value(last, record);
+    }
+
+    /// Sets entry `i`'s value to `record`'s.
+    pub(crate) fn set_value(&mut self, i: usize, record: &crate::record::Record) {
+        let start = self.values.len();
+        let h = record.header();
+        encode_value(
+            record.kind(),
+            h.a,
+            h.b,
+            h.fingerprint,
+            record.value(),
+            &mut self.values,
+        );
+        if let Some(e) = self.entries.get_mut(i) {
+            e.1 = Some((start, self.values.len() - start));
+        }
+    }
+
+    /// Sorts the entries by key (redb inserts in key order touch each page once) and keeps
+    /// one entry per key.
+    pub(crate) fn sort_dedup(&mut self) {
+        let keys = &self.keys;
+        let at = |s: Span| &keys[s.0..s.0 + s.1];
+        self.entries.sort_by(|a, b| at(a.0).cmp(at(b.0)));
+        self.entries.dedup_by(|a, b| at(a.0) == at(b.0));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Entries without a value: keys to remove.
+    pub(crate) fn removals(&self) -> usize {
+        self.entries.iter().filter(|e| e.1.is_none()).count()
+    }
+
+    /// Entry `i`'s key bytes.
+    pub(crate) fn key(&self, i: usize) -> &[u8] {
+        self.entries
+            .get(i)
+            .map_or(&[][..], |&((s, l), _)| &self.keys[s..s + l])
+    }
+
+    /// The entries in order: each key's bytes and its value's, if it has one.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.entries.iter().map(|&((ks, kl), v)| {
+            (
+                &self.keys[ks..ks + kl],
+                v.map(|(vs, vl)| &self.values[vs..vs + vl]),
+            )
+        })
+    }
 }
 
 /// Decodes one stored record into the same item a log put would give.
@@ -177,16 +259,17 @@ impl Checkpoints {
         &self,
         seq: u64,
         token_high: u64,
-        records: &[(Vec<u8>, Vec<u8>)],
+        records: &Packed,
     ) -> Result<(), CheckpointError> {
         let e = redb_err(&self.path);
         let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
         {
             txn.delete_table(RECORDS).map_err(|x| e(x.into()))?;
             let mut t = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
-            for (k, v) in records {
-                t.insert(k.as_slice(), v.as_slice())
-                    .map_err(|x| e(x.into()))?;
+            for (k, v) in records.iter() {
+                if let Some(v) = v {
+                    t.insert(k, v).map_err(|x| e(x.into()))?;
+                }
             }
             let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
             m.insert("format", FORMAT).map_err(|x| e(x.into()))?;
@@ -205,20 +288,19 @@ impl Checkpoints {
         &self,
         seq: u64,
         token_high: u64,
-        changes: &[(Vec<u8>, Option<Vec<u8>>)],
+        changes: &Packed,
     ) -> Result<(), CheckpointError> {
         let e = redb_err(&self.path);
         let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
         {
             let mut t = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
-            for (k, v) in changes {
+            for (k, v) in changes.iter() {
                 match v {
                     Some(v) => {
-                        t.insert(k.as_slice(), v.as_slice())
-                            .map_err(|x| e(x.into()))?;
+                        t.insert(k, v).map_err(|x| e(x.into()))?;
                     }
                     None => {
-                        t.remove(k.as_slice()).map_err(|x| e(x.into()))?;
+                        t.remove(k).map_err(|x| e(x.into()))?;
                     }
                 }
             }
@@ -329,5 +411,38 @@ mod tests {
         }
         assert!(decode(&[5, b'a'], &v).is_err());
         assert!(decode(&[], &v).is_err());
+    }
+
+    #[test]
+    fn packed_entries_decode_sort_and_keep_one_per_key() {
+        use crate::record::{NewRecord, Record};
+        let rec = |value: &[u8]| {
+            Record::new(NewRecord {
+                kind: Kind::Completed,
+                a: 7,
+                b: 9,
+                fingerprint: Fingerprint::from_bytes([1; 16]),
+                key: Key::new("s", "x"),
+                value,
+            })
+        };
+        let mut p = Packed::default();
+        p.push(Key::new("s", "b"), &rec(b"first"));
+        p.push_key(Key::new("s", "a"));
+        p.push_key(Key::new("s", "b"));
+        p.push(Key::new("s", "c"), &rec(b"third"));
+        p.sort_dedup();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.removals(), 1);
+        let got: Vec<_> = p.iter().collect();
+        assert_eq!(got[0], (&[1, b's', b'a'][..], None));
+        assert_eq!(got[1].0, &[1, b's', b'b'][..]);
+        assert_eq!(p.key(2), &[1, b's', b'c'][..]);
+        // Values appended after others carry their own checksum.
+        for (k, v) in p.iter() {
+            if let Some(v) = v {
+                assert!(matches!(decode(k, v), Ok(Item::Put { a: 7, b: 9, .. })));
+            }
+        }
     }
 }

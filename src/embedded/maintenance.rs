@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use super::engine::{Inner, Settle};
 use super::txn::Change;
+use crate::checkpoint::Packed;
 use crate::error::Error;
 use crate::key::OwnedKey;
 use crate::model::CheckpointStats;
-use crate::record::Record;
 use crate::shard::{eq_key, is_dead, reclaim_at};
 use crate::sync::{Arc, Ordering};
 use crate::wal::changes::changed_keys;
@@ -214,15 +214,15 @@ impl Inner {
             .max()
             .unwrap_or(0);
         let (written_records, removed) = match changed {
-            Ok(keys) => {
-                let changes = self.current_of(keys, now);
+            Ok(mut keys) => {
+                self.fill_current(&mut keys, now);
                 // Everything copied is durable in the log before the checkpoint can claim it.
                 wal.wait(wal.appended())?;
-                let removed = changes.iter().filter(|(_, v)| v.is_none()).count() as u64;
                 checkpoints
-                    .write_changes(upto, token_high, &changes)
+                    .write_changes(upto, token_high, &keys)
                     .map_err(checkpoint_error)?;
-                (changes.len() as u64 - removed, removed)
+                let removed = keys.removals() as u64;
+                (keys.len() as u64 - removed, removed)
             }
             Err(_) => {
                 let records = self.live_records(now);
@@ -256,43 +256,40 @@ impl Inner {
         })
     }
 
-    /// What the checkpoint should hold for each of `keys` (checkpoint encoding, sorted): the
-    /// encoded record, or `None` when there is none (gone, expired, or past its retention).
-    /// Each shard is locked once. The result keeps the keys' order.
-    fn current_of(&self, keys: Vec<Vec<u8>>, now: u64) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    /// Gives each of `keys` (changed keys, no values yet) what the checkpoint should hold for
+    /// it: its record's encoding, or nothing when there is none (gone, expired, or past its
+    /// retention): remove it. Each shard is locked once.
+    fn fill_current(&self, keys: &mut Packed, now: u64) {
         let retention = self.lease_retention_ms;
-        let mut by_shard: Vec<(usize, u64, usize)> = keys
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| {
-                let key = crate::checkpoint::decode_key(k)?;
+        let mut by_shard: Vec<(usize, u64, usize)> = (0..keys.len())
+            .filter_map(|i| {
+                let key = crate::checkpoint::decode_key(keys.key(i))?;
                 let h = self.hash(key);
                 Some((self.shard_index(h), h, i))
             })
             .collect();
         by_shard.sort_unstable();
-        let mut values: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
         for group in by_shard.chunk_by(|a, b| a.0 == b.0) {
             let shard = self.shards[group[0].0].0.lock();
             for &(_, h, i) in group {
-                let Some(key) = crate::checkpoint::decode_key(&keys[i]) else {
+                let Some(key) = crate::checkpoint::decode_key(keys.key(i)) else {
                     continue;
                 };
-                values[i] = shard
+                let live = shard
                     .table
                     .find(h, eq_key(key))
-                    .filter(|r| !is_dead(r, now) && reclaim_at(r, retention) > now)
-                    .map(encode_record);
+                    .filter(|r| !is_dead(r, now) && reclaim_at(r, retention) > now);
+                if let Some(r) = live {
+                    keys.set_value(i, r);
+                }
             }
         }
-        keys.into_iter().zip(values).collect()
     }
 
-    /// Every live record, encoded, sorted by key (redb inserts in key order touch each page
-    /// once).
-    fn live_records(&self, now: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Every live record, encoded, sorted by key.
+    fn live_records(&self, now: u64) -> Packed {
         let retention = self.lease_retention_ms;
-        let mut records = Vec::new();
+        let mut records = Packed::default();
         for shard in self.shards.iter() {
             let s = shard.0.lock();
             for r in s.table.iter() {
@@ -300,22 +297,12 @@ impl Inner {
                 if is_dead(r, now) || reclaim_at(r, retention) <= now {
                     continue;
                 }
-                let mut k = Vec::new();
-                crate::checkpoint::encode_key(r.key(), &mut k);
-                records.push((k, encode_record(r)));
+                records.push(r.key(), r);
             }
         }
-        records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        records.sort_dedup();
         records
     }
-}
-
-/// One record in the checkpoint's value encoding.
-fn encode_record(r: &Record) -> Vec<u8> {
-    let mut v = Vec::new();
-    let h = r.header();
-    crate::checkpoint::encode_value(r.kind(), h.a, h.b, h.fingerprint, r.value(), &mut v);
-    v
 }
 
 fn checkpoint_error(e: crate::checkpoint::CheckpointError) -> Error {

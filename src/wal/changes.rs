@@ -15,6 +15,7 @@ use std::path::Path;
 
 use super::format::{self, BATCH_HEADER_LEN, BatchAt, SEGMENT_HEADER_LEN};
 use super::segments;
+use crate::checkpoint::Packed;
 
 /// Read buffer per segment: batches are read one at a time through it.
 const READ_BUFFER: usize = 1 << 20;
@@ -23,10 +24,10 @@ const READ_BUFFER: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct Unreadable(pub(crate) String);
 
-/// The checkpoint encoding (see [`crate::checkpoint::encode_key`]) of every key touched by a
-/// record with a sequence number in `after + 1 ..= upto`, sorted, each once.
-pub(crate) fn changed_keys(dir: &Path, after: u64, upto: u64) -> Result<Vec<Vec<u8>>, Unreadable> {
-    let mut keys: Vec<Vec<u8>> = Vec::new();
+/// Every key touched by a record with a sequence number in `after + 1 ..= upto`, in the
+/// checkpoint's encoding, sorted, each once (and none with a value yet).
+pub(crate) fn changed_keys(dir: &Path, after: u64, upto: u64) -> Result<Packed, Unreadable> {
+    let mut keys = Packed::default();
     if upto <= after {
         return Ok(keys);
     }
@@ -54,8 +55,7 @@ pub(crate) fn changed_keys(dir: &Path, after: u64, upto: u64) -> Result<Vec<Vec<
             "the log ends before record {upto} (at {next})"
         )));
     }
-    keys.sort_unstable();
-    keys.dedup();
+    keys.sort_dedup();
     Ok(keys)
 }
 
@@ -65,7 +65,7 @@ fn read_segment(
     path: &Path,
     mut next: u64,
     upto: u64,
-    keys: &mut Vec<Vec<u8>>,
+    keys: &mut Packed,
 ) -> Result<u64, Unreadable> {
     let fail = |what: &str| Unreadable(format!("{}: {what}", path.display()));
     let file = File::open(path).map_err(|e| fail(&e.to_string()))?;
@@ -128,9 +128,7 @@ fn read_segment(
         let recs = format::decode_records(first_seq, count, records).map_err(|m| fail(m.0))?;
         for rec in recs.iter().filter(|rec| rec.seq >= next) {
             for item in &rec.items {
-                let mut k = Vec::new();
-                crate::checkpoint::encode_key(item.key(), &mut k);
-                keys.push(k);
+                keys.push_key(item.key());
             }
         }
         next = last + 1;
@@ -145,7 +143,7 @@ mod tests {
     #[test]
     fn an_empty_range_reads_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(changed_keys(dir.path(), 5, 5).expect("empty").is_empty());
+        assert_eq!(changed_keys(dir.path(), 5, 5).expect("empty").len(), 0);
     }
 
     #[test]
