@@ -228,3 +228,85 @@ async fn every_handler_in_a_long_batch_runs_under_a_live_lease() {
     assert_eq!(stats.processed, n, "{stats:?}");
     assert!(violations.lock().is_empty(), "{:?}", violations.lock());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_the_partition_goes_on() {
+    // "boom" panics at its first attempt (in the batch path) and "bang" at its first two (the
+    // second is a retry, on the per-message path): each is retried after the backoff like a
+    // handler's retryable error, the messages after them still run, in order, and every
+    // message gets exactly one reply.
+    let cluster = Cluster::new(1);
+    let store = Store::in_memory();
+    let p = cluster.producer();
+    let keys = ["a", "boom", "b", "bang", "c"];
+    for (i, key) in keys.iter().enumerate() {
+        let id = format!("r{i}");
+        let headers = [
+            ("idempotency-key", *key),
+            ("reply-to", "replies"),
+            ("x-request-id", id.as_str()),
+        ];
+        send(&p, key, "x", &headers).await;
+    }
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    let processor = KafkaProcessor::builder(store, cluster.consumer("panics"))
+        .topics(["requests"])
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let handle = processor.handle();
+    let running = tokio::spawn(processor.run(move |msg: Incoming| {
+        let calls = seen.clone();
+        async move {
+            let key = key_of(&msg);
+            calls
+                .lock()
+                .push((msg.offset(), key.clone(), msg.attempt()));
+            let times = match key.as_str() {
+                "boom" => 1,
+                "bang" => 2,
+                _ => 0,
+            };
+            if msg.attempt() <= times {
+                panic!("the handler of {key} panics at attempt {}", msg.attempt());
+            }
+            Ok(Outcome::reply(format!("done {key}")))
+        }
+    }));
+    let replies = read(&cluster, "replies", keys.len(), Duration::from_secs(20)).await;
+    // Nothing more comes: no message is replied to twice (a reader that waits long enough to
+    // see everything already there).
+    let extra = read(
+        &cluster,
+        "replies",
+        keys.len() + 1,
+        Duration::from_secs(3),
+    )
+    .await;
+    handle.shutdown();
+    let stats = running.await.unwrap().unwrap();
+    assert_eq!(extra.len(), keys.len(), "{extra:#?}");
+    let calls = calls.lock().clone();
+    let attempts =
+        |k: &str| -> Vec<u32> { calls.iter().filter(|c| c.1 == k).map(|c| c.2).collect() };
+    assert_eq!(attempts("boom"), [1, 2], "{calls:?}");
+    assert_eq!(attempts("bang"), [1, 2, 3], "{calls:?}");
+    for k in ["a", "b", "c"] {
+        assert_eq!(attempts(k), [1], "{calls:?}");
+    }
+    assert!(
+        calls.windows(2).all(|w| w[0].0 <= w[1].0),
+        "out of order: {calls:?}"
+    );
+    for (i, key) in keys.iter().enumerate() {
+        let id = format!("r{i}");
+        let r = replies
+            .iter()
+            .find(|r| r.header("x-request-id") == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("no reply to {id}: {replies:#?}"));
+        assert_eq!(r.header(ERROR), None, "{key}: {r:?}");
+        assert_eq!(r.payload, format!("done {key}").as_bytes());
+    }
+    assert_eq!((stats.processed, stats.retried), (5, 3), "{stats:?}");
+}

@@ -215,7 +215,7 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                     calls,
                     follow_up,
                 };
-                handler.handle(incoming).await
+                super::guarded(handler.handle(incoming)).await
             }
         };
         let result = match run(

@@ -143,7 +143,8 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
                 calls: None,
                 follow_up: None,
             };
-            let mut work = std::pin::pin!(handler.handle(incoming).instrument(span(msg)));
+            let mut work =
+                std::pin::pin!(super::guarded(handler.handle(incoming)).instrument(span(msg)));
             let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
             let (result, lease) = match first {
                 Poll::Ready(result) => (result, lease),

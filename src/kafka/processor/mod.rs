@@ -41,6 +41,10 @@ use crate::{BeginOptions, LeaseSync, Snapshot, Write};
 
 /// Processes one message. Implemented for every `Fn(Incoming) -> impl Future<Output =
 /// Result<Outcome, HandlerError>>`, so an async closure is a handler.
+///
+/// A handler that panics is treated as one that returned [`HandlerError::Retry`]: its lease is
+/// released, the message is tried again after the backoff and dead-lettered after the last
+/// attempt, and the partition goes on (an `idemkv::kafka` error event says what panicked).
 pub trait Handler: Send + Sync + 'static {
     /// Does the work of `msg` and says what to reply, or why it failed.
     fn handle(&self, msg: Incoming) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
@@ -53,6 +57,44 @@ where
 {
     fn handle(&self, msg: Incoming) -> impl Future<Output = Result<Outcome, HandlerError>> + Send {
         self(msg)
+    }
+}
+
+/// The handler's work, with a panic while it is polled turned into a retryable failure (the
+/// future is not polled again after it panicked).
+async fn guarded<F>(work: F) -> Result<Outcome, HandlerError>
+where
+    F: Future<Output = Result<Outcome, HandlerError>>,
+{
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(move |cx| {
+        // The handler's state is dropped right after a panic and never looked at again, so a
+        // broken invariant inside it cannot be observed.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(polled) => polled,
+            Err(payload) => {
+                let why = Panicked::of(payload.as_ref());
+                tracing::error!(target: "idemkv::kafka", panic = %why.0, "the handler panicked; the message will be retried");
+                std::task::Poll::Ready(Err(HandlerError::retry(why)))
+            }
+        }
+    })
+    .await
+}
+
+/// A handler's panic, as the error of a retryable failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler panicked: {0}")]
+struct Panicked(String);
+
+impl Panicked {
+    fn of(payload: &(dyn std::any::Any + Send)) -> Panicked {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(a payload that is not a string)".to_owned());
+        Panicked(text)
     }
 }
 
