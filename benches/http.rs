@@ -10,7 +10,8 @@
 //! Then the same routers called in process, without sockets or a load generator: the layer's
 //! own cost per request (µs of one core), against the bare router.
 //!
-//! `cargo bench --bench http` (`IDEMKV_BENCH_QUICK=1`: shorter rows).
+//! `cargo bench --bench http` (`IDEMKV_BENCH_QUICK=1`: shorter rows; `IDEMKV_BENCH_ONLY` with a
+//! row's name runs that row alone for 10 s, with "in process" only the in-process rows).
 
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -324,7 +325,9 @@ fn main() {
     // headers and key generation included, to a server without the layer.
     let baseline_of = |name: &str| usize::from(name.starts_with("realistic")) * 6;
     // `IDEMKV_BENCH_ONLY="fresh, batched"` runs one row alone for 10 s (for profiling).
-    if let Ok(only) = std::env::var("IDEMKV_BENCH_ONLY") {
+    let only = std::env::var("IDEMKV_BENCH_ONLY").ok();
+    let in_process_only = only.as_deref() == Some("in process");
+    if let Some(only) = only.filter(|_| !in_process_only) {
         if let Some((name, addr, key)) = systems.iter().find(|s| s.0 == only) {
             let r = load(*addr, Duration::from_secs(10), Arc::clone(key));
             println!(
@@ -334,62 +337,65 @@ fn main() {
         }
         return;
     }
-    let mut results: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
-    for round in 0..rounds {
-        for j in 0..systems.len() {
-            let k = (round + j) % systems.len();
-            let (_, addr, key) = &systems[k];
-            results[k].push(load(*addr, dur, Arc::clone(key)));
-        }
-    }
-    let bases: Vec<f64> = (0..systems.len())
-        .map(|k| {
-            median(
-                results[baseline_of(systems[k].0)]
-                    .iter()
-                    .map(|r| r.rps)
-                    .collect(),
-            )
-        })
-        .collect();
-    println!(
-        "\nPOST /orders over loopback, {CONNECTIONS} keep-alive connections, median of {rounds} interleaved rounds"
-    );
-    println!(
-        "{:<18} {:>10} {:>9} {:>9} {:>10} {:>12}",
-        "variant", "req/s", "p50 us", "p99 us", "vs none", "CPU us/req"
-    );
-    let rounds_per_req = WORK_ROUNDS.load(Ordering::Relaxed);
     let mut csv = String::from(
         "variant,req_per_sec,p50_us,p99_us,ratio_to_its_baseline,cpu_us_per_request\n",
     );
-    for (k, (name, _, _)) in systems.iter().enumerate() {
-        let rps = median(results[k].iter().map(|r| r.rps).collect());
-        let p50 = median(results[k].iter().map(|r| r.p50).collect());
-        let p99 = median(results[k].iter().map(|r| r.p99).collect());
-        let cpu = median(results[k].iter().map(|r| r.cpu_us).collect());
-        let base = bases[k];
-        println!(
-            "{name:<18} {rps:>10.0} {p50:>9.0} {p99:>9.0} {:>10.2} {cpu:>12.1}",
-            rps / base
-        );
-        csv.push_str(&format!(
-            "{name},{rps:.0},{p50:.0},{p99:.0},{:.3},{cpu:.2}\n",
-            rps / base
-        ));
-    }
-    let keyed = median(results[1].iter().map(|r| r.rps).collect());
-    for (k, (name, _, _)) in systems.iter().enumerate() {
-        if name.starts_with("fresh") || *name == "replays" {
-            let rps = median(results[k].iter().map(|r| r.rps).collect());
-            println!("{name:<18} vs \"no layer, keyed\": {:.2}", rps / keyed);
-            csv.push_str(&format!("# {name} vs no layer keyed,{:.3}\n", rps / keyed));
+    // `IDEMKV_BENCH_ONLY="in process"`: only the in-process rows (for profiling).
+    if !in_process_only {
+        let mut results: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
+        for round in 0..rounds {
+            for j in 0..systems.len() {
+                let k = (round + j) % systems.len();
+                let (_, addr, key) = &systems[k];
+                results[k].push(load(*addr, dur, Arc::clone(key)));
+            }
         }
+        let bases: Vec<f64> = (0..systems.len())
+            .map(|k| {
+                median(
+                    results[baseline_of(systems[k].0)]
+                        .iter()
+                        .map(|r| r.rps)
+                        .collect(),
+                )
+            })
+            .collect();
+        println!(
+            "\nPOST /orders over loopback, {CONNECTIONS} keep-alive connections, median of {rounds} interleaved rounds"
+        );
+        println!(
+            "{:<18} {:>10} {:>9} {:>9} {:>10} {:>12}",
+            "variant", "req/s", "p50 us", "p99 us", "vs none", "CPU us/req"
+        );
+        let rounds_per_req = WORK_ROUNDS.load(Ordering::Relaxed);
+        for (k, (name, _, _)) in systems.iter().enumerate() {
+            let rps = median(results[k].iter().map(|r| r.rps).collect());
+            let p50 = median(results[k].iter().map(|r| r.p50).collect());
+            let p99 = median(results[k].iter().map(|r| r.p99).collect());
+            let cpu = median(results[k].iter().map(|r| r.cpu_us).collect());
+            let base = bases[k];
+            println!(
+                "{name:<18} {rps:>10.0} {p50:>9.0} {p99:>9.0} {:>10.2} {cpu:>12.1}",
+                rps / base
+            );
+            csv.push_str(&format!(
+                "{name},{rps:.0},{p50:.0},{p99:.0},{:.3},{cpu:.2}\n",
+                rps / base
+            ));
+        }
+        let keyed = median(results[1].iter().map(|r| r.rps).collect());
+        for (k, (name, _, _)) in systems.iter().enumerate() {
+            if name.starts_with("fresh") || *name == "replays" {
+                let rps = median(results[k].iter().map(|r| r.rps).collect());
+                println!("{name:<18} vs \"no layer, keyed\": {:.2}", rps / keyed);
+                csv.push_str(&format!("# {name} vs no layer keyed,{:.3}\n", rps / keyed));
+            }
+        }
+        println!(
+            "(realistic rows: compared with \"realistic, none\"; the handler parses the JSON body and \
+             computes for about 200 us, {rounds_per_req} rounds; target: the layer costs <= 5 %, ratio >= 0.95)"
+        );
     }
-    println!(
-        "(realistic rows: compared with \"realistic, none\"; the handler parses the JSON body and \
-         computes for about 200 us, {rounds_per_req} rounds; target: the layer costs <= 5 %, ratio >= 0.95)"
-    );
     // In process: the routers as services, one request at a time.
     let n = if quick { 20_000 } else { 100_000 };
     let routed = |store: Option<Store>, handler_realistic: bool| {

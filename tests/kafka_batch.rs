@@ -277,13 +277,7 @@ async fn a_panicking_handler_is_retried_and_the_partition_goes_on() {
     let replies = read(&cluster, "replies", keys.len(), Duration::from_secs(20)).await;
     // Nothing more comes: no message is replied to twice (a reader that waits long enough to
     // see everything already there).
-    let extra = read(
-        &cluster,
-        "replies",
-        keys.len() + 1,
-        Duration::from_secs(3),
-    )
-    .await;
+    let extra = read(&cluster, "replies", keys.len() + 1, Duration::from_secs(3)).await;
     handle.shutdown();
     let stats = running.await.unwrap().unwrap();
     assert_eq!(extra.len(), keys.len(), "{extra:#?}");
