@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the core operations:
-//! `begin` on a miss, on a replay, on a conflict, and a whole begin + complete cycle.
+//! `begin` on a miss, on a replay, on a conflict, a whole begin + complete cycle, and the same
+//! cycle through the batch calls (`begin_many` + `complete_many`, 256 keys a call).
 //!
 //! `cargo bench --bench core`
 
@@ -7,7 +8,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use idemkv::{Begin, Fingerprint, Key, Store};
+use idemkv::{Begin, Completion, Fingerprint, IdempotencyStore, Key, LeaseSync, Store};
 
 const LEASE: Duration = Duration::from_secs(30);
 const RESPONSE: &[u8] = b"201 {\"id\":\"3f1c7a52\"}";
@@ -87,6 +88,47 @@ fn bench(c: &mut Criterion) {
                     {
                         black_box(s.blocking_complete(&l, RESPONSE, None).ok());
                     }
+                }
+            },
+            BatchSize::LargeInput,
+        );
+    });
+
+    // The batch calls the Kafka processor makes: 1024 keys as 4 calls of 256 (a partition's
+    // batch runs to a few hundred messages), against `begin_complete`'s 1024 single calls.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    g.bench_function("begin_complete_many_256", |b| {
+        b.iter_batched_ref(
+            store,
+            |s| {
+                for chunk in ids[..1024].chunks(256) {
+                    let keys: Vec<(Key<'_>, Fingerprint)> =
+                        chunk.iter().map(|id| (Key::new("bench", id), fp)).collect();
+                    let begun = rt
+                        .block_on(IdempotencyStore::begin_many(
+                            s,
+                            &keys,
+                            LEASE,
+                            LeaseSync::Deferred,
+                        ))
+                        .expect("begin_many");
+                    let leases: Vec<_> = begun
+                        .into_iter()
+                        .filter_map(|b| match b {
+                            Ok(Begin::Acquired(l)) => Some(l),
+                            _ => None,
+                        })
+                        .collect();
+                    let done: Vec<Completion<'_>> = leases
+                        .iter()
+                        .map(|l| Completion::new(l, RESPONSE))
+                        .collect();
+                    black_box(
+                        rt.block_on(IdempotencyStore::complete_many(s, &done))
+                            .expect("complete_many"),
+                    );
                 }
             },
             BatchSize::LargeInput,

@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+use hashbrown::HashTable;
+
 use super::engine::{Inner, Settle, ShardGuard};
 use super::lease_ops::{Verdict, judge, verdict_counted};
 use super::txn::Change;
@@ -59,6 +61,9 @@ impl Inner {
         let mut answers: Vec<Result<Begin, Error>> = Vec::with_capacity(keys.len());
         let mut changes: Vec<(usize, u64, Key<'_>, Change<'_>)> = Vec::new();
         let mut acquiring: Vec<(usize, Verdict, u64)> = Vec::new();
+        // The items that acquired their key so far, by key: a repeat is found in O(1), not by
+        // a scan of the items before it (batches run to hundreds of keys).
+        let mut held: HashTable<usize> = HashTable::with_capacity(keys.len());
         for (i, (&(key, fingerprint), &hash)) in keys.iter().zip(&hashes).enumerate() {
             if let Err(e) = self.check_key(key) {
                 answers.push(Err(e));
@@ -66,10 +71,7 @@ impl Inner {
             }
             // A key acquired earlier in this call is held by that lease: in progress, or a
             // mismatch under another fingerprint, as `begin` would answer.
-            let earlier = acquiring
-                .iter()
-                .find(|&&(j, _, _)| hashes[j] == hash && keys[j].0 == key);
-            if let Some(&(j, _, _)) = earlier {
+            if let Some(&j) = held.find(hash, |&j| keys[j].0 == key) {
                 answers.push(Ok(if keys[j].1 == fingerprint {
                     Begin::InProgress {
                         deadline: Timestamp::from_millis(deadline),
@@ -96,6 +98,7 @@ impl Inner {
                         takeover: matches!(acquire, Verdict::TakeOver),
                     })));
                     acquiring.push((i, acquire, token));
+                    held.insert_unique(hash, i, |&j| hashes[j]);
                 }
             }
         }
@@ -150,11 +153,15 @@ impl Inner {
                 order.iter().map(|&i| self.lock_index(i, settle)).collect();
             let mut changes: Vec<(usize, u64, Key<'_>, Change<'_>)> = Vec::new();
             let mut done: Vec<(usize, u64)> = Vec::new();
+            // The keys completed so far in this call (indexes into `items`).
+            let mut completed: HashTable<usize> = HashTable::with_capacity(plain.len());
             for &(i, hash, ttl_ms) in &plain {
                 let lease = items[i].lease;
                 let key = lease.key();
                 let p = pos(hash);
-                let twice = changes.iter().any(|&(_, h, k, _)| h == hash && k == key);
+                let twice = completed
+                    .find(hash, |&j| items[j].lease.key() == key)
+                    .is_some();
                 let holder = guards[p]
                     .table
                     .find(hash, eq_key(key))
@@ -177,6 +184,7 @@ impl Inner {
                             },
                         ));
                         done.push((i, expires));
+                        completed.insert_unique(hash, i, |&j| self.lease_hash(items[j].lease));
                     }
                     Err(e) => results[i] = Some(self.note(Err(e))),
                 }

@@ -393,8 +393,10 @@ impl Store {
     }
 
     /// Writes a checkpoint now (see [`StoreBuilder::checkpoint_every`] for the automatic ones):
-    /// the live records go into `checkpoint.redb`, and the log segments it covers are deleted.
-    /// A no-op for a store in memory.
+    /// `checkpoint.redb` is brought up to date, and the log segments it then covers are
+    /// deleted. Only the keys the log changed since the last checkpoint are rewritten (their
+    /// count is in the returned stats); every live record is written when the log cannot say
+    /// which changed. A no-op for a store in memory.
     pub fn checkpoint(&self) -> Result<CheckpointStats, Error> {
         self.inner.checkpoint()
     }
