@@ -253,48 +253,25 @@ impl Checkpoints {
         load_from(&self.db, &self.path, expect, apply)
     }
 
-    /// Replaces the checkpoint with `records` (encoded key, encoded value pairs), covering the
-    /// log up to `seq`, in one transaction that is durable when this returns.
+    /// Writes `records` into the checkpoint, covering the log up to `seq`, in one transaction
+    /// that is durable when this returns. `whole`: they are every live record, and replace
+    /// the table; otherwise they update it in place: each key's value is replaced, or the key
+    /// removed where it has no value.
     pub(crate) fn write(
         &self,
         seq: u64,
         token_high: u64,
         records: &Packed,
+        whole: bool,
     ) -> Result<(), CheckpointError> {
         let e = redb_err(&self.path);
         let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
         {
-            txn.delete_table(RECORDS).map_err(|x| e(x.into()))?;
+            if whole {
+                txn.delete_table(RECORDS).map_err(|x| e(x.into()))?;
+            }
             let mut t = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
             for (k, v) in records.iter() {
-                if let Some(v) = v {
-                    t.insert(k, v).map_err(|x| e(x.into()))?;
-                }
-            }
-            let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
-            m.insert("format", FORMAT).map_err(|x| e(x.into()))?;
-            m.insert("checkpoint_seq", seq).map_err(|x| e(x.into()))?;
-            m.insert("token_high", token_high)
-                .map_err(|x| e(x.into()))?;
-        }
-        txn.commit().map_err(|x| e(x.into()))
-    }
-}
-
-impl Checkpoints {
-    /// Updates the checkpoint in place, in one transaction: each key's value is replaced, or
-    /// the key removed where `changes` gives `None`; then the sequence number it covers.
-    pub(crate) fn write_changes(
-        &self,
-        seq: u64,
-        token_high: u64,
-        changes: &Packed,
-    ) -> Result<(), CheckpointError> {
-        let e = redb_err(&self.path);
-        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
-        {
-            let mut t = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
-            for (k, v) in changes.iter() {
                 match v {
                     Some(v) => {
                         t.insert(k, v).map_err(|x| e(x.into()))?;

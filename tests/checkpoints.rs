@@ -153,8 +153,8 @@ proptest! {
     }
 }
 
-#[test]
-fn a_checkpoint_rewrites_only_what_changed() {
+/// A store holding a value under every key.
+fn filled() -> (tempfile::TempDir, ManualClock, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(T0);
     let s = builder(&clock).open(dir.path()).expect("open");
@@ -162,6 +162,12 @@ fn a_checkpoint_rewrites_only_what_changed() {
         let put = s.blocking_cas(&Write::put_if_absent(OwnedKey::new("t", id(k)), "v"));
         assert!(matches!(put.expect("put"), CasOutcome::Applied { .. }));
     }
+    (dir, clock, s)
+}
+
+#[test]
+fn a_checkpoint_rewrites_only_what_changed() {
+    let (dir, clock, s) = filled();
     let first = s.checkpoint().expect("checkpoint");
     assert_eq!((first.records, first.removed), (u64::from(KEYS), 0));
     s.blocking_remove(Key::new("t", &id(1))).expect("remove");
@@ -181,13 +187,7 @@ fn a_checkpoint_rewrites_only_what_changed() {
 
 #[test]
 fn a_checkpoint_writes_everything_when_the_log_cannot_say_what_changed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = ManualClock::new(T0);
-    let s = builder(&clock).open(dir.path()).expect("open");
-    for k in 0..KEYS {
-        let put = s.blocking_cas(&Write::put_if_absent(OwnedKey::new("t", id(k)), "v"));
-        assert!(matches!(put.expect("put"), CasOutcome::Applied { .. }));
-    }
+    let (dir, clock, s) = filled();
     // The log's files vanish (an operator's mistake): the writer keeps its open segment, but
     // the checkpoint cannot read back which keys changed, so it writes every live record.
     for entry in std::fs::read_dir(dir.path().join("wal")).expect("wal") {

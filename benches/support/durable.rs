@@ -279,34 +279,40 @@ pub fn run_all(quick: bool) -> Vec<Row> {
     rows
 }
 
-/// Recovery time and on-disk size for `n` live records: from the checkpoint (after
-/// `Store::checkpoint`), and from the log alone.
-/// Seconds a checkpoint takes to record `changes` new records on top of `n` live ones: the
-/// incremental one (the keys the log changed), then the whole one, which the store falls back
-/// to when the log cannot say what changed (here: its files are removed under the open store,
-/// as the fallback's test does). Each checkpoint records its own `changes` fresh keys.
-pub fn checkpoint_cost(n: u64, changes: u64) -> (f64, f64) {
-    let fp = Fingerprint::of(b"POST /orders {}");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::builder()
+/// A store on `dir` for loading many records: `Batched`, no sweeper, and no automatic
+/// checkpoint (it would delete the segments it covers; the callers decide when).
+fn bulk_store(dir: &std::path::Path) -> Store {
+    Store::builder()
         .durability(Durability::Batched {
             max_delay: Duration::from_millis(20),
         })
         .sweep_interval(None)
         .checkpoint_every(u64::MAX)
-        .open(dir.path())
-        .expect("open");
-    let add = |from: u64, count: u64| {
-        for i in from..from + count {
-            let id = format!("{i:016x}");
-            if let Ok(Begin::Acquired(l)) =
-                store.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
-            {
-                let _ = store.blocking_complete(&l, RESPONSE, None);
-            }
+        .open(dir)
+        .expect("open")
+}
+
+/// Begins and completes the keys `from..from + count`.
+fn add(store: &Store, from: u64, count: u64) {
+    let fp = Fingerprint::of(b"POST /orders {}");
+    for i in from..from + count {
+        let id = format!("{i:016x}");
+        if let Ok(Begin::Acquired(l)) =
+            store.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
+        {
+            let _ = store.blocking_complete(&l, RESPONSE, None);
         }
-    };
-    add(0, n);
+    }
+}
+
+/// Seconds a checkpoint takes to record `changes` new records on top of `n` live ones: the
+/// incremental one (the keys the log changed), then the whole one, which the store falls back
+/// to when the log cannot say what changed (here: its files are removed under the open store,
+/// as the fallback's test does). Each checkpoint records its own `changes` fresh keys.
+pub fn checkpoint_cost(n: u64, changes: u64) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = bulk_store(dir.path());
+    add(&store, 0, n);
     store.checkpoint().expect("first checkpoint");
     let timed = |whole: bool| {
         if whole {
@@ -325,37 +331,20 @@ pub fn checkpoint_cost(n: u64, changes: u64) -> (f64, f64) {
         assert_eq!(stats.records, expect, "whole: {whole}");
         secs
     };
-    add(n, changes);
+    add(&store, n, changes);
     let incremental = timed(false);
-    add(n + changes, changes);
+    add(&store, n + changes, changes);
     let whole = timed(true);
     (incremental, whole)
 }
 
+/// Recovery time and on-disk size for `n` live records: from the checkpoint (after
+/// `Store::checkpoint`), and from the log alone.
 pub fn recovery(n: u64) -> (f64, f64, f64, f64) {
-    let fp = Fingerprint::of(b"POST /orders {}");
     let dir = tempfile::tempdir().expect("tempdir");
     let log_only = tempfile::tempdir().expect("tempdir");
-    {
-        let store = Store::builder()
-            .durability(Durability::Batched {
-                max_delay: Duration::from_millis(20),
-            })
-            .sweep_interval(None)
-            // No automatic checkpoint while loading: it would delete the segments it covers,
-            // and the "log alone" copy below needs them all (a 1M-record log is ~180 MB).
-            .checkpoint_every(u64::MAX)
-            .open(dir.path())
-            .expect("open");
-        for i in 0..n {
-            let id = format!("{i:016x}");
-            if let Ok(Begin::Acquired(l)) =
-                store.blocking_begin(Key::new("bench", &id), fp, Duration::from_secs(30))
-            {
-                let _ = store.blocking_complete(&l, RESPONSE, None);
-            }
-        }
-    }
+    // The "log alone" copy below needs every segment (a 1M-record log is ~180 MB).
+    add(&bulk_store(dir.path()), 0, n);
     // The whole log (a clean close flushed it), copied before the checkpoint deletes it.
     std::fs::create_dir_all(log_only.path().join("wal")).expect("mkdir");
     for e in std::fs::read_dir(dir.path().join("wal")).expect("wal") {

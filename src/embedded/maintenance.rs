@@ -219,7 +219,7 @@ impl Inner {
                 // Everything copied is durable in the log before the checkpoint can claim it.
                 wal.wait(wal.appended())?;
                 checkpoints
-                    .write_changes(upto, token_high, &keys)
+                    .write(upto, token_high, &keys, false)
                     .map_err(checkpoint_error)?;
                 let removed = keys.removals() as u64;
                 (keys.len() as u64 - removed, removed)
@@ -228,7 +228,7 @@ impl Inner {
                 let records = self.live_records(now);
                 wal.wait(wal.appended())?;
                 checkpoints
-                    .write(upto, token_high, &records)
+                    .write(upto, token_high, &records, true)
                     .map_err(checkpoint_error)?;
                 (records.len() as u64, 0)
             }
