@@ -18,13 +18,13 @@ use hashbrown::HashTable;
 
 use super::engine::{Inner, Settle, ShardGuard};
 use super::lease_ops::{Verdict, judge, verdict_counted};
-use super::txn::Change;
+use super::txn::{Change, Delta};
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::limits::nonzero;
 use crate::model::{Begin, Completion, Lease};
-use crate::record::Kind;
+use crate::record::{Kind, Record};
 use crate::shard::eq_key;
 use crate::wal::LeaseSync;
 use crate::wal::format::Op;
@@ -53,13 +53,18 @@ impl Inner {
         let deadline = now.saturating_add(lease_ms);
         let hashes: Vec<u64> = keys.iter().map(|(k, _)| self.hash(*k)).collect();
         let order = lock_order(self, hashes.iter().copied());
-        let pos = |h: u64| order.partition_point(|&i| i < self.shard_index(h));
+        // Each key's position in `guards`, once.
+        let at: Vec<usize> = hashes
+            .iter()
+            .map(|&h| order.partition_point(|&i| i < self.shard_index(h)))
+            .collect();
         let mut guards: Vec<ShardGuard<'_>> =
             order.iter().map(|&i| self.lock_index(i, settle)).collect();
 
         // 1. Judge every key against what it holds; nothing changes yet.
         let mut answers: Vec<Result<Begin, Error>> = Vec::with_capacity(keys.len());
         let mut changes: Vec<(usize, u64, Key<'_>, Change<'_>)> = Vec::new();
+        let mut deltas: Vec<Delta> = Vec::new();
         let mut acquiring: Vec<(usize, Verdict, u64)> = Vec::new();
         // The items that acquired their key so far, by key: a repeat is found in O(1), not by
         // a scan of the items before it (batches run to hundreds of keys).
@@ -81,14 +86,17 @@ impl Inner {
                 }));
                 continue;
             }
-            let p = pos(hash);
+            let p = at[i];
             let found = guards[p].table.find(hash, eq_key(key));
+            let old_size = found.map(Record::size);
             match judge(found, now, fingerprint) {
                 Err(e) => answers.push(Err(e)),
                 Ok(Verdict::Answer(outcome)) => answers.push(Ok(outcome)),
                 Ok(acquire) => {
                     let token = self.next_seq(&mut guards[p].counters, hash);
-                    changes.push((p, hash, key, acquire.change(token, deadline, fingerprint)));
+                    let change = acquire.change(token, deadline, fingerprint);
+                    deltas.push(change.delta_sized(key, old_size));
+                    changes.push((p, hash, key, change));
                     answers.push(Ok(Begin::Acquired(Lease {
                         key: key.to_owned(),
                         hash: Some(hash),
@@ -105,15 +113,15 @@ impl Inner {
 
         // 2. One log record for every lease, then the counters.
         if !changes.is_empty() {
-            self.commit_many(&mut guards, Op::Begin, &changes, lazy)?;
+            self.commit_many_sized(&mut guards, Op::Begin, &changes, &deltas, lazy)?;
         }
-        for (answer, &hash) in answers.iter().zip(&hashes) {
+        for (answer, &p) in answers.iter().zip(&at) {
             if let Ok(outcome) = answer {
-                verdict_counted(&mut guards[pos(hash)].counters, outcome);
+                verdict_counted(&mut guards[p].counters, outcome);
             }
         }
         for (i, verdict, token) in &acquiring {
-            let c = &mut guards[pos(hashes[*i])].counters;
+            let c = &mut guards[at[*i]].counters;
             verdict.count(c, keys[*i].0, *token);
         }
         Ok(answers)
@@ -152,6 +160,7 @@ impl Inner {
             let mut guards: Vec<ShardGuard<'_>> =
                 order.iter().map(|&i| self.lock_index(i, settle)).collect();
             let mut changes: Vec<(usize, u64, Key<'_>, Change<'_>)> = Vec::new();
+            let mut deltas: Vec<Delta> = Vec::new();
             let mut done: Vec<(usize, u64)> = Vec::new();
             // The keys completed so far in this call (indexes into `items`).
             let mut completed: HashTable<usize> = HashTable::with_capacity(plain.len());
@@ -171,18 +180,15 @@ impl Inner {
                 match holder {
                     Ok(rec) => {
                         let expires = now.saturating_add(ttl_ms);
-                        changes.push((
-                            p,
-                            hash,
-                            key,
-                            Change::Put {
-                                kind: Kind::Completed,
-                                a: now,
-                                b: expires,
-                                fingerprint: rec.header().fingerprint,
-                                value: items[i].response,
-                            },
-                        ));
+                        let change = Change::Put {
+                            kind: Kind::Completed,
+                            a: now,
+                            b: expires,
+                            fingerprint: rec.header().fingerprint,
+                            value: items[i].response,
+                        };
+                        deltas.push(change.delta(key, Some(rec)));
+                        changes.push((p, hash, key, change));
                         done.push((i, expires));
                         completed.insert_unique(hash, i, |&j| self.lease_hash(items[j].lease));
                     }
@@ -190,7 +196,7 @@ impl Inner {
                 }
             }
             if !changes.is_empty() {
-                self.commit_many(&mut guards, Op::Complete, &changes, false)?;
+                self.commit_many_sized(&mut guards, Op::Complete, &changes, &deltas, false)?;
             }
             for (&(p, hash, _, _), &(i, expires)) in changes.iter().zip(&done) {
                 let shard = &mut *guards[p];

@@ -57,7 +57,7 @@ pub(super) fn held<'s>(slot: &'s Entry<'_, Record>) -> Option<&'s Record> {
 
 /// Records and bytes a change adds (positive) or frees (negative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Delta {
+pub(super) struct Delta {
     records: i64,
     bytes: i64,
 }
@@ -71,8 +71,13 @@ impl std::ops::AddAssign for Delta {
 
 impl Change<'_> {
     /// What the change does to the store's size at a key that holds `old`.
-    fn delta(&self, key: Key<'_>, old: Option<&Record>) -> Delta {
-        let (records, bytes) = old.map_or((0, 0), |r| (1, r.size() as i64));
+    pub(super) fn delta(&self, key: Key<'_>, old: Option<&Record>) -> Delta {
+        self.delta_sized(key, old.map(Record::size))
+    }
+
+    /// [`delta`](Self::delta), given only the size of what the key holds.
+    pub(super) fn delta_sized(&self, key: Key<'_>, old: Option<usize>) -> Delta {
+        let (records, bytes) = old.map_or((0, 0), |size| (1, size as i64));
         match self {
             Change::Put { value, .. } => Delta {
                 records: 1 - records,
@@ -355,13 +360,31 @@ impl Inner {
                 change.delta(key, guards[pos].table.find(hash, eq_key(key)))
             })
             .collect();
+        self.commit_many_sized(guards, op, changes, &deltas, lazy)
+    }
+
+    /// [`commit_many`](Self::commit_many) with each change's delta already known (the caller
+    /// looked at each key's record to decide its change): one lookup a key fewer.
+    pub(super) fn commit_many_sized(
+        &self,
+        guards: &mut [ShardGuard<'_>],
+        op: Op,
+        changes: &[(usize, u64, Key<'_>, Change<'_>)],
+        deltas: &[Delta],
+        lazy: bool,
+    ) -> Result<(), Error> {
         let mut total = Delta::default();
         deltas.iter().for_each(|&d| total += d);
         self.account(total, true)?;
         let mut seq = 0;
         let logged = self.log(&mut seq, op, lazy, |w| {
             for &(pos, hash, key, change) in changes {
-                change.encode(w, key, guards[pos].table.find(hash, eq_key(key)));
+                // Only a restamp logs from the record it changes; a put or a delete is whole.
+                let old = match change {
+                    Change::Restamp { .. } => guards[pos].table.find(hash, eq_key(key)),
+                    Change::Put { .. } | Change::Delete => None,
+                };
+                change.encode(w, key, old);
             }
         });
         if let Err(e) = logged {
@@ -371,7 +394,7 @@ impl Inner {
         for g in guards.iter_mut() {
             g.counters.last_seq = g.counters.last_seq.max(seq);
         }
-        for (&(pos, hash, key, change), &d) in changes.iter().zip(&deltas) {
+        for (&(pos, hash, key, change), &d) in changes.iter().zip(deltas) {
             let (table, mut book) = guards[pos].parts();
             if let Some(slot) = self.slot_for(table, hash, key, &change) {
                 self.apply_at(&mut book, slot, key, change, d);
