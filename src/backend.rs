@@ -114,8 +114,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// [`begin_with`](Self::begin_with) without waiting, on each of `keys`: one answer per key,
     /// in order, as if each were its own `begin` one after another. So a key repeated in `keys`
     /// is held by its first occurrence: the later ones answer [`Begin::InProgress`] (or
-    /// [`Begin::Mismatch`] under another fingerprint). The embedded store takes every lease in one log record
-    /// and waits for the disk at most once; the default makes one call per key. The outer
+    /// [`Begin::Mismatch`] under another fingerprint). With `Immediate` durability the embedded
+    /// store takes every lease in one log record and waits for the disk at most once; otherwise
+    /// it makes one call per key, as the default does (cheaper where no wait is shared). The outer
     /// `Err` means the call as a whole was refused (the log, a store-wide limit) and changed
     /// nothing; an item's own `Err` is what `begin` would have returned for it.
     fn begin_many(
@@ -135,8 +136,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 
     /// [`complete`](Self::complete) of each item, one answer per item, in order; each item
-    /// succeeds or fails on its own. The embedded store writes the items without writes as one
-    /// log record and waits for the disk once; the default makes one call per item. The outer
+    /// succeeds or fails on its own. With `Immediate` durability the embedded store writes the
+    /// items without writes as one log record and waits for the disk once; otherwise it makes
+    /// one call per item, as the default does. The outer
     /// `Err` means the shared record was refused (the log, a store-wide limit), and none of
     /// those items changed.
     fn complete_many(

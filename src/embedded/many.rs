@@ -1,7 +1,9 @@
 //! Many keys in one call, for adapters that process a batch (the Kafka processor takes a
 //! partition's fetched messages together): `begin_many` leases many keys, `complete_many`
 //! records many results. Each call locks every shard involved (in index order, as a batch
-//! does) and writes its changes as one log record.
+//! does) and writes its changes as one log record. Taken only when the calls wait for the
+//! disk (`Immediate`, see `Store::batch_calls_pay`): there the one wait a call is the gain;
+//! otherwise one call a key costs less, and the trait methods make those instead.
 //!
 //! Invariants:
 //! - Each item gets the answer its single-key operation would give at that moment, as if the

@@ -1,7 +1,7 @@
 //! The batch path of a partition task. The messages handed to the task together are leased
-//! with one `begin_many` (one log record), their handlers run one after another in offset
-//! order, and their results are recorded with one `complete_many` (one log record, one wait
-//! for the disk) and replied to together (one wait for the broker).
+//! with one `begin_many`, their handlers run one after another in offset order, and their
+//! results are recorded with one `complete_many` (on an `Immediate` embedded store: one log
+//! record and one wait for the disk each) and replied to together (one wait for the broker).
 //!
 //! What the batch path does not do itself goes through the per-message path (`attempt.rs`),
 //! in order, with the lease the batch took for it:
