@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idemkv::kafka::{ERROR, HandlerError, Incoming, KafkaProcessor, Outcome, REPLAYED};
+use idemkv::kafka::{
+    ERROR, HandlerError, Incoming, KafkaError, KafkaProcessor, Outcome, ProcessorHandle,
+    ProcessorStats, REPLAYED,
+};
 use idemkv::outbox::Outgoing;
 use idemkv::{Begin, Fingerprint, IdempotencyStore, Key, OwnedKey, Snapshot, Store, Write};
 use kafka_support::{Cluster, read, send};
@@ -23,6 +26,44 @@ type Calls = Arc<Mutex<Vec<(i64, String, u32)>>>;
 
 fn key_of(msg: &Incoming) -> String {
     String::from_utf8_lossy(msg.idempotency_key()).into_owned()
+}
+
+/// A processor on "requests" (backoffs of 10 ms) whose handler records each call (offset, key,
+/// attempt) in the returned list, then answers what `decide` says for the key and attempt.
+fn start<F, Fut>(
+    cluster: &Cluster,
+    store: Store,
+    group: &str,
+    decide: F,
+) -> (
+    Calls,
+    ProcessorHandle<Store>,
+    tokio::task::JoinHandle<Result<ProcessorStats, KafkaError>>,
+)
+where
+    F: Fn(String, u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Outcome, HandlerError>> + Send,
+{
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    let processor = KafkaProcessor::builder(store, cluster.consumer(group))
+        .topics(["requests"])
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let handle = processor.handle();
+    let decide = Arc::new(decide);
+    let running = tokio::spawn(processor.run(move |msg: Incoming| {
+        let (calls, decide) = (seen.clone(), decide.clone());
+        async move {
+            let key = key_of(&msg);
+            calls
+                .lock()
+                .push((msg.offset(), key.clone(), msg.attempt()));
+            decide(key, msg.attempt()).await
+        }
+    }));
+    (calls, handle, running)
 }
 
 fn now_ms() -> u64 {
@@ -79,28 +120,15 @@ async fn a_batch_runs_in_offset_order_and_hands_on_what_it_cannot_do() {
         send(&p, key, &payload, &headers).await;
     }
 
-    let calls: Calls = Arc::default();
-    let seen = calls.clone();
-    let processor = KafkaProcessor::builder(store.clone(), cluster.consumer(group))
-        .topics(["requests"])
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(10))
-        .build()
-        .unwrap();
-    let handle = processor.handle();
-    let running = tokio::spawn(processor.run(move |msg: Incoming| {
-        let calls = seen.clone();
-        async move {
-            let key = key_of(&msg);
-            calls
-                .lock()
-                .push((msg.offset(), key.clone(), msg.attempt()));
+    let (calls, handle, running) =
+        start(&cluster, store.clone(), group, |key, attempt| async move {
             let reply = Outcome::reply(format!("done {key}"));
             match key.split('-').next().unwrap_or_default() {
                 "slow" => {
                     tokio::time::sleep(Duration::from_millis(30)).await;
                     Ok(reply)
                 }
-                "retry" if msg.attempt() == 1 => Err(HandlerError::retry("flaky")),
+                "retry" if attempt == 1 => Err(HandlerError::retry("flaky")),
                 "fail" => Err(HandlerError::fail("refused")),
                 "send" => Ok(reply.send(Outgoing::to("out").payload(key.clone()))),
                 "write" => Ok(reply.write(Write::put_if_absent(
@@ -109,8 +137,7 @@ async fn a_batch_runs_in_offset_order_and_hands_on_what_it_cannot_do() {
                 ))),
                 _ => Ok(reply),
             }
-        }
-    }));
+        });
     let replies = read(&cluster, "replies", keys.len(), Duration::from_secs(20)).await;
     let out = read(&cluster, "out", 1, Duration::from_secs(5)).await;
     handle.shutdown();
@@ -248,32 +275,17 @@ async fn a_panicking_handler_is_retried_and_the_partition_goes_on() {
         ];
         send(&p, key, "x", &headers).await;
     }
-    let calls: Calls = Arc::default();
-    let seen = calls.clone();
-    let processor = KafkaProcessor::builder(store, cluster.consumer("panics"))
-        .topics(["requests"])
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(10))
-        .build()
-        .unwrap();
-    let handle = processor.handle();
-    let running = tokio::spawn(processor.run(move |msg: Incoming| {
-        let calls = seen.clone();
-        async move {
-            let key = key_of(&msg);
-            calls
-                .lock()
-                .push((msg.offset(), key.clone(), msg.attempt()));
-            let times = match key.as_str() {
-                "boom" => 1,
-                "bang" => 2,
-                _ => 0,
-            };
-            if msg.attempt() <= times {
-                panic!("the handler of {key} panics at attempt {}", msg.attempt());
-            }
-            Ok(Outcome::reply(format!("done {key}")))
+    let (calls, handle, running) = start(&cluster, store, "panics", |key, attempt| async move {
+        let times = match key.as_str() {
+            "boom" => 1,
+            "bang" => 2,
+            _ => 0,
+        };
+        if attempt <= times {
+            panic!("the handler of {key} panics at attempt {attempt}");
         }
-    }));
+        Ok(Outcome::reply(format!("done {key}")))
+    });
     let replies = read(&cluster, "replies", keys.len(), Duration::from_secs(20)).await;
     // Nothing more comes: no message is replied to twice (a reader that waits long enough to
     // see everything already there).
