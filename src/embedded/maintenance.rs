@@ -17,6 +17,7 @@ use crate::checkpoint::Packed;
 use crate::error::Error;
 use crate::key::OwnedKey;
 use crate::model::CheckpointStats;
+use crate::record::Record;
 use crate::shard::{eq_key, is_dead, reclaim_at};
 use crate::sync::{Arc, Ordering};
 use crate::wal::changes::changed_keys;
@@ -213,26 +214,22 @@ impl Inner {
             .map(|s| s.0.lock().counters.seq)
             .max()
             .unwrap_or(0);
-        let (written_records, removed) = match changed {
+        let (records, whole) = match changed {
             Ok(mut keys) => {
                 self.fill_current(&mut keys, now);
-                // Everything copied is durable in the log before the checkpoint can claim it.
-                wal.wait(wal.appended())?;
-                checkpoints
-                    .write(upto, token_high, &keys, false)
-                    .map_err(checkpoint_error)?;
-                let removed = keys.removals() as u64;
-                (keys.len() as u64 - removed, removed)
+                (keys, false)
             }
-            Err(_) => {
-                let records = self.live_records(now);
-                wal.wait(wal.appended())?;
-                checkpoints
-                    .write(upto, token_high, &records, true)
-                    .map_err(checkpoint_error)?;
-                (records.len() as u64, 0)
-            }
+            Err(_) => (self.live_records(now), true),
         };
+        // Everything copied is durable in the log before the checkpoint can claim it.
+        wal.wait(wal.appended())?;
+        checkpoints
+            .write(upto, token_high, &records, whole)
+            .map_err(|e| Error::Checkpoint {
+                reason: e.to_string(),
+                source: crate::error::Cause::new(e),
+            })?;
+        let removed = records.removals() as u64;
         // The segments wholly covered by the checkpoint go; the newest one always stays.
         let deleted =
             crate::wal::segments::remove_covered(self.storage.as_ref(), &self.wal_dir, upto)
@@ -249,7 +246,7 @@ impl Inner {
         #[cfg(feature = "metrics")]
         crate::metrics::checkpoint(started.elapsed());
         Ok(CheckpointStats {
-            records: written_records,
+            records: records.len() as u64 - removed,
             removed,
             covers_seq: upto,
             segments_deleted: deleted,
@@ -260,7 +257,6 @@ impl Inner {
     /// it: its record's encoding, or nothing when there is none (gone, expired, or past its
     /// retention): remove it. Each shard is locked once.
     fn fill_current(&self, keys: &mut Packed, now: u64) {
-        let retention = self.lease_retention_ms;
         let mut by_shard: Vec<(usize, u64, usize)> = (0..keys.len())
             .filter_map(|i| {
                 let key = crate::checkpoint::decode_key(keys.key(i))?;
@@ -275,40 +271,31 @@ impl Inner {
                 let Some(key) = crate::checkpoint::decode_key(keys.key(i)) else {
                     continue;
                 };
-                let live = shard
-                    .table
-                    .find(h, eq_key(key))
-                    .filter(|r| !is_dead(r, now) && reclaim_at(r, retention) > now);
-                if let Some(r) = live {
+                let live = shard.table.find(h, eq_key(key));
+                if let Some(r) = live.filter(|r| self.carried(r, now)) {
                     keys.set_value(i, r);
                 }
             }
         }
     }
 
+    /// Whether a checkpoint holds `r` at `now`: expired records and leases past their
+    /// retention are not carried into checkpoints.
+    fn carried(&self, r: &Record, now: u64) -> bool {
+        !is_dead(r, now) && reclaim_at(r, self.lease_retention_ms) > now
+    }
+
     /// Every live record, encoded, sorted by key.
     fn live_records(&self, now: u64) -> Packed {
-        let retention = self.lease_retention_ms;
         let mut records = Packed::default();
         for shard in self.shards.iter() {
             let s = shard.0.lock();
-            for r in s.table.iter() {
-                // Expired records are not carried into checkpoints.
-                if is_dead(r, now) || reclaim_at(r, retention) <= now {
-                    continue;
-                }
+            for r in s.table.iter().filter(|r| self.carried(r, now)) {
                 records.push(r.key(), r);
             }
         }
         records.sort_dedup();
         records
-    }
-}
-
-fn checkpoint_error(e: crate::checkpoint::CheckpointError) -> Error {
-    Error::Checkpoint {
-        reason: e.to_string(),
-        source: crate::error::Cause::new(e),
     }
 }
 

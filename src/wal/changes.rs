@@ -45,7 +45,7 @@ pub(crate) fn changed_keys(dir: &Path, after: u64, upto: u64) -> Result<Packed, 
                 "no segment holds record {next} (the next starts at {first})"
             )));
         }
-        next = read_segment(path, next, upto, &mut keys)?;
+        next = read_segment(path, *first, next, upto, &mut keys)?;
         if next > upto {
             break;
         }
@@ -59,10 +59,12 @@ pub(crate) fn changed_keys(dir: &Path, after: u64, upto: u64) -> Result<Packed, 
     Ok(keys)
 }
 
-/// Reads the batches of one segment, pushing the keys of records numbered `next` and above
-/// (up to `upto`); returns the next sequence number wanted.
+/// Reads the batches of one segment (whose name says its first record is `first`), pushing
+/// the keys of records numbered `next` and above (up to `upto`); returns the next sequence
+/// number wanted.
 fn read_segment(
     path: &Path,
+    first: u64,
     mut next: u64,
     upto: u64,
     keys: &mut Packed,
@@ -75,12 +77,7 @@ fn read_segment(
     let mut header = [0u8; SEGMENT_HEADER_LEN];
     r.read_exact(&mut header)
         .map_err(|e| fail(&e.to_string()))?;
-    let name_seq = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or_else(|| fail("not a segment name"))?;
-    if !segments::header_names(&header, name_seq) {
+    if !segments::header_names(&header, first) {
         return Err(fail("bad segment header"));
     }
     let mut batch = Vec::new();
