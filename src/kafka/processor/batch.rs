@@ -71,42 +71,39 @@ impl<St: IdempotencyStore + Clone> Shared<St> {
             }
         }
         let n = echoes.len();
-        let alone_first = |d: Disposition| match d {
-            Disposition::Done => BatchEnd {
-                done: 1,
-                abandoned: false,
-            },
-            Disposition::Abandoned => BatchEnd {
-                done: 0,
-                abandoned: true,
-            },
+        // Two or more messages the batch path can take: lease them together.
+        let answers = if n < 2 {
+            None
+        } else {
+            let keys: Vec<(Key<'_>, Fingerprint)> = msgs[..n]
+                .iter()
+                .map(|m| {
+                    let payload = m.payload().unwrap_or_default();
+                    (Key::new(&self.scope, m.id()), Fingerprint::of(payload))
+                })
+                .collect();
+            self.store
+                .begin_many(&keys, self.cfg.lease, self.cfg.lease_sync)
+                .await
+                .ok()
         };
-        if n < 2 {
-            // One message (or one the batch path cannot take): the per-message path.
+        let Some(answers) = answers else {
+            // One message, one the batch path cannot take, or a batch refused as a whole: the
+            // per-message path answers (or fails) the first, and the next call goes on.
             let d = self
                 .process(handler, msgs[0].clone(), drain)
                 .instrument(span(&msgs[0]))
                 .await?;
-            return Ok(alone_first(d));
-        }
-        let keys: Vec<(Key<'_>, Fingerprint)> = msgs[..n]
-            .iter()
-            .map(|m| {
-                let payload = m.payload().unwrap_or_default();
-                (Key::new(&self.scope, m.id()), Fingerprint::of(payload))
-            })
-            .collect();
-        let Ok(answers) = self
-            .store
-            .begin_many(&keys, self.cfg.lease, self.cfg.lease_sync)
-            .await
-        else {
-            // Refused as a whole: the per-message path answers (or fails) message by message.
-            let d = self
-                .process(handler, msgs[0].clone(), drain)
-                .instrument(span(&msgs[0]))
-                .await?;
-            return Ok(alone_first(d));
+            return Ok(match d {
+                Disposition::Done => BatchEnd {
+                    done: 1,
+                    abandoned: false,
+                },
+                Disposition::Abandoned => BatchEnd {
+                    done: 0,
+                    abandoned: true,
+                },
+            });
         };
         let taken = Instant::now();
         // Fresh leases from the front run in the batch; the first other answer ends that part.
