@@ -213,17 +213,25 @@ async fn a_master_killed_under_load_fails_over_without_losing_acknowledged_chang
     let mut cluster = cluster;
     let moved = cluster.master_of(&store.redis_key(Key::new("load", "w0-0")));
     assert_ne!(moved, victim, "the killed master's slots moved");
-    // A key in the moved slot (same tag). The client may first need a command to learn the
-    // new master (also Unavailable); then the replica wait itself refuses.
-    let probe = OwnedKey::new("load", "{w0-0}probe");
+    // Keys in the moved slot (same tag). The client may first need a command or two to learn
+    // the new master (also Unavailable); then the replica wait itself refuses. Each attempt
+    // writes a fresh key: an attempt refused after its write reached the master (say, its
+    // WAIT went out on the old topology) leaves the key there unacknowledged, so the same key
+    // again would answer Conflict, which is a read and acknowledges nothing.
     let mut refused = None;
-    for _ in 0..5 {
-        match store.cas(&Write::put_if_absent(probe.clone(), "x")).await {
+    for attempt in 0..10 {
+        let probe = OwnedKey::new("load", format!("{{w0-0}}probe-{attempt}"));
+        let sent = Instant::now();
+        let answer = store.cas(&Write::put_if_absent(probe, "x")).await;
+        eprintln!("probe {attempt}: answered after {:?}", sent.elapsed());
+        match answer {
             Err(Error::Unavailable { reason, .. }) if reason.contains("replicas") => {
                 refused = Some(reason);
                 break;
             }
-            Err(Error::Unavailable { .. }) => {}
+            Err(Error::Unavailable { reason, .. }) => {
+                eprintln!("probe {attempt}: unavailable ({reason}), trying again");
+            }
             other => panic!("a change on a shard without replicas was acknowledged: {other:?}"),
         }
     }

@@ -42,6 +42,7 @@ pub struct RedisStoreBuilder {
     pub(super) prefix: String,
     pub(super) single_slot_batches: bool,
     pub(super) replicas: Option<(u32, Duration)>,
+    pub(super) wait_connections: usize,
     pub(super) client_clock: Option<Duration>,
     pub(super) default_ttl: Duration,
     pub(super) pending_ttl: Duration,
@@ -89,12 +90,35 @@ impl RedisStoreBuilder {
     /// survives). If fewer have it within `timeout`, the operation fails with
     /// [`Error::Unavailable`]; the change was made on the master and may or may not survive,
     /// so the caller treats the outcome as unknown and retries (a retry of a completed request
-    /// replays it). Costs a replication round trip per change, and `WAIT` holds the master's
-    /// connection meanwhile. `timeout` must be shorter than [`timeout`](Self::timeout).
+    /// replays it). The `WAIT` follows every script, in one pipeline with it (same node, same
+    /// connection), so a replay or a conflict is only reported once replicated too. Costs a
+    /// replication round trip per call; a `WAIT` blocks its connection meanwhile, so scripts
+    /// take turns over [`wait_connections`](Self::wait_connections) connections.
+    /// `timeout` must be shorter than [`timeout`](Self::timeout).
     /// `replicas == 0` turns it off (the default).
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replicas = (replicas > 0).then_some((replicas, timeout));
         self
+    }
+
+    /// With [`wait_for_replicas`](Self::wait_for_replicas): how many connections (to each
+    /// node, on a cluster) carry the changes and their `WAIT`s; 8 by default. A `WAIT` holds
+    /// the connection it runs on until the replicas answer (Redis reads nothing more from a
+    /// blocked client), so with one connection every change behind it would wait too; with
+    /// `n`, up to `n` waits run side by side. Reads keep a connection of their own.
+    /// `n == 0` is refused by `connect` ([`Error::InvalidConfig`]).
+    pub fn wait_connections(mut self, n: usize) -> Self {
+        self.wait_connections = n;
+        self
+    }
+
+    /// The connections made besides the one for reads.
+    fn extra_connections(&self) -> usize {
+        if self.replicas.is_some() {
+            self.wait_connections
+        } else {
+            0
+        }
     }
 
     /// Scripts take the time from this process's clock instead of calling the server's
@@ -179,6 +203,11 @@ impl RedisStoreBuilder {
         ] {
             nonzero(d, what)?;
         }
+        if self.replicas.is_some() && self.wait_connections == 0 {
+            return Err(Error::InvalidConfig {
+                reason: "wait_connections must be at least 1".into(),
+            });
+        }
         if let Some((_, wait)) = self.replicas
             && wait >= self.timeout
         {
@@ -194,21 +223,21 @@ impl RedisStoreBuilder {
         };
         conn::install_tls_provider();
         let waiters: Arc<Mutex<notifier::Waiters>> = Arc::default();
-        let (conn, source, publish) = match &self.topology {
+        let (mut conns, source, publish) = match &self.topology {
             Topology::Single(url) => {
                 let client = self.tls.client(url).map_err(bad_url)?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))
                     .set_number_of_retries(2);
-                let conn = ConnectionManager::new_with_config(client.clone(), config)
-                    .await
-                    .map_err(unavailable)?;
-                (
-                    Conn::Single(conn),
-                    notifier::Source::Single(client),
-                    "PUBLISH",
-                )
+                let mut conns = Vec::with_capacity(1 + self.extra_connections());
+                for _ in 0..=self.extra_connections() {
+                    let c = ConnectionManager::new_with_config(client.clone(), config.clone())
+                        .await
+                        .map_err(unavailable)?;
+                    conns.push(Conn::Single(c));
+                }
+                (conns, notifier::Source::Single(client), "PUBLISH")
             }
             Topology::Cluster(nodes) => {
                 if nodes.is_empty() {
@@ -216,15 +245,21 @@ impl RedisStoreBuilder {
                         reason: "a Redis Cluster needs at least one seed node".into(),
                     });
                 }
-                // Commands: retried through `MOVED`, `ASK` and failovers for at most the
-                // configured timeout in all (the default retry budget is much longer).
+                // Commands: the client's own retries are off (it would resend a script whose
+                // answer was lost, and the second run would answer for the first); `call.rs`
+                // follows redirects and resends what provably did not run, within the timeout.
                 let client = self
                     .tls
                     .cluster_builder(nodes, self.timeout)
+                    .retries(0)
                     .overall_response_timeout(Some(self.timeout))
                     .build()
                     .map_err(bad_url)?;
-                let conn = client.get_async_connection().await.map_err(unavailable)?;
+                let mut conns = Vec::with_capacity(1 + self.extra_connections());
+                for _ in 0..=self.extra_connections() {
+                    let c = client.get_async_connection().await.map_err(unavailable)?;
+                    conns.push(Conn::Cluster(c, self.timeout));
+                }
                 // Pub/sub: RESP3 pushes (sharded subscriptions need them) into the waiters.
                 let pubsub = self
                     .tls
@@ -233,13 +268,15 @@ impl RedisStoreBuilder {
                     .push_sender(notifier::cluster_pushes(Arc::downgrade(&waiters)))
                     .build()
                     .map_err(bad_url)?;
-                (
-                    Conn::Cluster(conn),
-                    notifier::Source::Cluster(pubsub),
-                    "SPUBLISH",
-                )
+                (conns, notifier::Source::Cluster(pubsub), "SPUBLISH")
             }
         };
+        // The first connection is the one for reads; the others (with a replica wait) carry
+        // the scripts and their `WAIT`s.
+        let waits = conns.split_off(1);
+        let conn = conns.pop().ok_or_else(|| Error::InvalidConfig {
+            reason: "no connection was made".into(),
+        })?;
         if let Some(skew) = self.client_clock {
             check_skew(&conn, skew).await?;
         }
@@ -255,6 +292,8 @@ impl RedisStoreBuilder {
                     map: Mutex::new(HashMap::new()),
                 }),
                 conn,
+                waits,
+                next_wait: AtomicUsize::new(0),
                 notifier: Notifier {
                     source,
                     sink: tokio::sync::Mutex::new(None),
@@ -273,5 +312,34 @@ impl RedisStoreBuilder {
                 cfg: self,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings that cannot work are refused before anything is sent (port 1: nothing
+    /// listens there, so reaching the server would be an `Unavailable`, not this).
+    #[tokio::test]
+    async fn a_replica_wait_needs_a_connection_and_a_wait_shorter_than_the_timeout() {
+        let refused = |r: Result<RedisStore, Error>| match r {
+            Err(Error::InvalidConfig { reason }) => reason,
+            Err(other) => panic!("expected InvalidConfig, got {other:?}"),
+            Ok(_) => panic!("expected InvalidConfig, got a store"),
+        };
+        let base = || RedisStore::builder("redis://127.0.0.1:1");
+        let none = base()
+            .wait_for_replicas(1, Duration::from_millis(50))
+            .wait_connections(0)
+            .connect()
+            .await;
+        assert!(refused(none).contains("wait_connections"));
+        let long = base()
+            .wait_for_replicas(1, Duration::from_secs(3))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await;
+        assert!(refused(long).contains("shorter"));
     }
 }

@@ -1,6 +1,7 @@
 //! The connection a store talks through: one self-reconnecting connection to a single server,
 //! or the redis crate's cluster client, which routes each command by the slot of its first
-//! key and follows `MOVED`, `ASK` and failovers on its own.
+//! key; `MOVED`, `ASK` and failovers are followed by `call.rs`, which resends a command only
+//! when its answer proves it did not run.
 //!
 //! Invariant: every script's keys share one slot (see `keys.rs`), so routing by the first key
 //! sends the whole script to the node that owns all of them.
@@ -8,7 +9,7 @@
 use redis::aio::ConnectionLike;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture};
 
 use super::*;
@@ -27,17 +28,32 @@ pub(super) enum Topology {
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    /// The cluster client (its own retries off), and how long a command may be resent for
+    /// (the store's timeout).
+    Cluster(ClusterConnection, std::time::Duration),
 }
 
+/// Commands other than scripts go through this: `HGETALL`, `CLUSTER NODES`, a script's
+/// `SCRIPT LOAD`, none of which changes a record, so on a cluster they are sent again after
+/// any failure, within the timeout (`call.rs`).
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, budget) => Box::pin(async move {
+                let mut replies =
+                    call::cluster_send(c, std::slice::from_ref(cmd), *budget, true).await?;
+                replies.pop().ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "no reply to a command",
+                    ))
+                })
+            }),
         }
     }
 
+    /// Our own pipelines go through `Conn::send`; this one (the trait's) is passed on as is.
     fn req_packed_commands<'a>(
         &'a mut self,
         cmd: &'a Pipeline,
@@ -46,40 +62,19 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c, _) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
         }
     }
 }
 
 impl Conn {
-    /// Runs `cmd` (which names no key) on the master that owns `slot`, through the same
-    /// connection the scripts of that slot went through: what `WAIT` needs, since it counts
-    /// the replicas that have this connection's writes.
-    pub(super) async fn on_slot_master(
-        &mut self,
-        slot: u16,
-        cmd: Cmd,
-    ) -> redis::RedisResult<Value> {
-        match self {
-            Conn::Single(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => {
-                let route = Route::new(slot, SlotAddr::Master);
-                c.route_command(
-                    cmd,
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                )
-                .await
-            }
-        }
-    }
-
     /// Runs `cmd` on the node at `host:port` (cluster), or on the one server.
     pub(super) async fn on_node(
         &mut self,
@@ -87,7 +82,7 @@ impl Conn {
         cmd: Cmd,
     ) -> redis::RedisResult<Value> {
         match (self, node) {
-            (Conn::Cluster(c), Some((host, port))) => {
+            (Conn::Cluster(c, _), Some((host, port))) => {
                 let to = SingleNodeRoutingInfo::ByAddress {
                     host: host.to_owned(),
                     port,
@@ -101,7 +96,7 @@ impl Conn {
     /// The masters of a cluster as `(host, port)`, from `CLUSTER NODES` of any node; `[None]`
     /// for a single server. For walks of the whole keyspace (`SCAN` is per node).
     pub(super) async fn masters(&mut self) -> redis::RedisResult<Vec<Option<(String, u16)>>> {
-        let Conn::Cluster(c) = self else {
+        let Conn::Cluster(c, _) = self else {
             return Ok(vec![None]);
         };
         let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(c).await?;

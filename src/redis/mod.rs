@@ -24,8 +24,10 @@
 //! anything is sent: never a partial write.
 //!
 //! **Redis Cluster.** [`RedisStore::cluster`] takes seed nodes and uses the redis crate's
-//! cluster client: each script goes to the master of its key's slot, and `MOVED`, `ASK` and
-//! failovers are followed by the client. Waiters are woken through sharded pub/sub
+//! cluster client: each script goes to the master of its key's slot; `MOVED`, `ASK` and
+//! failovers are followed, and a script is sent again only when Redis proved it did not run
+//! (a lost answer is [`Error::Unavailable`], never a second run that would answer for the
+//! first). Waiters are woken through sharded pub/sub
 //! (`SSUBSCRIBE`, Redis 7). Replication is asynchronous, so a failover can lose the last
 //! writes a master acknowledged; [`RedisStoreBuilder::wait_for_replicas`] makes every
 //! acknowledged change wait until replicas have it (`WAIT`). What each setting survives:
@@ -61,6 +63,7 @@
 
 mod builder;
 mod cache;
+mod call;
 mod conn;
 mod keys;
 mod notifier;
@@ -70,7 +73,7 @@ mod scripts;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -89,6 +92,7 @@ use crate::model::{
 
 pub use builder::RedisStoreBuilder;
 use cache::Cache;
+use call::Call;
 use conn::{Conn, Tls, Topology};
 pub use keys::colocated_id;
 
@@ -127,7 +131,11 @@ struct Inner {
     health: replies::Health,
     counts: Counts,
     cache: Option<Cache>,
+    /// Reads, and with no replica wait, everything.
     conn: Conn,
+    /// With a replica wait: the connections the scripts and their `WAIT`s take turns on.
+    waits: Vec<Conn>,
+    next_wait: AtomicUsize,
     notifier: Notifier,
     scripts: Scripts,
     cfg: RedisStoreBuilder,
@@ -222,6 +230,7 @@ impl RedisStore {
             prefix: "idemkv:".into(),
             single_slot_batches: false,
             replicas: None,
+            wait_connections: 8,
             client_clock: None,
             default_ttl: DAY,
             pending_ttl: DAY,
@@ -238,12 +247,23 @@ impl RedisStore {
         self.inner.conn.clone()
     }
 
+    /// The connection a script goes out on: with a replica wait, the next of `waits` in
+    /// turn (a `WAIT` blocks its connection); otherwise the one connection.
+    fn script_conn(&self) -> Conn {
+        let waits = &self.inner.waits;
+        if waits.is_empty() {
+            return self.conn();
+        }
+        let i = self
+            .inner
+            .next_wait
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        waits[i % waits.len()].clone()
+    }
+
     /// A script invocation with the client clock's arguments appended (its last three
     /// ARGV, read by the script's prelude), when the store uses one.
-    fn stamp<'a, 'b>(
-        &self,
-        inv: &'a mut redis::ScriptInvocation<'b>,
-    ) -> &'a mut redis::ScriptInvocation<'b> {
+    fn stamp<'a, 'b>(&self, inv: &'a mut Call<'b>) -> &'a mut Call<'b> {
         if let Some(skew) = self.cfg().client_clock {
             let (now, us) = client_now();
             inv.arg(now).arg(us).arg(ms(skew));
@@ -251,28 +271,46 @@ impl RedisStore {
         inv
     }
 
-    /// With [`RedisStoreBuilder::wait_for_replicas`]: waits until the replicas of the master
-    /// that owns `rk` have every write this store's connection sent it.
-    async fn replicated(&self, rk: &[u8]) -> Result<(), Error> {
-        let Some((replicas, timeout)) = self.cfg().replicas else {
-            return Ok(());
-        };
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(ms(timeout));
-        let got = self
-            .conn()
-            .on_slot_master(slot(hash_tag(rk)), cmd)
-            .await
-            .observed(&self.inner.health)?;
-        match int_of(&got) {
-            Some(n) if n >= i64::from(replicas) => Ok(()),
-            Some(n) => Err(Error::Unavailable {
-                reason: format!(
-                    "the change reached {n} of {replicas} replicas within {timeout:?}: it may not survive a failover"
-                ),
-                source: None,
-            }),
-            None => Err(protocol("WAIT")),
+    /// Runs `call` on the master of its keys and reads its reply. With
+    /// [`RedisStoreBuilder::wait_for_replicas`], a `WAIT` follows it in the same pipeline (so
+    /// on the same node and connection, after it: see `call.rs`), whatever the script did: a
+    /// caller is told nothing (a replay, a holder's deadline, a conflict's version) that a
+    /// failover could take back. Too few replicas in time is [`Error::Unavailable`].
+    async fn eval<T: redis::FromRedisValue>(&self, call: &Call<'_>) -> Result<T, Error> {
+        let mut cmds = vec![call.evalsha()];
+        let wait = self.cfg().replicas;
+        if let Some((replicas, timeout)) = wait {
+            let mut cmd = redis::cmd("WAIT");
+            cmd.arg(replicas).arg(ms(timeout));
+            cmds.push(cmd);
+        }
+        let health = &self.inner.health;
+        let mut conn = self.script_conn();
+        let mut loaded = false;
+        loop {
+            let mut replies = conn.send(&cmds).await.observed(health)?;
+            if replies.len() != cmds.len() {
+                return Err(protocol("a pipeline's reply count"));
+            }
+            let waited = wait.and_then(|_| replies.pop());
+            let reply = replies.pop().ok_or_else(|| protocol("EVALSHA"))?;
+            match reply {
+                // The node does not have the script yet (a restart, a new node): load it, once.
+                Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript) => {
+                    if loaded {
+                        return Err(redis::RedisError::from(e)).observed(health);
+                    }
+                    call.script.load_async(&mut conn).await.observed(health)?;
+                    loaded = true;
+                }
+                Value::ServerError(e) => return Err(redis::RedisError::from(e)).observed(health),
+                reply => {
+                    if let (Some((replicas, timeout)), Some(waited)) = (wait, waited) {
+                        enough_replicas(&waited, replicas, timeout)?;
+                    }
+                    return redis::from_redis_value(reply).map_err(|e| protocol(&e.to_string()));
+                }
+            }
         }
     }
 
@@ -406,19 +444,16 @@ impl RedisStore {
             });
         }
         let reply: Vec<Value> = self
-            .stamp(
-                self.inner
-                    .scripts
-                    .begin
-                    .prepare_invoke()
-                    .key(&rk)
-                    .arg(fingerprint.as_bytes().as_slice())
-                    .arg(lease_ms)
-                    .arg(ms(self.cfg().lease_retention)),
+            .eval(
+                self.stamp(
+                    Call::new(&self.inner.scripts.begin)
+                        .key(&rk)
+                        .arg(fingerprint.as_bytes().as_slice())
+                        .arg(lease_ms)
+                        .arg(ms(self.cfg().lease_retention)),
+                ),
             )
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
+            .await?;
         match code(&reply)? {
             1 => {
                 let lease = Lease::new(
@@ -428,7 +463,6 @@ impl RedisStore {
                     fingerprint,
                     uint(&reply, 3)? == 1,
                 );
-                self.replicated(&rk).await?;
                 Ok(Begin::Acquired(lease))
             }
             0 => Ok(Begin::InProgress {

@@ -112,20 +112,14 @@ impl IdempotencyStore for RedisStore {
             c.map.lock().remove(&rk);
         }
         let n: i64 = self
-            .stamp(
-                self.inner
-                    .scripts
-                    .remove
-                    .prepare_invoke()
-                    .key(&rk)
-                    .key(Self::channel(&rk)),
+            .eval(
+                self.stamp(
+                    Call::new(&self.inner.scripts.remove)
+                        .key(&rk)
+                        .key(Self::channel(&rk)),
+                ),
             )
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
-        if n > 0 {
-            self.replicated(&rk).await?;
-        }
+            .await?;
         Ok(n > 0)
     }
 
@@ -141,24 +135,20 @@ impl IdempotencyStore for RedisStore {
         let (op, version, value) = cas_args(&write.op);
         let rk = self.redis_key(key);
         let reply: Vec<Value> = self
-            .stamp(
-                self.inner
-                    .scripts
-                    .cas
-                    .prepare_invoke()
-                    .key(&rk)
-                    .arg(op)
-                    .arg(version)
-                    .arg(value)
-                    .arg(write.ttl.map_or(0, ms)),
+            .eval(
+                self.stamp(
+                    Call::new(&self.inner.scripts.cas)
+                        .key(&rk)
+                        .arg(op)
+                        .arg(version)
+                        .arg(value)
+                        .arg(write.ttl.map_or(0, ms)),
+                ),
             )
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
+            .await?;
         match code(&reply)? {
             1 => {
                 let version = opt_uint(&reply, 1)?;
-                self.replicated(&rk).await?;
                 Ok(CasOutcome::Applied { version })
             }
             0 => Ok(CasOutcome::Conflict {
@@ -182,23 +172,17 @@ impl IdempotencyStore for RedisStore {
         };
         let rk = self.redis_key(key);
         let reply: Vec<Value> = self
-            .stamp(
-                self.inner
-                    .scripts
-                    .put_pending
-                    .prepare_invoke()
-                    .key(&rk)
-                    .arg(payload)
-                    .arg(ttl_ms),
+            .eval(
+                self.stamp(
+                    Call::new(&self.inner.scripts.put_pending)
+                        .key(&rk)
+                        .arg(payload)
+                        .arg(ttl_ms),
+                ),
             )
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
+            .await?;
         match code(&reply)? {
-            1 => {
-                self.replicated(&rk).await?;
-                Ok(PutPending::Stored)
-            }
+            1 => Ok(PutPending::Stored),
             2 => Ok(PutPending::InProgress {
                 deadline: Timestamp::from_millis(uint(&reply, 1)?),
             }),
@@ -212,19 +196,16 @@ impl IdempotencyStore for RedisStore {
         let lease_ms = nonzero(lease, "the lease duration")?;
         let rk = self.redis_key(key);
         let reply: Vec<Value> = self
-            .stamp(
-                self.inner
-                    .scripts
-                    .take_pending
-                    .prepare_invoke()
-                    .key(&rk)
-                    .arg(lease_ms)
-                    .arg(ms(self.cfg().lease_retention))
-                    .arg(Fingerprint::NONE.as_bytes().as_slice()),
+            .eval(
+                self.stamp(
+                    Call::new(&self.inner.scripts.take_pending)
+                        .key(&rk)
+                        .arg(lease_ms)
+                        .arg(ms(self.cfg().lease_retention))
+                        .arg(Fingerprint::NONE.as_bytes().as_slice()),
+                ),
             )
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
+            .await?;
         match code(&reply)? {
             0 => Ok(Take::NotFound),
             1 => {
@@ -238,7 +219,6 @@ impl IdempotencyStore for RedisStore {
                     ),
                     payload: bytes(&reply, 4)?,
                 };
-                self.replicated(&rk).await?;
                 Ok(taken)
             }
             2 => Ok(Take::InProgress {
@@ -332,7 +312,7 @@ impl RedisStore {
         };
         self.check_batch(lease, writes)?;
         let rk = self.redis_key(lease.key());
-        let mut inv = self.inner.scripts.complete.prepare_invoke();
+        let mut inv = Call::new(&self.inner.scripts.complete);
         inv.key(&rk).key(Self::channel(&rk));
         for w in writes {
             inv.key(self.redis_key(w.key.as_key()));
@@ -342,15 +322,10 @@ impl RedisStore {
             let (op, version, value) = cas_args(&w.op);
             inv.arg(op).arg(version).arg(value).arg(w.ttl.map_or(0, ms));
         }
-        let reply: Vec<Value> = self
-            .stamp(&mut inv)
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
+        let reply: Vec<Value> = self.eval(self.stamp(&mut inv)).await?;
         match code(&reply)? {
             1 => {
                 let at = Timestamp::from_millis(uint(&reply, 1)?);
-                self.replicated(&rk).await?;
                 Ok(at)
             }
             -2 => Err(Error::StaleLease {
@@ -370,21 +345,18 @@ impl RedisStore {
     async fn release_once(&self, lease: Lease) -> Result<(), Error> {
         let rk = self.redis_key(lease.key());
         let reply: i64 = self
-            .stamp(
-                self.inner
-                    .scripts
-                    .release
-                    .prepare_invoke()
-                    .key(&rk)
-                    .key(Self::channel(&rk))
-                    .arg(lease.token())
-                    .arg(ms(self.cfg().pending_ttl)),
+            .eval(
+                self.stamp(
+                    Call::new(&self.inner.scripts.release)
+                        .key(&rk)
+                        .key(Self::channel(&rk))
+                        .arg(lease.token())
+                        .arg(ms(self.cfg().pending_ttl)),
+                ),
             )
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
+            .await?;
         match reply {
-            1 => self.replicated(&rk).await,
+            1 => Ok(()),
             _ => Err(Error::StaleLease {
                 token: lease.token(),
             }),
@@ -395,26 +367,22 @@ impl RedisStore {
         let extend_ms = nonzero(extend, "the lease extension")?;
         let rk = self.redis_key(lease.key());
         let reply: i64 = self
-            .stamp(
-                self.inner
-                    .scripts
-                    .renew
-                    .prepare_invoke()
-                    .key(&rk)
-                    .arg(lease.token())
-                    .arg(extend_ms)
-                    .arg(ms(self.cfg().lease_retention)),
+            .eval(
+                self.stamp(
+                    Call::new(&self.inner.scripts.renew)
+                        .key(&rk)
+                        .arg(lease.token())
+                        .arg(extend_ms)
+                        .arg(ms(self.cfg().lease_retention)),
+                ),
             )
-            .invoke_async(&mut self.conn())
-            .await
-            .observed(&self.inner.health)?;
+            .await?;
         if reply < 0 {
             return Err(Error::StaleLease {
                 token: lease.token(),
             });
         }
         let deadline = Timestamp::from_millis(reply as u64);
-        self.replicated(&rk).await?;
         lease.set_deadline(deadline);
         Ok(deadline)
     }

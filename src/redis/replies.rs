@@ -71,6 +71,26 @@ pub(super) fn cas_args(op: &CasOp) -> (&'static str, u64, &[u8]) {
     }
 }
 
+/// `WAIT`'s answer: at least `replicas` have the change, or [`Error::Unavailable`] (the change
+/// was made on the master and may or may not survive a failover).
+pub(super) fn enough_replicas(
+    waited: &Value,
+    replicas: u32,
+    timeout: Duration,
+) -> Result<(), Error> {
+    match (int_of(waited), waited) {
+        (Some(n), _) if n >= i64::from(replicas) => Ok(()),
+        (Some(n), _) => Err(Error::Unavailable {
+            reason: format!(
+                "the change reached {n} of {replicas} replicas within {timeout:?}: it may not survive a failover"
+            ),
+            source: None,
+        }),
+        (None, Value::ServerError(e)) => Err(unavailable(redis::RedisError::from(e.clone()))),
+        (None, _) => Err(protocol("WAIT")),
+    }
+}
+
 pub(super) fn int_of(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
