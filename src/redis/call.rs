@@ -112,6 +112,18 @@ fn split_node(node: &str) -> Option<(String, u16)> {
     Some((host.to_owned(), port.parse().ok()?))
 }
 
+/// `cmds` as one pipeline, `ASKING` first if `asking`.
+fn pipeline(cmds: &[Cmd], asking: bool) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    if asking {
+        pipe.cmd("ASKING");
+    }
+    for cmd in cmds {
+        pipe.add_command(cmd.clone());
+    }
+    pipe
+}
+
 /// Sends `cmds` once, as one pipeline when there are several: to the node `to` (`ASKING`
 /// first if `ask`), or where the cluster client routes them (by their first key). One reply
 /// per command of `cmds`.
@@ -125,13 +137,7 @@ async fn send_once(
     if to.is_none() && cmds.len() == 1 {
         return Ok(vec![c.req_packed_command(&cmds[0]).await?]);
     }
-    let mut pipe = redis::pipe();
-    if ask {
-        pipe.cmd("ASKING");
-    }
-    for cmd in cmds {
-        pipe.add_command(cmd.clone());
-    }
+    let pipe = pipeline(cmds, ask);
     match to {
         Some((host, port)) => {
             let node = SingleNodeRoutingInfo::ByAddress {
@@ -196,10 +202,7 @@ impl Conn {
         match self {
             Conn::Single(c) if cmds.len() == 1 => Ok(vec![c.req_packed_command(&cmds[0]).await?]),
             Conn::Single(c) => {
-                let mut pipe = redis::pipe();
-                for cmd in cmds {
-                    pipe.add_command(cmd.clone());
-                }
+                let pipe = pipeline(cmds, false);
                 c.req_packed_commands(&pipe, 0, cmds.len()).await
             }
             Conn::Cluster(c, budget) => cluster_send(c, cmds, *budget, false).await,
