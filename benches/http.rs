@@ -8,7 +8,8 @@
 //! generator's key formatting included, to the server without the layer).
 //!
 //! Then the same routers called in process, without sockets or a load generator: the layer's
-//! own cost per request (µs of one core), against the bare router.
+//! own cost per request (µs of one core) and its heap allocations per request, against the
+//! bare router.
 //!
 //! `cargo bench --bench http` (`IDEMKV_BENCH_QUICK=1`: shorter rows; `IDEMKV_BENCH_ONLY` with a
 //! row's name runs that row alone for 10 s, with "in process" only the in-process rows).
@@ -31,6 +32,37 @@ mod cpu;
 mod timed;
 
 const CONNECTIONS: usize = 16;
+
+/// Counts heap allocations made on the thread that turned counting on (the in-process rows run
+/// on the bench's own thread, so the idle servers' workers are not counted).
+struct Counting;
+thread_local! {
+    static COUNT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+fn counted() {
+    // `try_with`: an allocation during thread teardown must not panic.
+    let _ = COUNT.try_with(|c| c.set(c.get().map(|n| n + 1)));
+}
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter is bookkeeping
+// in a const-initialised thread local, which never allocates.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        counted();
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        counted();
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.realloc(p, l, new) }
+    }
+}
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 /// The Idempotency-Key of request `i` on connection `conn` (`None`: no header).
 type KeyFn = Arc<dyn Fn(usize, u64) -> Option<String> + Send + Sync>;
@@ -206,9 +238,12 @@ fn load_for(addr: SocketAddr, dur: Duration, key: KeyFn) -> (f64, f64, f64) {
     })
 }
 
-/// `n` requests through `router`, awaited one at a time on this task: µs per request.
-async fn in_process(router: Router, key: &KeyFn, n: u64) -> f64 {
+/// `n` requests through `router`, awaited one at a time on this task: µs per request, and the
+/// heap allocations (and reallocations) per request made while the router ran (building the
+/// request and reading the response out are not counted).
+async fn in_process(router: Router, key: &KeyFn, n: u64) -> (f64, f64) {
     use tower::ServiceExt as _;
+    let mut allocations = 0;
     let start = Instant::now();
     for i in 0..n {
         let mut req =
@@ -217,14 +252,19 @@ async fn in_process(router: Router, key: &KeyFn, n: u64) -> f64 {
             req = req.header("idempotency-key", k);
         }
         let req = req.body(axum::body::Body::from(BODY)).expect("request");
+        COUNT.with(|c| c.set(Some(0)));
         let res = router.clone().oneshot(req).await.expect("infallible");
+        allocations += COUNT.with(|c| c.take()).unwrap_or(0);
         assert_eq!(res.status(), StatusCode::CREATED);
         let body = axum::body::to_bytes(res.into_body(), usize::MAX)
             .await
             .expect("body");
         std::hint::black_box(body);
     }
-    start.elapsed().as_secs_f64() * 1e6 / n as f64
+    (
+        start.elapsed().as_secs_f64() * 1e6 / n as f64,
+        allocations as f64 / n as f64,
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -426,21 +466,29 @@ fn main() {
     ];
     println!("\nin process, {n} requests one at a time (µs per request, one core)");
     let mut per: Vec<Vec<f64>> = vec![Vec::new(); in_rows.len()];
+    let mut allocs = vec![0.0; in_rows.len()];
     for round in 0..rounds {
         for j in 0..in_rows.len() {
             let k = (round + j) % in_rows.len();
             let (_, router, key) = &in_rows[k];
-            per[k].push(rt.block_on(in_process(router.clone(), key, n)));
+            let (us, a) = rt.block_on(in_process(router.clone(), key, n));
+            per[k].push(us);
+            allocs[k] = a;
         }
     }
     let bare_us = median(per[0].clone());
     for (k, (name, _, _)) in in_rows.iter().enumerate() {
         let us = median(per[k].clone());
         println!(
-            "{name:<22} {us:>8.2} us  (+{:.2} us over the bare router)",
-            us - bare_us
+            "{name:<22} {us:>8.2} us  (+{:.2} us over the bare router), {:.1} allocations",
+            us - bare_us,
+            allocs[k]
         );
         csv.push_str(&format!("# in process {name} us per request,{us:.3}\n"));
+        csv.push_str(&format!(
+            "# in process {name} allocations per request,{:.1}\n",
+            allocs[k]
+        ));
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-http.csv");
     match std::fs::write(&path, csv) {

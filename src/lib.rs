@@ -240,7 +240,7 @@ pub mod fuzzing {
                     .collect();
                 assert_eq!(back.headers.iter().collect::<Vec<_>>(), kept);
             }
-            let _ = codec::replay::<bytes::Bytes>(stored, true);
+            let _ = codec::replay::<bytes::Bytes>(stored.to_vec(), true);
         }
     }
 

@@ -35,7 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::Limited;
 use tower_service::Service;
 
 use super::BoxError;
@@ -288,16 +288,17 @@ where
             let key = Key::new(&*me.scope, id.as_bytes());
             let res = match *req.method() {
                 Method::PUT => {
-                    let body = match Limited::new(req.into_body(), me.max_body).collect().await {
-                        Ok(c) => c.to_bytes(),
-                        Err(_) => {
-                            return Ok(problem(
-                                StatusCode::PAYLOAD_TOO_LARGE,
-                                "body-too-large",
-                                "the request body is too large or unreadable",
-                            ));
-                        }
-                    };
+                    let body =
+                        match super::body_bytes(Limited::new(req.into_body(), me.max_body)).await {
+                            Ok(b) => b,
+                            Err(_) => {
+                                return Ok(problem(
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    "body-too-large",
+                                    "the request body is too large or unreadable",
+                                ));
+                            }
+                        };
                     match me.store.put_pending(key, &body, None).await {
                         Ok(PutPending::Stored) => {
                             let mut r = Response::new(ResB::from(Bytes::from(format!(
@@ -334,7 +335,7 @@ where
                 Method::GET => match me.store.get(key).await {
                     Ok(Some(crate::Snapshot::Completed(c))) => {
                         let _ = me.flush(&id).await;
-                        stored::replay(&c.response, false)
+                        stored::replay(c.response, false)
                     }
                     Ok(Some(
                         crate::Snapshot::Pending { .. } | crate::Snapshot::InFlight { .. },
@@ -434,7 +435,7 @@ impl<St: IdempotencyStore + Clone, H: ExactlyOnceHandler> ExactlyOnce<St, H> {
             Ok(Take::Acquired { lease, payload }) => (lease, payload),
             Ok(Take::Completed(c)) => {
                 let _ = self.flush(id).await;
-                return stored::replay(&c.response, true);
+                return stored::replay(c.response, true);
             }
             Ok(Take::InProgress { deadline }) => {
                 return retry_after(

@@ -48,7 +48,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::Limited;
 use sha2::Digest;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -145,6 +145,9 @@ struct Config {
     uuid_only: bool,
     lease: Duration,
     ttl: Duration,
+    /// `ttl` in whole seconds, as the `Idempotency-TTL` value: built once, so that each
+    /// response clones a shared value instead of formatting a new one.
+    ttl_header: HeaderValue,
     wait: Option<Duration>,
     lease_sync: LeaseSync,
     max_body: usize,
@@ -200,6 +203,7 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
                 uuid_only: false,
                 lease: Duration::from_secs(30),
                 ttl: crate::limits::DAY,
+                ttl_header: HeaderValue::from(crate::limits::DAY.as_secs()),
                 wait: None,
                 lease_sync: LeaseSync::Deferred,
                 max_body: 1 << 20,
@@ -253,7 +257,10 @@ impl<St: IdempotencyStore + Clone> IdempotencyLayer<St> {
     /// How long completed keys and their responses are kept (default 24 h), advertised on
     /// every keyed response as `Idempotency-TTL` (whole seconds). Zero is refused by the store.
     pub fn ttl(self, d: Duration) -> Self {
-        self.with(|c| c.ttl = d)
+        self.with(|c| {
+            c.ttl = d;
+            c.ttl_header = HeaderValue::from(d.as_secs());
+        })
     }
     /// Wait this long for a running original before answering 409 (default: don't; a request
     /// can still ask with `Prefer: wait=N`).
@@ -445,8 +452,8 @@ where
                 here.record("key", hex(&sha2::Sha256::digest(key.as_bytes())[..8]));
             }
             let (mut parts, body) = req.into_parts();
-            let body = match Limited::new(body, cfg.max_body).collect().await {
-                Ok(c) => c.to_bytes(),
+            let body = match super::body_bytes(Limited::new(body, cfg.max_body)).await {
+                Ok(b) => b,
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     let why = format!("request bodies are limited to {} bytes", cfg.max_body);
                     return Ok(problem(
@@ -507,7 +514,7 @@ where
                 }
                 Ok(Begin::Completed(done)) => {
                     outcome = "replayed";
-                    return Ok(advertise(stored::replay(&done.response, true), &cfg));
+                    return Ok(advertise(stored::replay(done.response, true), &cfg));
                 }
                 Ok(Begin::Acquired(lease)) => {
                     outcome = if lease.is_takeover() { "takeover" } else { "fresh" };
@@ -518,7 +525,7 @@ where
             // First request: run the handler under the lease (renewed while it runs, released
             // if it fails, panics or the request is cancelled: dropping this future drops `held`).
             parts.extensions.insert(IdempotencyInfo {
-                key: key.clone(),
+                key,
                 takeover: lease.is_takeover(),
             });
             let held = Held::new(store.clone(), lease);
@@ -540,8 +547,8 @@ where
                 .remove::<CompleteWith>()
                 .unwrap_or_default()
                 .0;
-            let rbytes = match rbody.collect().await {
-                Ok(c) => c.to_bytes(),
+            let rbytes = match super::body_bytes(rbody).await {
+                Ok(b) => b,
                 Err(e) => {
                     let why = format!("the handler's response body failed: {}", e.into());
                     return Ok(problem(
@@ -605,8 +612,7 @@ where
 
 /// Adds `Idempotency-TTL`: how long a completed key is kept, in whole seconds.
 fn advertise<B>(mut res: Response<B>, cfg: &Config) -> Response<B> {
-    res.headers_mut()
-        .insert(TTL_HEADER, HeaderValue::from(cfg.ttl.as_secs()));
+    res.headers_mut().insert(TTL_HEADER, cfg.ttl_header.clone());
     res
 }
 

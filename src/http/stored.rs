@@ -108,27 +108,41 @@ pub(crate) fn encode(
 
 /// Decodes a stored response; `None` if the bytes are not one (never panics).
 pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
+    decode_shared(&Bytes::copy_from_slice(bytes))
+}
+
+/// Headers a replayed response gains after decoding: `Idempotent-Replayed`, `Idempotency-TTL`
+/// and the server's `Content-Length`. The map is sized for them up front, so that none of them
+/// makes it grow (each growth is an allocation and a rehash).
+const ADDED_LATER: usize = 3;
+
+/// [`decode`] of a record already in a shared buffer: header values and the body are views into
+/// it, not copies.
+fn decode_shared(bytes: &Bytes) -> Option<Stored> {
     let r = reply::decode(bytes).ok()?;
     let status = StatusCode::from_u16(r.status).ok()?;
-    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    let mut headers = HeaderMap::with_capacity(r.headers.len() + ADDED_LATER);
     for (n, v) in r.headers {
         headers.append(
             HeaderName::from_bytes(n).ok()?,
-            HeaderValue::from_bytes(v).ok()?,
+            HeaderValue::from_maybe_shared(bytes.slice_ref(v)).ok()?,
         );
     }
     Some(Stored {
         status,
         headers,
-        body: r.body.map(Bytes::copy_from_slice),
+        body: r.body.map(|b| bytes.slice_ref(b)),
     })
 }
+
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+const ORIGINAL_STATUS: HeaderName = HeaderName::from_static("idempotency-original-status");
 
 /// The stored response as an HTTP response, with `Idempotent-Replayed: true` if `replayed`.
 /// One whose body was too large to keep answers 410 (`response-too-large`) with
 /// `Idempotency-Original-Status`; undecodable bytes answer 500.
-pub(crate) fn replay<B: From<Bytes>>(record: &[u8], replayed: bool) -> Response<B> {
-    let Some(s) = decode(record) else {
+pub(crate) fn replay<B: From<Bytes>>(record: Vec<u8>, replayed: bool) -> Response<B> {
+    let Some(s) = decode_shared(&Bytes::from(record)) else {
         let why = "the stored response cannot be read";
         return problem(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -146,16 +160,14 @@ pub(crate) fn replay<B: From<Bytes>>(record: &[u8], replayed: bool) -> Response<
         None => {
             let why = "the request was processed, but its response was too large to keep";
             let mut r = problem(StatusCode::GONE, "response-too-large", why);
-            r.headers_mut().insert(
-                "idempotency-original-status",
-                HeaderValue::from(s.status.as_u16()),
-            );
+            r.headers_mut()
+                .insert(ORIGINAL_STATUS, HeaderValue::from(s.status.as_u16()));
             r
         }
     };
     if replayed {
         res.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            .insert(REPLAYED, HeaderValue::from_static("true"));
     }
     res
 }
