@@ -1,7 +1,9 @@
 //! Redis going away and coming back, under the HTTP layer: typed errors, 503 problem+json with
-//! no handler run, and a reconnect on its own. The test runs a `redis-server` of its own on a
-//! free loopback port (so it can stop it): it needs `redis-server` on `PATH`, is skipped
-//! loudly without it, and must run under `CI=true`.
+//! no handler run, and a reconnect on its own. Then an answer lost on the way back, through a
+//! loopback proxy that drops it: a script that ran but whose answer never arrived is an
+//! `Unavailable` (the outcome is unknown), never an answer from a second run of it. The tests
+//! run a `redis-server` of their own on a free loopback port (so they can stop it): they need
+//! `redis-server` on `PATH`, are skipped loudly without it, and must run under `CI=true`.
 #![cfg(all(feature = "http", feature = "redis", not(loom)))]
 #![allow(clippy::unwrap_used)]
 
@@ -62,8 +64,9 @@ fn post(key: &str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
+/// Whether `redis-server` is on `PATH`; without it the test is skipped, loudly, and under
+/// `CI=true` it fails instead.
+fn redis_installed(test: &str) -> bool {
     let installed = Command::new("redis-server")
         .arg("--version")
         .stdout(std::process::Stdio::null())
@@ -74,7 +77,14 @@ async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
             !std::env::var("CI").is_ok_and(|v| v == "true"),
             "CI=true: this test needs redis-server on PATH"
         );
-        eprintln!("SKIPPED: no redis-server on PATH; the outage test did not run");
+        eprintln!("SKIPPED: no redis-server on PATH; {test} did not run");
+    }
+    installed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
+    if !redis_installed("the outage test") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -139,6 +149,190 @@ async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+    // It must still be running until this kill: one that died on its own fails here.
+    sigkill(&mut server, &output, "redis-server");
+}
+
+/// A loopback TCP proxy in front of a Redis server that forwards everything, except that once
+/// armed, the next connection to send an `EVALSHA` (a script: every change the store makes) has
+/// its next answer swallowed and is closed: the script ran, its answer is lost. Other
+/// connections (the notifier's, say) are never touched.
+struct LosingProxy {
+    port: u16,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    /// Answers swallowed so far.
+    lost: Arc<AtomicU64>,
+}
+
+impl LosingProxy {
+    async fn start(upstream: u16) -> LosingProxy {
+        use std::sync::atomic::AtomicBool;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicU64::new(0));
+        let (armed2, lost2) = (armed.clone(), lost.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                // This connection's next answer is to be lost.
+                let doomed = Arc::new(AtomicBool::new(false));
+                let (armed, marked) = (armed2.clone(), doomed.clone());
+                // Client to server: as it comes; a script sent while armed dooms its answer.
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let script = buf[..n].windows(7).any(|w| w == b"EVALSHA");
+                        if script && armed.swap(false, Ordering::SeqCst) {
+                            marked.store(true, Ordering::SeqCst);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                // Server to client: as it comes, unless this connection is doomed.
+                let lost = lost2.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if doomed.load(Ordering::SeqCst) {
+                            lost.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Dropping the halves closes the client's connection.
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        LosingProxy { port, armed, lost }
+    }
+
+    /// Swallows the answer to the next script sent.
+    fn lose_next_answer(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_unavailable_and_never_an_answer_from_a_second_run() {
+    if !redis_installed("the lost-answer test") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut server, output) = start_redis(port, dir.path());
+    let proxy = LosingProxy::start(port).await;
+    let connect = |port: u16| {
+        RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+            .timeout(Duration::from_millis(500))
+            .connect()
+    };
+    let store = connect(proxy.port).await.unwrap();
+    // Straight to the server, to see what really happened.
+    let direct = connect(port).await.unwrap();
+    let fp = Fingerprint::of(b"POST /orders {}");
+    let lease = Duration::from_secs(30);
+    // Retries of the same call, as a caller makes them, until the proxied store is back.
+    async fn again<T>(mut call: impl AsyncFnMut() -> Result<T, Error>) -> T {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            match call().await {
+                Ok(v) => return v,
+                Err(Error::Unavailable { .. }) if Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+
+    // Each script runs once first, so that the answer lost below is the script's own, not the
+    // `NOSCRIPT` that makes the store load it (the checks on `direct` would catch that).
+    let warm = Key::new("orders", "warm-up");
+    let idemkv::Begin::Acquired(l) = store.begin(warm, fp, lease).await.unwrap() else {
+        panic!("a fresh key is acquired");
+    };
+    store.complete(&l, b"ok", None, &[]).await.unwrap();
+    let warm_put =
+        idemkv::Write::put_if_absent(Key::new("orders", "warm-put").to_owned(), b"v".to_vec());
+    let _ = store.cas(&warm_put).await.unwrap();
+
+    // A begin whose answer is lost: the lease was taken, the caller cannot know.
+    let key = Key::new("orders", "lost-begin");
+    proxy.lose_next_answer();
+    let err = store.begin(key, fp, lease).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert_eq!(proxy.lost.load(Ordering::SeqCst), 1, "no answer was lost");
+    assert!(
+        matches!(
+            direct.get(key).await.unwrap(),
+            Some(idemkv::Snapshot::InFlight { .. })
+        ),
+        "the lost begin did not run: the test lost some other answer"
+    );
+    // The retry sees the first attempt's lease: a second run would have acquired nothing new
+    // either, but it must not look like the caller's own fresh lease.
+    let retried = again(async || store.begin(key, fp, lease).await).await;
+    assert!(
+        matches!(retried, idemkv::Begin::InProgress { .. }),
+        "{retried:?}"
+    );
+
+    // A completion whose answer is lost: it happened, and the retry of the request replays it.
+    let key = Key::new("orders", "lost-complete");
+    let idemkv::Begin::Acquired(held) = again(async || store.begin(key, fp, lease).await).await
+    else {
+        panic!("a fresh key is acquired");
+    };
+    proxy.lose_next_answer();
+    let err = store
+        .complete(&held, b"201 order o-1", Some(Duration::from_secs(60)), &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert_eq!(proxy.lost.load(Ordering::SeqCst), 2, "no answer was lost");
+    assert!(
+        matches!(
+            direct.get(key).await.unwrap(),
+            Some(idemkv::Snapshot::Completed(_))
+        ),
+        "the lost completion did not run: the test lost some other answer"
+    );
+    match again(async || store.begin(key, fp, lease).await).await {
+        idemkv::Begin::Completed(done) => assert_eq!(done.response, b"201 order o-1"),
+        other => panic!("the retry must replay the recorded response: {other:?}"),
+    }
+
+    // A value write whose answer is lost: written once, and the caller is told nothing.
+    let key = Key::new("orders", "lost-put");
+    let put = idemkv::Write::put_if_absent(key.to_owned(), b"v1".to_vec());
+    proxy.lose_next_answer();
+    let err = store.cas(&put).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert_eq!(proxy.lost.load(Ordering::SeqCst), 3, "no answer was lost");
+    assert!(
+        direct.get(key).await.unwrap().is_some(),
+        "the lost write did not run: the test lost some other answer"
+    );
     // It must still be running until this kill: one that died on its own fails here.
     sigkill(&mut server, &output, "redis-server");
 }
