@@ -88,12 +88,16 @@ impl Outgoing {
 
     /// Token-based deduplication (for idemkv-to-idemkv links over a shared store): a token is
     /// created under `scope`, with the message's stable id, in the same batch as the result
-    /// that sends it; a receiver built with
-    /// [`require_tokens(scope)`](crate::kafka::ProcessorBuilder::require_tokens) processes the
-    /// message only while the token exists and deletes it with its own result. Neither side
-    /// then keeps a record per message past its processing: storage is bounded by the messages
-    /// in flight, not by rate × TTL. Sender and receiver must share the store (one process's
-    /// embedded store, or Redis).
+    /// that sends it; a receiver built with `require_tokens(scope)` (the Kafka processor's
+    /// builder, feature `kafka`) processes the message only while the token exists and deletes
+    /// it with its own result. Neither side then keeps a record per message past its
+    /// processing: storage is bounded by the messages in flight, not by rate × TTL. Sender and
+    /// receiver must share the store (one process's embedded store, or Redis).
+    #[cfg_attr(
+        feature = "kafka",
+        doc = "",
+        doc = "The receiving side: [`ProcessorBuilder::require_tokens`](crate::kafka::ProcessorBuilder::require_tokens)."
+    )]
     pub fn with_token(mut self, scope: impl Into<String>) -> Self {
         self.token = Some(scope.into());
         self
