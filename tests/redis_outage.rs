@@ -82,6 +82,15 @@ fn redis_installed(test: &str) -> bool {
     installed
 }
 
+/// A store on the server (or proxy) at `port`, with a short command timeout.
+async fn store_at(port: u16) -> RedisStore {
+    RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
     if !redis_installed("the outage test") {
@@ -90,11 +99,7 @@ async fn an_outage_is_a_typed_error_and_a_503_and_the_store_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (mut server, output) = start_redis(port, dir.path());
-    let store = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
-        .timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
+    let store = store_at(port).await;
     let runs = Arc::new(AtomicU64::new(0));
     let counted = runs.clone();
     let svc = ServiceBuilder::new()
@@ -241,14 +246,9 @@ async fn a_lost_answer_is_unavailable_and_never_an_answer_from_a_second_run() {
     let port = free_port();
     let (mut server, output) = start_redis(port, dir.path());
     let proxy = LosingProxy::start(port).await;
-    let connect = |port: u16| {
-        RedisStore::builder(format!("redis://127.0.0.1:{port}"))
-            .timeout(Duration::from_millis(500))
-            .connect()
-    };
-    let store = connect(proxy.port).await.unwrap();
+    let store = store_at(proxy.port).await;
     // Straight to the server, to see what really happened.
-    let direct = connect(port).await.unwrap();
+    let direct = store_at(port).await;
     let fp = Fingerprint::of(b"POST /orders {}");
     let lease = Duration::from_secs(30);
     // Retries of the same call, as a caller makes them, until the proxied store is back.
