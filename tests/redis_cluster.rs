@@ -304,3 +304,178 @@ async fn a_master_killed_under_load_fails_over_without_losing_acknowledged_chang
     }
     drop(cluster);
 }
+
+/// A plain connection to one node (no cluster routing), for looking at a node's own keys.
+async fn node(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Whether the node on `port` holds `key` itself. `ASKING` first: a node importing the slot
+/// then answers for the keys it already has. A node migrating the slot answers `ASK` for a key
+/// it no longer has, or never had.
+async fn holds(port: u16, key: &[u8]) -> bool {
+    let answer: redis::RedisResult<((), i64)> = redis::pipe()
+        .cmd("ASKING")
+        .cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut node(port).await)
+        .await;
+    match answer {
+        Ok((_, n)) => n == 1,
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) => false,
+        Err(e) => panic!("EXISTS on :{port}: {e}"),
+    }
+}
+
+/// `CLUSTER SETSLOT slot how id` on the node on `port`.
+fn set_slot(port: u16, slot: u16, how: &str, id: &str) {
+    let answer = Cluster::cli(port, &["cluster", "setslot", &slot.to_string(), how, id]);
+    assert_eq!(answer.trim(), "OK", "setslot {slot} {how} {id} on :{port}");
+}
+
+/// The masters' ports and node ids.
+fn masters(cluster: &Cluster) -> Vec<(u16, String)> {
+    let nodes = Cluster::cli(cluster.nodes[0].port, &["cluster", "nodes"]);
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let master = f.get(2)?.contains("master") && !f[2].contains("fail");
+            let port = f[1].split('@').next()?.rsplit_once(':')?.1.parse().ok()?;
+            master.then(|| (port, f[0].to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_master_mid_use_is_followed_through_ask_and_moved() {
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let store = RedisStore::cluster(cluster.urls()).connect().await.unwrap();
+    let lease = Duration::from_secs(30);
+    // Records in one slot (the tag `mig`): a completed request; requests whose leases are
+    // taken before the move and completed while the slot moves (still on the old master), or
+    // released then, or completed after it; and one begun while the slot moves.
+    let id = |name: &str| colocated_id(name, "mig").unwrap();
+    let (fresh_id, held_id, during_id, dropped_id) =
+        (id("fresh"), id("held"), id("during"), id("dropped"));
+    let done = Key::new("orders", "mig");
+    let held = Key::new("orders", &held_id);
+    let fresh = Key::new("orders", &fresh_id);
+    let during = Key::new("orders", &during_id);
+    let dropped = Key::new("orders", &dropped_id);
+    let l = acquire(&store, done, lease).await;
+    store.complete(&l, b"before", None, &[]).await.unwrap();
+    let held_lease = acquire(&store, held, lease).await;
+    let during_lease = acquire(&store, during, lease).await;
+    let dropped_lease = acquire(&store, dropped, lease).await;
+
+    let raw = store.redis_key(done);
+    let source = cluster.master_of(&raw);
+    let slot: u16 = Cluster::cli(
+        source,
+        &["cluster", "keyslot", &String::from_utf8_lossy(&raw)],
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let masters = masters(&cluster);
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let source_id = masters
+        .iter()
+        .find(|(p, _)| *p == source)
+        .unwrap()
+        .1
+        .clone();
+    let (target, target_id) = masters.iter().find(|(p, _)| *p != source).unwrap().clone();
+
+    // 1. The slot is migrating: the keys still on the source are served there, a key the
+    //    source does not have goes to the target (the source answers `ASK`).
+    set_slot(target, slot, "importing", &source_id);
+    set_slot(source, slot, "migrating", &target_id);
+    match store.begin(done, FP, lease).await.unwrap() {
+        Begin::Completed(c) => assert_eq!(c.response, b"before"),
+        other => panic!("the completed request must replay mid-migration: {other:?}"),
+    }
+    // A completion and a release of records still on the source. (Each publishes on the
+    // record's channel: a channel declared as a script key made Redis refuse them, TRYAGAIN,
+    // for as long as the slot was migrating.)
+    store
+        .complete(&during_lease, b"mid-move", None, &[])
+        .await
+        .unwrap();
+    store.release(dropped_lease).await.unwrap();
+    assert!(holds(source, &store.redis_key(during)).await);
+    assert_eq!(store.get(dropped).await.unwrap(), None);
+    let fresh_lease = acquire(&store, fresh, lease).await;
+    assert!(
+        holds(target, &store.redis_key(fresh)).await,
+        "the lease begun mid-migration is not on the target: no ASK was followed"
+    );
+    assert!(!holds(source, &store.redis_key(fresh)).await);
+    store
+        .complete(&fresh_lease, b"during", None, &[])
+        .await
+        .unwrap();
+    match store.get(fresh).await.unwrap() {
+        Some(Snapshot::Completed(c)) => assert_eq!(c.response, b"during"),
+        other => panic!("{other:?}"),
+    }
+
+    // 2. The slot's keys move, then the slot (every master is told).
+    let mut src = node(source).await;
+    loop {
+        let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(target)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+    }
+    for (port, _) in &masters {
+        set_slot(*port, slot, "node", &target_id);
+    }
+    assert_eq!(cluster.master_of(&raw), target);
+
+    // 3. After the move the source answers `MOVED`: every record is found where it went, and
+    //    the lease taken before the move completes after it.
+    match store.begin(done, FP, lease).await.unwrap() {
+        Begin::Completed(c) => assert_eq!(c.response, b"before"),
+        other => panic!("the completed request must replay after the move: {other:?}"),
+    }
+    store
+        .complete(&held_lease, b"after", None, &[])
+        .await
+        .unwrap();
+    for (key, response) in [
+        (held, &b"after"[..]),
+        (fresh, &b"during"[..]),
+        (during, &b"mid-move"[..]),
+    ] {
+        match store.begin(key, FP, lease).await.unwrap() {
+            Begin::Completed(c) => assert_eq!(c.response, response),
+            other => panic!("{key:?} must replay after the move: {other:?}"),
+        }
+        assert!(holds(target, &store.redis_key(key)).await);
+    }
+}

@@ -101,6 +101,11 @@ use keys::{hash_tag, slot, split_key};
 use notifier::Notifier;
 use replies::*;
 
+/// A record's notification channel is this, then the record's Redis key: completions and
+/// releases publish there (the scripts name it from their key), waiters subscribe there.
+/// Plain text: the scripts embed it in a Lua string.
+const CHANNEL_PREFIX: &str = "__idemkv_done__:";
+
 /// The idempotency store on Redis; see the [module docs](self). Cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -390,7 +395,7 @@ impl RedisStore {
     }
 
     fn channel(key: &[u8]) -> Vec<u8> {
-        let mut c = b"__idemkv_done__:".to_vec();
+        let mut c = CHANNEL_PREFIX.as_bytes().to_vec();
         c.extend_from_slice(key);
         c
     }

@@ -112,13 +112,7 @@ impl IdempotencyStore for RedisStore {
             c.map.lock().remove(&rk);
         }
         let n: i64 = self
-            .eval(
-                self.stamp(
-                    Call::new(&self.inner.scripts.remove)
-                        .key(&rk)
-                        .key(Self::channel(&rk)),
-                ),
-            )
+            .eval(self.stamp(Call::new(&self.inner.scripts.remove).key(&rk)))
             .await?;
         Ok(n > 0)
     }
@@ -313,7 +307,7 @@ impl RedisStore {
         self.check_batch(lease, writes)?;
         let rk = self.redis_key(lease.key());
         let mut inv = Call::new(&self.inner.scripts.complete);
-        inv.key(&rk).key(Self::channel(&rk));
+        inv.key(&rk);
         for w in writes {
             inv.key(self.redis_key(w.key.as_key()));
         }
@@ -349,7 +343,6 @@ impl RedisStore {
                 self.stamp(
                     Call::new(&self.inner.scripts.release)
                         .key(&rk)
-                        .key(Self::channel(&rk))
                         .arg(lease.token())
                         .arg(ms(self.cfg().pending_ttl)),
                 ),

@@ -1,8 +1,13 @@
 //! The Lua scripts: one per operation, each atomic on the server. A record is a hash:
 //!
 //! Invariant: each operation is one script, atomic on the server; on a cluster every key a
-//! script touches, its notification channel included, is in one slot (checked before it is
-//! sent).
+//! script touches is in one slot (checked before it is sent), and so is its notification
+//! channel, which the script names from its record's key (`CHANNEL`).
+//!
+//! The channel is not passed as a key. Redis counts every declared key of a script in a slot
+//! that is being migrated, and refuses (`TRYAGAIN`) a script with more than one key when some
+//! are not on the node; a channel is never a key on any node. Declared, it made every
+//! completion, release and removal in a migrating slot fail until the migration ended.
 //!
 //! | field | meaning |
 //! |---|---|
@@ -45,8 +50,9 @@ local us = tonumber(ARGV[#ARGV - 1])
 local late = now - tonumber(ARGV[#ARGV])
 "#;
 
-/// Common prelude: token helpers.
+/// Common prelude: the record's notification channel, and token helpers.
 const PRELUDE: &str = r#"
+local CHANNEL = '@CHANNEL_PREFIX@' .. KEYS[1]
 -- Numbers passed to redis.call are printed with %.17g by Redis's Lua: integers below 2^53
 -- (tokens, millisecond times) are written exactly.
 local function next_token(prev)
@@ -56,7 +62,7 @@ local function next_token(prev)
 end
 "#;
 
-/// KEYS: record, channel. ARGV: fingerprint, lease ms, retention ms.
+/// KEYS: record. ARGV: fingerprint, lease ms, retention ms.
 /// Returns {1, token, deadline, takeover} | {0, deadline} | {2, response, ca, ea} | {3} | {-1, kind}
 pub(crate) const BEGIN: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'k', 't', 'd', 'f', 'r', 'ca', 'ea')
@@ -87,17 +93,17 @@ end
 return {-1, k}
 "#;
 
-/// KEYS: record, channel, then each write's key. ARGV: token, response, ttl ms, then per
+/// KEYS: record, then each write's key. ARGV: token, response, ttl ms, then per
 /// write: op (`a` put if absent, `s` set if version, `d` delete if version), version, value,
 /// ttl ms (0: none). Returns {1, expires_at} | {-2} stale | {-3, index, current or -1} |
 /// {-4, index, kind}
 pub(crate) const COMPLETE: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'k', 't', 'f', 'w')
 if (h[1] ~= 'i' and h[1] ~= 'ip') or tonumber(h[2]) ~= tonumber(ARGV[1]) then return {-2} end
-local n = #KEYS - 2
+local n = #KEYS - 1
 local current = {}
 for i = 1, n do
-  local w = redis.call('HMGET', KEYS[i + 2], 'k', 't')
+  local w = redis.call('HMGET', KEYS[i + 1], 'k', 't')
   local cur = nil
   if w[1] then
     if w[1] ~= 'v' then return {-4, i - 1, w[1]} end
@@ -120,7 +126,7 @@ redis.call('PEXPIREAT', KEYS[1], ea)
 for i = 1, n do
   local base = 4 + (i - 1) * 4
   local op, ttl = ARGV[base], tonumber(ARGV[base + 3])
-  local key = KEYS[i + 2]
+  local key = KEYS[i + 1]
   if op == 'd' then
     redis.call('DEL', key)
   else
@@ -132,11 +138,11 @@ for i = 1, n do
     if wea > 0 then redis.call('PEXPIREAT', key, wea) end
   end
 end
-if h[4] then redis.call('PUBLISH', KEYS[2], '1') end
+if h[4] then redis.call('PUBLISH', CHANNEL, '1') end
 return {1, ea}
 "#;
 
-/// KEYS: record, channel. ARGV: token, pending ttl ms. Returns 1 | -2 stale.
+/// KEYS: record. ARGV: token, pending ttl ms. Returns 1 | -2 stale.
 pub(crate) const RELEASE: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'k', 't', 'w')
 if (h[1] ~= 'i' and h[1] ~= 'ip') or tonumber(h[2]) ~= tonumber(ARGV[1]) then return -2 end
@@ -148,7 +154,7 @@ if h[1] == 'ip' then
 else
   redis.call('DEL', KEYS[1])
 end
-if h[3] then redis.call('PUBLISH', KEYS[2], '1') end
+if h[3] then redis.call('PUBLISH', CHANNEL, '1') end
 return 1
 "#;
 
@@ -162,10 +168,10 @@ redis.call('PEXPIREAT', KEYS[1], d + tonumber(ARGV[3]))
 return d
 "#;
 
-/// KEYS: record, channel. Returns 1 if something was removed.
+/// KEYS: record. Returns 1 if something was removed.
 pub(crate) const REMOVE: &str = r#"
 local n = redis.call('DEL', KEYS[1])
-if n > 0 then redis.call('PUBLISH', KEYS[2], '1') end
+if n > 0 then redis.call('PUBLISH', CHANNEL, '1') end
 return n
 "#;
 
@@ -239,14 +245,14 @@ return {-1, k}
 "#;
 
 /// The script with the prelude in front, publishing with `publish`: `PUBLISH` on one server,
-/// `SPUBLISH` on a cluster (the channel is in the key's slot, so it is one of the script's
-/// keys there).
+/// `SPUBLISH` on a cluster (the channel is in the key's slot).
 pub(crate) fn with_prelude(body: &str, publish: &str, client_clock: bool) -> String {
     let body = body.replace("redis.call('PUBLISH'", &format!("redis.call('{publish}'"));
+    let prelude = PRELUDE.replace("@CHANNEL_PREFIX@", super::CHANNEL_PREFIX);
     let clock = if client_clock {
         CLIENT_TIME
     } else {
         SERVER_TIME
     };
-    format!("{clock}{PRELUDE}{body}")
+    format!("{clock}{prelude}{body}")
 }
