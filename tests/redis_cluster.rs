@@ -129,6 +129,27 @@ async fn waiters_batches_and_listings_on_a_cluster() {
     let mut want: Vec<String> = (0..30).map(|i| format!("v-{i}")).collect();
     want.sort();
     assert_eq!(ids, want);
+
+    // 4. `connect` asks every master whether it may evict keys: one that may is named.
+    let (evicting, _) = masters(&cluster)[1].clone();
+    for (name, value) in [("maxmemory", "1gb"), ("maxmemory-policy", "allkeys-lru")] {
+        assert_eq!(
+            Cluster::cli(evicting, &["config", "set", name, value]).trim(),
+            "OK"
+        );
+    }
+    match RedisStore::cluster(cluster.urls()).connect().await {
+        Err(Error::InvalidConfig { reason }) => {
+            assert!(reason.contains(&format!(":{evicting} ")), "{reason}");
+        }
+        Err(e) => panic!("expected InvalidConfig, got {e:?}"),
+        Ok(_) => panic!("a cluster with an evicting master was accepted"),
+    }
+    RedisStore::cluster(cluster.urls())
+        .allow_eviction(true)
+        .connect()
+        .await
+        .unwrap();
 }
 
 /// The cluster once it is whole again (`Cluster::wait_ok`, off the runtime's threads).

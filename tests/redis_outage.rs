@@ -1,7 +1,8 @@
 //! Redis going away and coming back, under the HTTP layer: typed errors, 503 problem+json with
 //! no handler run, and a reconnect on its own. Then an answer lost on the way back, through a
 //! loopback proxy that drops it: a script that ran but whose answer never arrived is an
-//! `Unavailable` (the outcome is unknown), never an answer from a second run of it. The tests
+//! `Unavailable` (the outcome is unknown), never an answer from a second run of it. And a
+//! server set to evict keys under memory pressure, refused at `connect` unless allowed. The tests
 //! run a `redis-server` of their own on a free loopback port (so they can stop it): they need
 //! `redis-server` on `PATH`, are skipped loudly without it, and must run under `CI=true`.
 #![cfg(all(feature = "http", feature = "redis", not(loom)))]
@@ -333,6 +334,57 @@ async fn a_lost_answer_is_unavailable_and_never_an_answer_from_a_second_run() {
         direct.get(key).await.unwrap().is_some(),
         "the lost write did not run: the test lost some other answer"
     );
+    // It must still be running until this kill: one that died on its own fails here.
+    sigkill(&mut server, &output, "redis-server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_may_evict_keys_is_refused_unless_allowed() {
+    if !redis_installed("the eviction test") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut server, output) = start_redis(port, dir.path());
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let set = async |admin: &mut redis::aio::MultiplexedConnection, name: &str, value: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(admin)
+            .await
+            .unwrap();
+    };
+    // No memory limit: nothing is ever evicted, whatever the policy.
+    set(&mut admin, "maxmemory-policy", "allkeys-lru").await;
+    store_at(port).await;
+    // A limit and an evicting policy (`volatile-lru` too: every record has an expiry).
+    set(&mut admin, "maxmemory", "1gb").await;
+    for policy in ["allkeys-lru", "volatile-lru", "volatile-ttl"] {
+        set(&mut admin, "maxmemory-policy", policy).await;
+        match RedisStore::builder(url.as_str()).connect().await {
+            Err(Error::InvalidConfig { reason }) => {
+                assert!(reason.contains(policy), "{reason}");
+                assert!(reason.contains("allow_eviction"), "{reason}");
+            }
+            Err(e) => panic!("{policy}: expected InvalidConfig, got {e:?}"),
+            Ok(_) => panic!("{policy}: a server that may evict keys was accepted"),
+        }
+        RedisStore::builder(url.as_str())
+            .allow_eviction(true)
+            .connect()
+            .await
+            .unwrap();
+    }
+    // A limit without eviction: a full server refuses writes instead (errors, not losses).
+    set(&mut admin, "maxmemory-policy", "noeviction").await;
+    store_at(port).await;
     // It must still be running until this kill: one that died on its own fails here.
     sigkill(&mut server, &output, "redis-server");
 }

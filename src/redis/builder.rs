@@ -34,6 +34,63 @@ async fn check_skew(conn: &Conn, max_skew: Duration) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a server's `INFO memory` says about evicting keys: its `maxmemory` (0: no limit) and
+/// its `maxmemory_policy`; `None` if the text does not say.
+fn eviction_of(info: &str) -> Option<(u64, &str)> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':'))
+    };
+    Some((
+        field("maxmemory")?.parse().ok()?,
+        field("maxmemory_policy")?,
+    ))
+}
+
+/// Refuses a server (on a cluster: any master) that may evict keys, unless `allowed` (then it
+/// is logged): with `maxmemory` set and a policy other than `noeviction`, Redis drops keys
+/// under memory pressure. Every record has an expiry, so even the `volatile-*` policies pick
+/// them. An evicted lease or completed record is a key that runs again. A server that does
+/// not answer `INFO` (an ACL without it, a proxy) cannot be checked: that is logged too.
+async fn check_eviction(conn: &Conn, allowed: bool) -> Result<(), Error> {
+    let mut c = conn.clone();
+    let nodes = c.masters().await.map_err(unavailable)?;
+    for node in nodes {
+        let at = node.as_ref().map_or_else(
+            || "the Redis server".to_owned(),
+            |(h, p)| format!("{h}:{p}"),
+        );
+        let reply = c
+            .on_node(
+                node.as_ref().map(|(h, p)| (h.as_str(), *p)),
+                redis::cmd("INFO").arg("memory").clone(),
+            )
+            .await;
+        let info = match reply {
+            Ok(v) => redis::from_redis_value::<String>(v).ok(),
+            // Refused (`NOPERM` from an ACL, a proxy that does not know `INFO`): not checked.
+            Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        match info.as_deref().and_then(eviction_of) {
+            Some((limit, policy)) if limit > 0 && policy != "noeviction" => {
+                let why = format!(
+                    "{at} may evict keys (maxmemory {limit} bytes, maxmemory-policy {policy}): an evicted lease or recorded response lets a retry run again. Set maxmemory-policy noeviction (a full server then refuses writes, which the store reports as errors), or accept the risk with RedisStoreBuilder::allow_eviction(true)"
+                );
+                if !allowed {
+                    return Err(Error::InvalidConfig { reason: why });
+                }
+                tracing::warn!(target: "idemkv::redis", reason = %why, "eviction allowed");
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(target: "idemkv::redis", server = %at, "could not read INFO memory; whether the server evicts keys was not checked");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Configures a [`RedisStore`]; from [`RedisStore::builder`].
 #[derive(Clone, Debug)]
 pub struct RedisStoreBuilder {
@@ -52,6 +109,7 @@ pub struct RedisStoreBuilder {
     pub(super) max_batch: usize,
     pub(super) timeout: Duration,
     pub(super) cache: Option<(usize, Duration)>,
+    pub(super) allow_eviction: bool,
 }
 
 impl RedisStoreBuilder {
@@ -119,6 +177,20 @@ impl RedisStoreBuilder {
         } else {
             0
         }
+    }
+
+    /// Connect to a server that may evict keys under memory pressure (default: refuse).
+    ///
+    /// `connect` reads `INFO memory` from the server (on a cluster: from every master) and
+    /// refuses, with [`Error::InvalidConfig`], one with `maxmemory` set and a
+    /// `maxmemory-policy` other than `noeviction`. Every record carries an expiry, so the
+    /// `volatile-*` policies pick them as readily as the `allkeys-*` ones. An evicted lease
+    /// lets a second attempt run while the first still does; an evicted completed record lets
+    /// a retry run again. With this set, such a server is accepted and a warning is logged.
+    /// The check is made once, at `connect`: a later `CONFIG SET` is not seen.
+    pub fn allow_eviction(mut self, yes: bool) -> Self {
+        self.allow_eviction = yes;
+        self
     }
 
     /// Scripts take the time from this process's clock instead of calling the server's
@@ -280,6 +352,7 @@ impl RedisStoreBuilder {
         if let Some(skew) = self.client_clock {
             check_skew(&conn, skew).await?;
         }
+        check_eviction(&conn, self.allow_eviction).await?;
         let client_clock = self.client_clock.is_some();
         let script = |body: &str| Script::new(&scripts::with_prelude(body, publish, client_clock));
         Ok(RedisStore {
@@ -318,6 +391,24 @@ impl RedisStoreBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eviction_settings_are_read_from_info_memory() {
+        let info = "# Memory\r\nused_memory:1024\r\nmaxmemory:104857600\r\nmaxmemory_human:100.00M\r\nmaxmemory_policy:allkeys-lru\r\n";
+        assert_eq!(eviction_of(info), Some((104_857_600, "allkeys-lru")));
+        let unlimited = "maxmemory:0\nmaxmemory_policy:volatile-lru\n";
+        assert_eq!(eviction_of(unlimited), Some((0, "volatile-lru")));
+        // `maxmemory_human` must not be read as `maxmemory`, nor a missing field guessed.
+        assert_eq!(
+            eviction_of("maxmemory_human:1M\nmaxmemory_policy:noeviction"),
+            None
+        );
+        assert_eq!(eviction_of("maxmemory:10\n"), None);
+        assert_eq!(
+            eviction_of("maxmemory:ten\nmaxmemory_policy:noeviction"),
+            None
+        );
+    }
 
     /// Settings that cannot work are refused before anything is sent (port 1: nothing
     /// listens there, so reaching the server would be an `Unavailable`, not this).

@@ -245,6 +245,7 @@ impl RedisStore {
             max_batch: 64,
             timeout: Duration::from_secs(2),
             cache: None,
+            allow_eviction: false,
         }
     }
 
