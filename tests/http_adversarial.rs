@@ -127,6 +127,22 @@ fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> V
     r
 }
 
+/// A `POST /orders` of a JSON body in the given chunks (`Transfer-Encoding: chunked`): the
+/// server reads one body frame a chunk.
+fn post_chunked(addr: &str, key: &str, chunks: &[&[u8]]) -> Raw {
+    let mut r = format!(
+        "POST /orders HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nIdempotency-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for c in chunks {
+        r.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        r.extend_from_slice(c);
+        r.extend_from_slice(b"\r\n");
+    }
+    r.extend_from_slice(b"0\r\n\r\n");
+    exchange(addr, &r).expect("an answer")
+}
+
 fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Raw {
     exchange(addr, &request(method, path, headers, body.as_bytes())).expect("an answer")
 }
@@ -249,6 +265,39 @@ fn oversized_endless_and_malformed_bodies() {
     assert_eq!(replay.get("idempotent-replayed"), Some("true"));
     send(&a, "POST", "/orders", &h, ORDER).problem(422, "key-reused");
     assert_eq!(order_count(&a), 0);
+    server.kill();
+}
+
+#[test]
+fn a_body_sent_in_chunks_is_the_same_request_as_one_sent_whole() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut server = start(data.path(), &[]);
+    let a = server.addr.clone();
+    let order = ORDER.as_bytes();
+    let bytes: Vec<&[u8]> = order.chunks(1).collect();
+    let uneven: [&[u8]; 3] = [&order[..3], &order[3..20], &order[20..]];
+
+    // Sent whole, then repeated in one-byte chunks and in uneven ones: replays of one order.
+    let first = post_order(&a, &[("idempotency-key", "chunks-1")]);
+    assert_eq!(first.status, 201, "{}", first.body);
+    for chunks in [&bytes[..], &uneven[..]] {
+        let again = post_chunked(&a, "chunks-1", chunks);
+        assert_eq!(again.status, 201, "{}", again.body);
+        assert_eq!(again.get("idempotent-replayed"), Some("true"));
+        assert_eq!(again.body, first.body);
+    }
+    // Sent in chunks first, then whole: the same.
+    let chunked = post_chunked(&a, "chunks-2", &uneven);
+    assert_eq!(chunked.status, 201, "{}", chunked.body);
+    assert_eq!(chunked.get("idempotent-replayed"), None);
+    let whole = post_order(&a, &[("idempotency-key", "chunks-2")]);
+    assert_eq!(whole.get("idempotent-replayed"), Some("true"));
+    assert_eq!(whole.body, chunked.body);
+    // One byte changed in one chunk is another request under a used key.
+    let changed = ORDER.replace("\"count\":1", "\"count\":2");
+    let changed = changed.as_bytes();
+    post_chunked(&a, "chunks-1", &[&changed[..10], &changed[10..]]).problem(422, "key-reused");
+    assert_eq!(order_count(&a), 2);
     server.kill();
 }
 
