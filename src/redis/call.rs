@@ -98,13 +98,15 @@ fn refusal(e: &RedisError, reads: bool) -> Option<Refusal> {
     }
 }
 
-/// The first of `replies` that is a server error, as an error (a pipeline answers each
-/// command; an error among them is not an `Err` of the whole).
+/// The first command's reply, if it is a server error, as an error. A pipeline answers each
+/// command, and an error among them is not an `Err` of the whole. Only the first reply can
+/// prove that nothing ran: once it succeeded, a later command's refusal (the `WAIT` behind a
+/// script) says nothing about the script, which must not be sent again.
 fn first_error(replies: &[Value]) -> Option<RedisError> {
-    replies.iter().find_map(|v| match v {
-        Value::ServerError(e) => Some(RedisError::from(e.clone())),
+    match replies.first() {
+        Some(Value::ServerError(e)) => Some(RedisError::from(e.clone())),
         _ => None,
-    })
+    }
 }
 
 fn split_node(node: &str) -> Option<(String, u16)> {
@@ -217,7 +219,16 @@ mod tests {
     /// The error a server answers with `-<line>`.
     fn server(line: &str) -> RedisError {
         let value = redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap();
-        first_error(&[Value::Int(1), value]).unwrap()
+        first_error(&[value]).unwrap()
+    }
+
+    #[test]
+    fn only_the_first_reply_decides_a_resend() {
+        let tryagain = redis::parse_redis_value(b"-TRYAGAIN try later\r\n").unwrap();
+        // The script answered: whatever follows it, nothing is sent again.
+        assert!(first_error(&[Value::Int(1), tryagain.clone()]).is_none());
+        assert!(first_error(&[tryagain.clone(), Value::Int(1)]).is_some());
+        assert!(first_error(&[]).is_none());
     }
 
     fn refusal_of(e: &RedisError) -> Option<Refusal> {
