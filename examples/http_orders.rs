@@ -11,7 +11,8 @@
 //! `--redis redis://127.0.0.1:6379` (built with `--features redis`) keeps all state in Redis
 //! instead, so several replicas can serve the same clients; `--redis-cluster
 //! redis://10.0.0.1:7000,redis://10.0.0.2:7000` on a Redis Cluster (seed nodes), with
-//! `--redis-wait-replicas 1` to have every change on a replica before it is acknowledged. On
+//! `--redis-wait-replicas 1` to have every change on a replica before it is acknowledged. A
+//! server that may evict keys is refused unless `--redis-allow-eviction`. On
 //! a cluster an order's id carries its Idempotency-Key's hash tag (`<uuid>{<key>}`), so the
 //! order is written in the same slot, and batch, as the key's completion.
 //!
@@ -435,6 +436,10 @@ struct Args {
     /// With Redis: acknowledge a change only once this many replicas have it (`WAIT`).
     #[arg(long, default_value_t = 0)]
     redis_wait_replicas: u32,
+    /// With Redis: start even if the server may evict keys under memory pressure (see
+    /// `RedisStoreBuilder::allow_eviction`; refused by default).
+    #[arg(long)]
+    redis_allow_eviction: bool,
     /// The store's record budget: past it, new keys get 503 store-full.
     #[arg(long, default_value_t = 1_000_000)]
     max_records: u64,
@@ -459,6 +464,7 @@ async fn redis_backend(args: &Args) -> Result<Option<Backend>, Box<dyn std::erro
     };
     let store = builder
         .wait_for_replicas(args.redis_wait_replicas, Duration::from_millis(500))
+        .allow_eviction(args.redis_allow_eviction)
         .connect()
         .await?;
     Ok(Some(Either::Right(store)))

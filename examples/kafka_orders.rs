@@ -98,6 +98,10 @@ struct Args {
     /// Keep the state in Redis at this URL instead (built with `--features kafka,redis`).
     #[arg(long)]
     redis: Option<String>,
+    /// With `--redis`: start even if the server may evict keys under memory pressure (see
+    /// `RedisStoreBuilder::allow_eviction`; refused by default).
+    #[arg(long)]
+    redis_allow_eviction: bool,
     /// Send N orders, each twice, check both replies name the same order, and exit.
     #[arg(long, default_value_t = 0)]
     demo: usize,
@@ -163,14 +167,23 @@ type Remote = idemkv::redis::RedisStore;
 type Remote = Store;
 
 #[cfg(feature = "redis")]
-async fn redis_store(url: &str) -> Result<Either<Store, Remote>, Box<dyn std::error::Error>> {
-    let store = idemkv::redis::RedisStore::builder(url).connect().await?;
+async fn redis_store(
+    url: &str,
+    allow_eviction: bool,
+) -> Result<Either<Store, Remote>, Box<dyn std::error::Error>> {
+    let store = idemkv::redis::RedisStore::builder(url)
+        .allow_eviction(allow_eviction)
+        .connect()
+        .await?;
     println!("state in Redis at {url}");
     Ok(Either::Right(store))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_store(_: &str) -> Result<Either<Store, Remote>, Box<dyn std::error::Error>> {
+async fn redis_store(
+    _: &str,
+    _: bool,
+) -> Result<Either<Store, Remote>, Box<dyn std::error::Error>> {
     Err(
         "--redis needs the redis feature: cargo run --features kafka,redis --example kafka_orders"
             .into(),
@@ -267,7 +280,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let store = match &args.redis {
-        Some(url) => redis_store(url).await?,
+        Some(url) => redis_store(url, args.redis_allow_eviction).await?,
         None => {
             let store = Store::builder().durability(durability).open(&data)?;
             if let Some(r) = store.recovery_report() {
