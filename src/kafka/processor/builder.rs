@@ -314,6 +314,7 @@ impl<St: IdempotencyStore + Clone> ProcessorBuilder<St> {
                 stats: Counters::default(),
                 stop: StopFlag::default(),
                 fatal: Mutex::new(None),
+                recycler: message::Recycler::default(),
             }),
             consumer: Arc::new(consumer),
         })

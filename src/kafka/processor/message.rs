@@ -20,13 +20,13 @@ struct Span {
 
 /// A consumed message, copied out of librdkafka's buffer in one allocation: key, payload,
 /// header names and values, and (when it is not one of those) the idempotency id are spans
-/// of `bytes`.
+/// of `bytes`. Messages are reused ([`Recycler`]), buffer included.
 #[derive(Debug)]
 pub(crate) struct Message {
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
-    bytes: Box<[u8]>,
+    bytes: Vec<u8>,
     key: Option<Span>,
     payload: Option<Span>,
     /// Name and value of each header, in order; names are UTF-8.
@@ -64,23 +64,59 @@ fn push(buf: &mut Vec<u8>, part: &[u8]) -> Span {
     }
 }
 
+/// Where a message comes from: its position and parts (copied into the message's buffer).
+pub(crate) struct Parts<'a, H> {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) payload: Option<&'a [u8]>,
+    /// Header names and values, in order.
+    pub(crate) headers: H,
+}
+
 impl Message {
     /// A message from its parts (copied), with its id derived by `sources`.
     pub(crate) fn new<'a>(
-        topic: Arc<str>,
-        partition: i32,
-        offset: i64,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        headers: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
+        parts: Parts<'a, impl Iterator<Item = (&'a str, &'a [u8])> + Clone>,
         sources: &[KeySource],
     ) -> Message {
+        let mut msg = Message {
+            topic: parts.topic.clone(),
+            partition: 0,
+            offset: 0,
+            bytes: Vec::new(),
+            key: None,
+            payload: None,
+            headers: HeaderSpans::Inline(0, [(Span::default(), Span::default()); INLINE_HEADERS]),
+            id: Span::default(),
+        };
+        msg.fill(parts, sources);
+        msg
+    }
+
+    /// Makes this message the one of `parts`, in the buffer it already has (grown if need be).
+    fn fill<'a>(
+        &mut self,
+        parts: Parts<'a, impl Iterator<Item = (&'a str, &'a [u8])> + Clone>,
+        sources: &[KeySource],
+    ) {
+        let Parts {
+            topic,
+            partition,
+            offset,
+            key,
+            payload,
+            headers,
+        } = parts;
         // One pass to size the buffer and count the headers, one to copy.
         let (count, header_bytes) = headers
             .clone()
             .fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
         let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + header_bytes;
-        let mut buf = Vec::with_capacity(size);
+        let mut buf = std::mem::take(&mut self.bytes);
+        buf.clear();
+        buf.reserve(size);
         let key = key.map(|k| push(&mut buf, k));
         let payload = payload.map(|p| push(&mut buf, p));
         let mut spans = headers.map(|(n, v)| (push(&mut buf, n.as_bytes()), push(&mut buf, v)));
@@ -95,28 +131,21 @@ impl Message {
         } else {
             HeaderSpans::Heap(spans.collect())
         };
-        let mut msg = Message {
+        *self = Message {
             topic,
             partition,
             offset,
-            bytes: Box::default(),
+            bytes: buf,
             key,
             payload,
             headers,
             id: Span::default(),
         };
-        msg.bytes = buf.into_boxed_slice();
-        msg.id = match derive_id(&msg, sources) {
+        self.id = match derive_id(self, sources) {
             Id::Within(span) => span,
-            Id::Made(id) => {
-                // Rare (positions, digests): the buffer grows once more.
-                let mut buf = std::mem::take(&mut msg.bytes).into_vec();
-                let span = push(&mut buf, &id);
-                msg.bytes = buf.into_boxed_slice();
-                span
-            }
+            // Rare (positions, digests): the buffer grows once more.
+            Id::Made(id) => push(&mut self.bytes, &id),
         };
-        msg
     }
 
     fn get(&self, span: Span) -> &[u8] {
@@ -170,25 +199,97 @@ impl Message {
         self.header(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
+    /// `m`, copied out of librdkafka: into `reuse` (a message nobody else holds any more,
+    /// from the [`Recycler`]) if there is one.
     pub(super) fn from_kafka(
         m: &BorrowedMessage<'_>,
         topic: Arc<str>,
         sources: &[KeySource],
-    ) -> Message {
+        reuse: Option<Arc<Message>>,
+    ) -> Arc<Message> {
         let headers = m.headers();
         let count = headers.map_or(0, |hs| hs.count());
         let pairs = (0..count)
             .filter_map(move |i| headers.and_then(|hs| hs.try_get(i)))
             .map(|h| (h.key, h.value.unwrap_or_default()));
-        Message::new(
+        let parts = Parts {
             topic,
-            m.partition(),
-            m.offset(),
-            m.key(),
-            m.payload(),
-            pairs,
-            sources,
-        )
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key(),
+            payload: m.payload(),
+            headers: pairs,
+        };
+        match reuse {
+            Some(mut reused) => match Arc::get_mut(&mut reused) {
+                Some(msg) => {
+                    msg.fill(parts, sources);
+                    reused
+                }
+                // Held again meanwhile (it cannot be: the recycler keeps only sole owners).
+                None => Arc::new(Message::new(parts, sources)),
+            },
+            None => Arc::new(Message::new(parts, sources)),
+        }
+    }
+}
+
+/// Consumed messages and batches handed back by the partition tasks once done with, for the
+/// polling thread to fill again.
+///
+/// Why: the polling thread allocates every message and a partition task frees it, on another
+/// thread. glibc's allocator then never refills the polling thread's cache of free blocks,
+/// so each message costs it a trip into the shared heap under its lock (`_int_malloc` and
+/// `malloc_consolidate` in profiles). Reused, a message costs two short lock holds, here.
+///
+/// Only a message its task holds alone is kept (a handler may still hold one: it is then
+/// freed as before), and only a bounded number, with buffers up to [`KEEP_BYTES`]: the
+/// recycler holds no more memory than a few batches in flight do.
+#[derive(Default)]
+pub(crate) struct Recycler {
+    messages: Mutex<Vec<Arc<Message>>>,
+    batches: Mutex<Vec<Vec<Arc<Message>>>>,
+}
+
+/// Messages kept for reuse, at most.
+const KEEP_MESSAGES: usize = 4 * super::poller::BATCH;
+/// Empty batches kept for reuse, at most.
+const KEEP_BATCHES: usize = 8;
+/// A message whose buffer grew past this is freed, not kept.
+const KEEP_BYTES: usize = 16 << 10;
+
+impl Recycler {
+    /// A message to fill again, if one was handed back.
+    pub(super) fn message(&self) -> Option<Arc<Message>> {
+        self.messages.lock().pop()
+    }
+
+    /// An empty batch with room for [`BATCH`](super::poller::BATCH) messages.
+    pub(super) fn batch(&self) -> Vec<Arc<Message>> {
+        self.batches
+            .lock()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(super::poller::BATCH))
+    }
+
+    /// Takes back a batch its task is done with: the messages no one else holds, and the
+    /// emptied batch.
+    pub(super) fn give(&self, mut batch: Vec<Arc<Message>>) {
+        {
+            let mut kept = self.messages.lock();
+            for mut m in batch.drain(..) {
+                let sole = Arc::get_mut(&mut m).is_some_and(|m| m.bytes.capacity() <= KEEP_BYTES);
+                if sole && kept.len() < KEEP_MESSAGES {
+                    kept.push(m);
+                }
+            }
+        }
+        if batch.capacity() >= super::poller::BATCH {
+            let mut batches = self.batches.lock();
+            if batches.len() < KEEP_BATCHES {
+                batches.push(batch);
+            }
+        }
     }
 }
 
@@ -275,15 +376,15 @@ mod tests {
 
     fn message(headers: &[(&str, &str)], key: Option<&str>) -> Message {
         let headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
-        Message::new(
-            "t".into(),
-            3,
-            42,
-            key.map(str::as_bytes),
-            None,
-            headers.into_iter(),
-            &KeySource::defaults(),
-        )
+        let parts = Parts {
+            topic: "t".into(),
+            partition: 3,
+            offset: 42,
+            key: key.map(str::as_bytes),
+            payload: None,
+            headers: headers.into_iter(),
+        };
+        Message::new(parts, &KeySource::defaults())
     }
 
     fn derived(m: &Message, sources: &[KeySource]) -> Vec<u8> {
@@ -406,5 +507,76 @@ mod tests {
         assert_eq!(backoff(f, m, 2), f * 2);
         assert_eq!(backoff(f, m, 3), f * 4);
         assert_eq!(backoff(f, m, 30), m);
+    }
+
+    fn parts<'a>(
+        offset: i64,
+        payload: &'a [u8],
+        headers: &'a [(&'a str, &'a [u8])],
+    ) -> Parts<'a, impl Iterator<Item = (&'a str, &'a [u8])> + Clone> {
+        Parts {
+            topic: "orders".into(),
+            partition: 1,
+            offset,
+            key: Some(b"mk"),
+            payload: Some(payload),
+            headers: headers.iter().copied(),
+        }
+    }
+
+    #[test]
+    fn a_refilled_message_is_the_new_message_in_the_old_buffer() {
+        let sources = KeySource::defaults();
+        let first: &[(&str, &[u8])] = &[("idempotency-key", b"k-1"), ("x-a", b"1")];
+        let mut m = Message::new(parts(7, b"a longer first payload", first), &sources);
+        let buffer = m.bytes.as_ptr();
+        // Fewer headers, a shorter payload, and an id made from the position (no key header).
+        let second: &[(&str, &[u8])] = &[("x-b", b"2")];
+        let sources_by_position = [KeySource::Position];
+        m.fill(parts(8, b"short", second), &sources_by_position);
+        let fresh = Message::new(parts(8, b"short", second), &sources_by_position);
+        assert_eq!(m.bytes.as_ptr(), buffer, "the buffer is reused");
+        assert_eq!((m.partition, m.offset), (fresh.partition, fresh.offset));
+        assert_eq!(m.key(), fresh.key());
+        assert_eq!(m.payload(), Some(&b"short"[..]));
+        assert_eq!(m.id(), fresh.id());
+        assert_eq!(m.id(), b"orders/1/8");
+        assert_eq!(
+            m.headers().collect::<Vec<_>>(),
+            fresh.headers().collect::<Vec<_>>()
+        );
+        assert_eq!(m.header("x-a"), None);
+    }
+
+    #[test]
+    fn the_recycler_keeps_only_messages_no_one_else_holds_and_only_so_many() {
+        let r = Recycler::default();
+        let sources = KeySource::defaults();
+        let one = |i: i64| Arc::new(Message::new(parts(i, b"p", &[]), &sources));
+        let held = one(0);
+        let mut batch = r.batch();
+        assert!(batch.capacity() >= super::super::poller::BATCH);
+        batch.push(held.clone());
+        batch.push(one(1));
+        let mut big = Message::new(parts(2, b"p", &[]), &sources);
+        big.bytes.reserve(KEEP_BYTES + 1);
+        batch.push(Arc::new(big));
+        r.give(batch);
+        // Only the message that was held by the batch alone is kept; the batch comes back.
+        let kept = r.message().expect("one message is kept");
+        assert_eq!(kept.offset, 1);
+        assert!(
+            r.message().is_none(),
+            "a held or oversized message is not kept"
+        );
+        assert_eq!(Arc::strong_count(&held), 1, "the held one was let go");
+        assert!(r.batches.lock().len() == 1);
+        // At most KEEP_MESSAGES are kept.
+        let mut many = Vec::new();
+        for i in 0..(KEEP_MESSAGES + 10) as i64 {
+            many.push(one(i));
+        }
+        r.give(many);
+        assert_eq!(r.messages.lock().len(), KEEP_MESSAGES);
     }
 }

@@ -329,6 +329,8 @@ struct Shared<St> {
     stats: Counters,
     stop: StopFlag,
     fatal: Mutex<Option<KafkaError>>,
+    /// Messages the partition tasks are done with, for the polling thread to reuse.
+    recycler: message::Recycler,
 }
 
 /// A partition task's instructions: `None` while running; `Some(deadline)` once it must finish

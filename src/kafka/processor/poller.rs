@@ -241,9 +241,10 @@ pub(super) fn poll_loop<St: IdempotencyStore + Clone, H: Handler>(
                 }
             };
             let p = &mut pending[at];
-            let msg = Message::from_kafka(&m, p.topic.clone(), &shared.cfg.key_sources);
+            let reuse = shared.recycler.message();
+            let msg = Message::from_kafka(&m, p.topic.clone(), &shared.cfg.key_sources, reuse);
             drop(m);
-            p.batch.push(Arc::new(msg));
+            p.batch.push(msg);
             held += 1;
             if p.batch.len() < BATCH {
                 continue;
@@ -348,7 +349,10 @@ pub(super) fn send_batch<St: IdempotencyStore + Clone, H: Handler>(
         queue.try_send(batch)
     };
     match result {
-        Ok(()) => Sent::Taken,
+        Ok(()) => {
+            p.batch = shared.recycler.batch();
+            Sent::Taken
+        }
         Err(mpsc::error::TrySendError::Full(batch)) => {
             p.batch = batch;
             Sent::Full
@@ -398,7 +402,10 @@ pub(super) fn start_worker<St: IdempotencyStore + Clone, H: Handler>(
             // Batches queued meanwhile join this one, for fewer and larger store calls.
             while batch.len() < BATCH {
                 match rx.try_recv() {
-                    Ok(mut more) => batch.append(&mut more),
+                    Ok(mut more) => {
+                        batch.append(&mut more);
+                        shared.recycler.give(more);
+                    }
                     Err(_) => break,
                 }
             }
@@ -428,6 +435,7 @@ pub(super) fn start_worker<St: IdempotencyStore + Clone, H: Handler>(
                 }
             }
             store_offset(last_done);
+            shared.recycler.give(batch);
         }
     });
     Worker {
