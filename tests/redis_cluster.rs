@@ -326,6 +326,14 @@ async fn a_master_killed_under_load_fails_over_without_losing_acknowledged_chang
     drop(cluster);
 }
 
+/// `key` is completed with `response`: a `begin` replays it.
+async fn replays(store: &RedisStore, key: Key<'_>, response: &[u8], when: &str) {
+    match store.begin(key, FP, Duration::from_secs(30)).await.unwrap() {
+        Begin::Completed(c) => assert_eq!(c.response, response, "{key:?} {when}"),
+        other => panic!("{key:?} must replay {when}: {other:?}"),
+    }
+}
+
 /// A plain connection to one node (no cluster routing), for looking at a node's own keys.
 async fn node(port: u16) -> redis::aio::MultiplexedConnection {
     redis::Client::open(format!("redis://127.0.0.1:{port}"))
@@ -419,10 +427,7 @@ async fn a_slot_moved_to_another_master_mid_use_is_followed_through_ask_and_move
     //    source does not have goes to the target (the source answers `ASK`).
     set_slot(target, slot, "importing", &source_id);
     set_slot(source, slot, "migrating", &target_id);
-    match store.begin(done, FP, lease).await.unwrap() {
-        Begin::Completed(c) => assert_eq!(c.response, b"before"),
-        other => panic!("the completed request must replay mid-migration: {other:?}"),
-    }
+    replays(&store, done, b"before", "mid-migration").await;
     // A completion and a release of records still on the source. (Each publishes on the
     // record's channel: a channel declared as a script key made Redis refuse them, TRYAGAIN,
     // for as long as the slot was migrating.)
@@ -480,10 +485,7 @@ async fn a_slot_moved_to_another_master_mid_use_is_followed_through_ask_and_move
 
     // 3. After the move the source answers `MOVED`: every record is found where it went, and
     //    the lease taken before the move completes after it.
-    match store.begin(done, FP, lease).await.unwrap() {
-        Begin::Completed(c) => assert_eq!(c.response, b"before"),
-        other => panic!("the completed request must replay after the move: {other:?}"),
-    }
+    replays(&store, done, b"before", "after the move").await;
     store
         .complete(&held_lease, b"after", None, &[])
         .await
@@ -493,10 +495,7 @@ async fn a_slot_moved_to_another_master_mid_use_is_followed_through_ask_and_move
         (fresh, &b"during"[..]),
         (during, &b"mid-move"[..]),
     ] {
-        match store.begin(key, FP, lease).await.unwrap() {
-            Begin::Completed(c) => assert_eq!(c.response, response),
-            other => panic!("{key:?} must replay after the move: {other:?}"),
-        }
+        replays(&store, key, response, "after the move").await;
         assert!(holds(target, &store.redis_key(key)).await);
     }
 }
