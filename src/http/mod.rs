@@ -53,7 +53,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// frame (a small request, a handler's `String` or `Bytes`): that frame is handed over as it
 /// is. Later frames, if any, are appended to one growing buffer.
 pub(crate) async fn body_bytes<B: http_body::Body>(body: B) -> Result<bytes::Bytes, B::Error> {
-    use bytes::Buf as _;
+    use bytes::{Buf as _, BufMut as _};
     use http_body_util::BodyExt as _;
     let mut body = std::pin::pin!(body);
     let mut first: Option<bytes::Bytes> = None;
@@ -71,12 +71,7 @@ pub(crate) async fn body_bytes<B: http_body::Body>(body: B) -> Result<bytes::Byt
                 if more.is_empty() {
                     more.extend_from_slice(head);
                 }
-                while data.has_remaining() {
-                    let chunk = data.chunk();
-                    more.extend_from_slice(chunk);
-                    let n = chunk.len();
-                    data.advance(n);
-                }
+                more.put(data);
             }
         }
     }

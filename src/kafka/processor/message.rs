@@ -81,18 +81,7 @@ impl Message {
         parts: Parts<'a, impl Iterator<Item = (&'a str, &'a [u8])> + Clone>,
         sources: &[KeySource],
     ) -> Message {
-        let mut msg = Message {
-            topic: parts.topic.clone(),
-            partition: 0,
-            offset: 0,
-            bytes: Vec::new(),
-            key: None,
-            payload: None,
-            headers: HeaderSpans::Inline(0, [(Span::default(), Span::default()); INLINE_HEADERS]),
-            id: Span::default(),
-        };
-        msg.fill(parts, sources);
-        msg
+        Message::build(parts, sources, Vec::new())
     }
 
     /// Makes this message the one of `parts`, in the buffer it already has (grown if need be).
@@ -101,6 +90,16 @@ impl Message {
         parts: Parts<'a, impl Iterator<Item = (&'a str, &'a [u8])> + Clone>,
         sources: &[KeySource],
     ) {
+        let buf = std::mem::take(&mut self.bytes);
+        *self = Message::build(parts, sources, buf);
+    }
+
+    /// The message of `parts`, copied into `buf` (emptied first, grown if need be).
+    fn build<'a>(
+        parts: Parts<'a, impl Iterator<Item = (&'a str, &'a [u8])> + Clone>,
+        sources: &[KeySource],
+        mut buf: Vec<u8>,
+    ) -> Message {
         let Parts {
             topic,
             partition,
@@ -114,7 +113,6 @@ impl Message {
             .clone()
             .fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
         let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + header_bytes;
-        let mut buf = std::mem::take(&mut self.bytes);
         buf.clear();
         buf.reserve(size);
         let key = key.map(|k| push(&mut buf, k));
@@ -131,7 +129,7 @@ impl Message {
         } else {
             HeaderSpans::Heap(spans.collect())
         };
-        *self = Message {
+        let mut msg = Message {
             topic,
             partition,
             offset,
@@ -141,11 +139,12 @@ impl Message {
             headers,
             id: Span::default(),
         };
-        self.id = match derive_id(self, sources) {
+        msg.id = match derive_id(&msg, sources) {
             Id::Within(span) => span,
             // Rare (positions, digests): the buffer grows once more.
-            Id::Made(id) => push(&mut self.bytes, &id),
+            Id::Made(id) => push(&mut msg.bytes, &id),
         };
+        msg
     }
 
     fn get(&self, span: Span) -> &[u8] {
@@ -220,17 +219,15 @@ impl Message {
             payload: m.payload(),
             headers: pairs,
         };
-        match reuse {
-            Some(mut reused) => match Arc::get_mut(&mut reused) {
-                Some(msg) => {
-                    msg.fill(parts, sources);
-                    reused
-                }
-                // Held again meanwhile (it cannot be: the recycler keeps only sole owners).
-                None => Arc::new(Message::new(parts, sources)),
-            },
-            None => Arc::new(Message::new(parts, sources)),
+        // The recycler keeps only messages no one else holds, so `get_mut` succeeds; were it
+        // to fail, a new message is made.
+        if let Some(mut reused) = reuse
+            && let Some(msg) = Arc::get_mut(&mut reused)
+        {
+            msg.fill(parts, sources);
+            return reused;
         }
+        Arc::new(Message::new(parts, sources))
     }
 }
 
