@@ -411,3 +411,17 @@ pub fn shared_cluster() -> Option<Vec<String>> {
     })
     .clone()
 }
+
+/// The reason `connect` gives for refusing `builder`'s server as one that may evict keys;
+/// fails the test if it is accepted or refused otherwise, or if `allow_eviction(true)` does
+/// not then connect it.
+#[cfg(feature = "redis")]
+pub async fn refused_for_eviction(builder: idemkv::redis::RedisStoreBuilder, what: &str) -> String {
+    let reason = match builder.clone().connect().await {
+        Err(idemkv::Error::InvalidConfig { reason }) => reason,
+        Err(e) => panic!("{what}: expected InvalidConfig, got {e:?}"),
+        Ok(_) => panic!("{what}: a server that may evict keys was accepted"),
+    };
+    builder.allow_eviction(true).connect().await.unwrap();
+    reason
+}
