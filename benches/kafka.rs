@@ -15,7 +15,9 @@
 //!
 //! `cargo bench --features kafka --bench kafka` (`IDEMKV_BENCH_QUICK=1`: 20k messages, one
 //! round; `IDEMKV_BENCH_ROWS=0,3` runs only those rows, `IDEMKV_BENCH_RR=0` skips the round
-//! trips). Writes `target/bench-kafka.csv`.
+//! trips). Writes `target/bench-kafka.csv`, and `target/bench-kafka-threads.csv` with each
+//! row's CPU split by thread group (the bench thread, where the plain loop runs; the polling
+//! thread; the runtime's workers; librdkafka's threads; the store's log and maintenance).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,14 +34,26 @@ use rdkafka::{ClientConfig, Message};
 #[path = "support/cpu.rs"]
 mod cpu;
 use cpu::cpu_seconds;
+#[path = "support/threads.rs"]
+mod threads;
+use threads::GROUPS;
 
 const PARTITIONS: i32 = 4;
 
-/// A row's figures: messages per second, and CPU microseconds per message.
+/// A row's figures: messages per second, and CPU microseconds per message, in all and by
+/// thread group.
 #[derive(Clone, Copy)]
 struct Rate {
     per_s: f64,
     cpu_us: f64,
+    by_thread: [f64; GROUPS.len()],
+}
+
+/// Where a row's window starts: the time, the process's CPU time, and each thread's.
+type Start = (Instant, f64, threads::Snapshot);
+
+fn started() -> Start {
+    (Instant::now(), cpu_seconds(), threads::snapshot())
 }
 
 fn produce(kafka: &MockKafka, topic: &str, n: usize) {
@@ -93,23 +107,30 @@ fn plain(kafka: &MockKafka, topic: &str, n: usize) -> Rate {
     let mut start = None;
     while seen < n {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            start.get_or_insert_with(|| (Instant::now(), cpu_seconds()));
+            start.get_or_insert_with(started);
             bytes += m.payload().map_or(0, <[u8]>::len) + m.headers().map_or(0, |h| h.count());
             let _ = consumer.store_offset(m.topic(), m.partition(), m.offset());
             seen += 1;
         }
     }
     std::hint::black_box(bytes);
-    rate(start, n)
+    rate(start.as_ref(), n)
 }
 
-fn rate(start: Option<(Instant, f64)>, n: usize) -> Rate {
-    let (secs, cpu) = start.map_or((1.0, 0.0), |(t, c)| {
-        (t.elapsed().as_secs_f64(), cpu_seconds() - c)
-    });
+fn rate(start: Option<&Start>, n: usize) -> Rate {
+    let Some((t, c, before)) = start else {
+        return Rate {
+            per_s: 0.0,
+            cpu_us: 0.0,
+            by_thread: [0.0; GROUPS.len()],
+        };
+    };
+    let (secs, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
+    let by_thread = threads::spent(before, &threads::snapshot()).map(|s| s * 1e6 / n as f64);
     Rate {
         per_s: n as f64 / secs,
         cpu_us: cpu * 1e6 / n as f64,
+        by_thread,
     }
 }
 
@@ -129,13 +150,12 @@ fn adapter(
                 .build()
                 .expect("processor");
         let handle = processor.handle();
-        let first: Arc<parking_lot::Mutex<Option<(Instant, f64)>>> = Arc::default();
+        let first: Arc<parking_lot::Mutex<Option<Start>>> = Arc::default();
         let mark = first.clone();
         let task = tokio::spawn(processor.run(move |msg: Incoming| {
             let mark = mark.clone();
             async move {
-                mark.lock()
-                    .get_or_insert_with(|| (Instant::now(), cpu_seconds()));
+                mark.lock().get_or_insert_with(started);
                 std::hint::black_box(msg.payload());
                 Ok(Outcome::done())
             }
@@ -143,7 +163,7 @@ fn adapter(
         while handle.stats().processed < n as u64 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let rate = rate(*first.lock(), n);
+        let rate = rate(first.lock().as_ref(), n);
         handle.shutdown();
         task.await.expect("join").expect("run");
         rate
@@ -257,6 +277,7 @@ fn main() {
                 results[i].push(Rate {
                     per_s: f64::NAN,
                     cpu_us: f64::NAN,
+                    by_thread: [f64::NAN; GROUPS.len()],
                 });
                 continue;
             }
@@ -294,6 +315,30 @@ fn main() {
         println!("{name:<22} {m:>12.0} {:>8.2} {c:>12.2}", m / base);
         csv.push_str(&format!("{name},{m:.0},{:.3},{c:.3}\n", m / base));
     }
+    // Where each row's CPU went, by thread group (median over rounds, µs a message). The
+    // groups do not add up to the total: the mock broker's threads and any thread that ended
+    // inside the window are in the total only.
+    let by = |i: usize, g: usize| median(results[i].iter().map(|r| r.by_thread[g]).collect());
+    println!("\nCPU µs a message, by thread (the mock broker's are left out)");
+    print!("{:<22}", "row");
+    let mut threads_csv = String::from("row");
+    for g in GROUPS {
+        print!(" {g:>16}");
+        threads_csv.push_str(&format!(",{} us per message", g));
+    }
+    println!();
+    threads_csv.push('\n');
+    for (i, (name, _)) in rows.iter().enumerate() {
+        print!("{name:<22}");
+        threads_csv.push_str(name);
+        for g in 0..GROUPS.len() {
+            print!(" {:>16.2}", by(i, g));
+            threads_csv.push_str(&format!(",{:.3}", by(i, g)));
+        }
+        println!();
+        threads_csv.push('\n');
+    }
+    let _ = std::fs::write("target/bench-kafka-threads.csv", threads_csv);
 
     if std::env::var("IDEMKV_BENCH_RR").is_ok_and(|v| v == "0") {
         let _ = std::fs::write("target/bench-kafka.csv", csv);
