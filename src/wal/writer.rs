@@ -1,16 +1,27 @@
-//! The log writer: callers append records to a shared buffer under their shard locks; one
-//! writer thread takes the whole buffer, writes it as one batch and syncs it once (group
-//! commit), then publishes the highest durable sequence number and wakes whoever waits for it.
+//! The log writer: callers append records to a shared buffer under their shard locks; a round
+//! takes the whole buffer, writes it as one batch and syncs it once (group commit), then
+//! publishes the highest durable sequence number and wakes whoever waits for it.
 //!
-//! Invariant: `durable` only ever names a sequence number whose batch was written and synced;
-//! after any write or sync error the log is poisoned and `durable` never moves again (fsync
-//! errors are not retryable: the page cache may have dropped the pages).
+//! Rounds are run by the writer thread, and by a blocking waiter itself: a thread that waits
+//! for its record and finds no round running runs one (the leader), so a lone caller's wait
+//! is its own write and `fdatasync`, with no hand-over to the writer thread and back. Async
+//! waiters never run a round (a sync must not block an executor thread): the writer thread
+//! runs it for them.
+//!
+//! Invariants:
+//! - `durable` only ever names a sequence number whose batch was written and synced; after any
+//!   write or sync error the log is poisoned and `durable` never moves again (fsync errors are
+//!   not retryable: the page cache may have dropped the pages).
+//! - One round at a time (the `tail` lock), and a round takes the buffer while holding it: so
+//!   batches reach the disk in sequence order.
+//! - Whoever ran a round wakes the waiters after releasing `tail`, under `sync_mx`: a blocking
+//!   waiter that found `tail` held checked so under `sync_mx`, so it is waiting by then.
 
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
@@ -48,6 +59,8 @@ const LAZY_DELAY: Duration = Duration::from_millis(10);
 
 struct Shared {
     state: Mutex<State>,
+    /// The segment being appended to; held for a whole round (see the module's invariants).
+    tail: Mutex<Tail>,
     work: Condvar,
     durable: AtomicU64,
     /// Bytes written to the log since the store was opened.
@@ -56,6 +69,8 @@ struct Shared {
     /// call per batch (a wake-up per waiter would cost the writer a syscall each).
     sync_mx: Mutex<()>,
     sync_cv: Condvar,
+    /// Threads blocked in [`Wal::wait`]: one alone may lead a round.
+    blocking_waiters: AtomicUsize,
     /// Async waiters: the sequence number each waits for, and its task's waker.
     async_waiters: Mutex<Vec<(u64, Waker)>>,
     poisoned: OnceLock<(String, crate::error::Cause)>,
@@ -77,7 +92,7 @@ impl std::fmt::Debug for Wal {
     }
 }
 
-/// The writer thread's view of the segment it appends to.
+/// The segment the log appends to, and the buffer the next round leaves in `State::buf`.
 struct Tail {
     dir: PathBuf,
     storage: Arc<dyn LogStorage>,
@@ -85,6 +100,7 @@ struct Tail {
     offset: u64,
     size: u64,
     segment_size: u64,
+    spare: Vec<u8>,
 }
 
 impl Tail {
@@ -135,26 +151,28 @@ impl Wal {
                 urgent: false,
                 lazy: false,
             }),
+            tail: Mutex::new(Tail {
+                dir: dir.to_path_buf(),
+                storage,
+                file: None,
+                offset: 0,
+                size: 0,
+                segment_size,
+                spare: Vec::new(),
+            }),
             work: Condvar::new(),
             durable: AtomicU64::new(next_seq.saturating_sub(1)),
             written: AtomicU64::new(0),
             sync_mx: Mutex::new(()),
             sync_cv: Condvar::new(),
+            blocking_waiters: AtomicUsize::new(0),
             async_waiters: Mutex::new(Vec::new()),
             poisoned: OnceLock::new(),
         });
-        let tail = Tail {
-            dir: dir.to_path_buf(),
-            storage,
-            file: None,
-            offset: 0,
-            size: 0,
-            segment_size,
-        };
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("idemkv-wal".into())
-            .spawn(move || writer(&s, tail, mode))?;
+            .spawn(move || writer(&s, mode))?;
         Ok(Wal {
             shared,
             mode,
@@ -261,18 +279,54 @@ impl Wal {
         self.shared.work.notify_one();
     }
 
-    /// Blocks until `seq` is durable.
+    /// Blocks until `seq` is durable. A lone waiter with no round running runs one itself (it
+    /// leads); otherwise the writer thread's back-to-back rounds serve everyone (a leader per
+    /// round would leave a wake-up's gap between rounds), and this waits for them.
     pub(crate) fn wait(&self, seq: u64) -> Result<(), Error> {
+        let shared = &*self.shared;
         if self.durable(seq)? {
             return Ok(());
         }
-        self.hurry();
-        let mut g = self.shared.sync_mx.lock();
-        // Checked under the lock the writer takes before waking: no lost wake-up.
-        while !self.durable(seq)? {
-            self.shared.sync_cv.wait_for(&mut g, Duration::from_secs(1));
+        shared.blocking_waiters.fetch_add(1, Ordering::AcqRel);
+        let waiting = Waiting(&shared.blocking_waiters);
+        let mut hurried = false;
+        loop {
+            if self.durable(seq)? {
+                return Ok(());
+            }
+            let mut g = shared.sync_mx.lock();
+            if self.durable(seq)? {
+                return Ok(());
+            }
+            let alone = waiting.0.load(Ordering::Acquire) == 1;
+            if !alone && !hurried {
+                drop(g);
+                self.hurry();
+                hurried = true;
+                continue;
+            }
+            if let Some(mut tail) = shared.tail.try_lock().filter(|_| alone) {
+                drop(g);
+                let wrote = round(shared, &mut tail);
+                drop(tail);
+                wake(shared);
+                if wrote.is_some() {
+                    continue;
+                }
+                // Nothing to write and `seq` is not durable: it is not appended yet (or the
+                // round that took it failed, which `durable` reports). Wait for the writer.
+                self.hurry();
+                hurried = true;
+                g = shared.sync_mx.lock();
+                if self.durable(seq)? {
+                    return Ok(());
+                }
+            }
+            // A round is running (or `seq` is not appended yet). Whoever runs it wakes us
+            // under `sync_mx` after releasing `tail`, and we hold `sync_mx` from the look at
+            // `tail` to the wait: no lost wake-up. The timeout is a second look, not a need.
+            shared.sync_cv.wait_for(&mut g, Duration::from_secs(1));
         }
-        Ok(())
     }
 
     /// Waits, without blocking the thread, until `seq` is durable.
@@ -281,6 +335,15 @@ impl Wal {
             self.hurry();
         }
         Durable { wal: self, seq }
+    }
+}
+
+/// Counts a blocking waiter while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -321,12 +384,84 @@ impl Drop for Wal {
     }
 }
 
-/// The writer thread: takes everything appended since its last round, writes it as one batch,
-/// syncs, publishes. Exits on shutdown once the buffer is empty, or when poisoned.
-fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
-    let mut spare: Vec<u8> = Vec::new();
+/// One round: takes everything appended so far, writes it as one batch, syncs, publishes
+/// the highest durable sequence number. Called with `tail` locked. `None` when there was
+/// nothing to write, or when the log is (or becomes) poisoned; else the batch's last sequence
+/// number.
+fn round(shared: &Shared, tail: &mut Tail) -> Option<u64> {
+    if shared.poisoned.get().is_some() {
+        return None;
+    }
+    let (mut batch, first_seq, count) = {
+        let mut st = shared.state.lock();
+        if st.count == 0 {
+            return None;
+        }
+        let mut spare = std::mem::take(&mut tail.spare);
+        spare.clear();
+        spare.resize(BATCH_HEADER_LEN, 0);
+        let batch = std::mem::replace(&mut st.buf, spare);
+        let out = (batch, st.first_seq, st.count);
+        st.count = 0;
+        st.urgent = false;
+        st.lazy = false;
+        out
+    };
+    let header = format::batch_header(first_seq, count, &batch[BATCH_HEADER_LEN..]);
+    batch[..BATCH_HEADER_LEN].copy_from_slice(&header);
+    let last = first_seq + u64::from(count) - 1;
+    #[cfg(feature = "metrics")]
+    let started = std::time::Instant::now();
+    let done = match tail.append(&batch, first_seq) {
+        Ok(()) => {
+            #[cfg(feature = "metrics")]
+            crate::metrics::log_batch(started.elapsed(), count);
+            shared
+                .written
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            shared.durable.store(last, Ordering::Release);
+            Some(last)
+        }
+        Err(e) => {
+            // fsync errors are not retryable: the page cache may have dropped the pages.
+            let reason = format!("writing or syncing the log failed: {e}");
+            tracing::error!(
+                target: "idemkv::wal",
+                error = %e,
+                "the log is poisoned: no write is acknowledged until the store is reopened"
+            );
+            let _ = shared.poisoned.set((reason, crate::error::Cause::new(e)));
+            None
+        }
+    };
+    tail.spare = batch;
+    done
+}
+
+/// Wakes the waiters a round made durable (all of them once the log is poisoned). Called by
+/// whoever ran the round, after releasing `tail`, whether or not it wrote anything.
+fn wake(shared: &Shared) {
+    let durable = shared.durable.load(Ordering::Acquire);
+    let poisoned = shared.poisoned.get().is_some();
+    drop(shared.sync_mx.lock());
+    shared.sync_cv.notify_all();
+    let mut woken = Vec::new();
+    shared.async_waiters.lock().retain(|(seq, w)| {
+        if poisoned || *seq <= durable {
+            woken.push(w.clone());
+            false
+        } else {
+            true
+        }
+    });
+    woken.into_iter().for_each(Waker::wake);
+}
+
+/// The writer thread: runs a round whenever there are records and nobody else runs one. Exits
+/// on shutdown once the buffer is empty, or when poisoned.
+fn writer(shared: &Shared, mode: Durability) {
     loop {
-        let (mut batch, first_seq, count) = {
+        {
             let mut st = shared.state.lock();
             while (st.count == 0 || st.lazy) && !st.shutdown {
                 if st.count == 0 {
@@ -335,7 +470,7 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
                     break;
                 }
             }
-            if st.count == 0 {
+            if st.count == 0 || shared.poisoned.get().is_some() {
                 return;
             }
             if let Durability::Batched { max_delay } = mode {
@@ -347,56 +482,15 @@ fn writer(shared: &Shared, mut tail: Tail, mode: Durability) {
                     }
                 }
             }
-            spare.clear();
-            spare.resize(BATCH_HEADER_LEN, 0);
-            let batch = std::mem::replace(&mut st.buf, std::mem::take(&mut spare));
-            let out = (batch, st.first_seq, st.count);
-            st.count = 0;
-            st.urgent = false;
-            st.lazy = false;
-            out
-        };
-        let header = format::batch_header(first_seq, count, &batch[BATCH_HEADER_LEN..]);
-        batch[..BATCH_HEADER_LEN].copy_from_slice(&header);
-        let last = first_seq + u64::from(count) - 1;
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
-        match tail.append(&batch, first_seq) {
-            Ok(()) => {
-                #[cfg(feature = "metrics")]
-                crate::metrics::log_batch(started.elapsed(), count);
-                shared
-                    .written
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                shared.durable.store(last, Ordering::Release);
-            }
-            Err(e) => {
-                // fsync errors are not retryable: the page cache may have dropped the pages.
-                let reason = format!("writing or syncing the log failed: {e}");
-                tracing::error!(
-                    target: "idemkv::wal",
-                    error = %e,
-                    "the log is poisoned: no write is acknowledged until the store is reopened"
-                );
-                let _ = shared.poisoned.set((reason, crate::error::Cause::new(e)));
-            }
         }
-        let poisoned = shared.poisoned.get().is_some();
-        drop(shared.sync_mx.lock());
-        shared.sync_cv.notify_all();
-        let mut woken = Vec::new();
-        shared.async_waiters.lock().retain(|(seq, w)| {
-            if poisoned || *seq <= last {
-                woken.push(w.clone());
-                false
-            } else {
-                true
-            }
-        });
-        woken.into_iter().for_each(Waker::wake);
-        if poisoned {
+        // A blocking waiter may have run the round meanwhile; then this one finds less, or
+        // nothing, to write.
+        let mut tail = shared.tail.lock();
+        round(shared, &mut tail);
+        drop(tail);
+        wake(shared);
+        if shared.poisoned.get().is_some() {
             return;
         }
-        spare = batch;
     }
 }
