@@ -8,7 +8,9 @@
 //! - `dashmap-same`: dashmap doing idemkv's semantic work: insert an in-flight record (token,
 //!   deadline from the same coarse clock idemkv reads, fingerprint) if the key is absent, then
 //!   find it again, check the token and replace it with the completion (response, completion
-//!   time, expiry);
+//!   time, expiry); keyed by the id alone, while idemkv keys by scope and id;
+//! - `dashmap-same-scoped`: the same, keyed as idemkv is (the length-prefixed scope, then the
+//!   id: 29 bytes here instead of 16), so that both hash, compare and store the same key bytes;
 //! - `dashmap`: `entry().or_insert()` of the same key and response (one insert: the floor);
 //! - `moka`: `entry().or_insert()` into a `sync::Cache` with a 24 h time-to-live.
 //!
@@ -17,7 +19,8 @@
 //!
 //! `cargo bench --bench compare`; `IDEMKV_BENCH_QUICK=1` finishes in well under a minute;
 //! `IDEMKV_BENCH_ONLY=idemkv` (or another system, `recovery` or `checkpoint`) runs one part
-//! alone.
+//! alone; `IDEMKV_BENCH_ONLY=memory` runs the in-memory table (all systems) and stops;
+//! `IDEMKV_BENCH_ROUNDS=N` takes the median of N rounds instead of 3.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hash::BuildHasher;
@@ -165,12 +168,29 @@ struct DashSame {
     map: dashmap::DashMap<Box<[u8]>, DashRecord, Hasher>,
     tokens: std::sync::atomic::AtomicU64,
     fingerprint: Fingerprint,
+    /// Whether the map's key is idemkv's whole key (the scope, length-prefixed, then the id)
+    /// rather than the id alone.
+    scoped: bool,
 }
 impl Contender for DashSame {
     fn name(&self) -> &'static str {
-        "dashmap-same"
+        if self.scoped {
+            "dashmap-same-scoped"
+        } else {
+            "dashmap-same"
+        }
     }
-    fn run(&self, key: &[u8]) -> bool {
+    fn run(&self, id: &[u8]) -> bool {
+        let mut buf = [0u8; 64];
+        let key = if self.scoped {
+            let (scope, end) = (SCOPE.as_bytes(), 1 + SCOPE.len() + id.len());
+            buf[0] = scope.len() as u8;
+            buf[1..1 + scope.len()].copy_from_slice(scope);
+            buf[1 + scope.len()..end].copy_from_slice(id);
+            &buf[..end]
+        } else {
+            id
+        };
         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         let begun = match self.map.entry(key.into()) {
             dashmap::Entry::Occupied(_) => false,
@@ -242,10 +262,11 @@ fn make(name: &str) -> Box<dyn Contender> {
             hasher: Hasher::default(),
         }),
         "dashmap" => Box::new(Dash(dashmap::DashMap::with_hasher(Hasher::default()))),
-        "dashmap-same" => Box::new(DashSame {
+        "dashmap-same" | "dashmap-same-scoped" => Box::new(DashSame {
             map: dashmap::DashMap::with_hasher(Hasher::default()),
             tokens: std::sync::atomic::AtomicU64::new(1),
             fingerprint: Fingerprint::of(b"POST /orders {}"),
+            scoped: name == "dashmap-same-scoped",
         }),
         _ => Box::new(Moka(
             moka::sync::Cache::builder()
@@ -319,11 +340,20 @@ fn memory_per_record(keys: &[Vec<u8>]) -> (f64, f64) {
 fn main() {
     let quick = std::env::var_os("IDEMKV_BENCH_QUICK").is_some();
     // `cargo bench` passes `--bench`; ignore arguments.
-    let (n, rounds) = if quick { (200_000, 3) } else { (1_000_000, 3) };
+    let n = if quick { 200_000 } else { 1_000_000 };
+    // `IDEMKV_BENCH_ROUNDS`: more interleaved rounds for a steadier median (default 3).
+    let rounds = std::env::var("IDEMKV_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3usize)
+        .max(1);
     let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:016x}").into_bytes()).collect();
-    // `IDEMKV_BENCH_ONLY=idemkv` runs one system alone (for profiling); the table needs all.
-    if let Ok(only) = std::env::var("IDEMKV_BENCH_ONLY") {
-        if only == "checkpoint" {
+    // `IDEMKV_BENCH_ONLY=idemkv` runs one system alone (for profiling); `memory`, the in-memory
+    // table alone (every system, interleaved rounds); the table needs all.
+    let only = std::env::var("IDEMKV_BENCH_ONLY").ok();
+    match only.as_deref() {
+        None | Some("memory") => {}
+        Some("checkpoint") => {
             let (inc, whole) = durable::checkpoint_cost(n as u64, 10_000);
             println!(
                 "checkpoint of 10000 changes over {n} records: incremental {:.1} ms, whole {:.1} ms ({:.1}x)",
@@ -333,16 +363,26 @@ fn main() {
             );
             return;
         }
-        if only == "recovery" {
+        Some("recovery") => {
             let (cp, log, _, _) = durable::recovery(n as u64);
             println!("recovery of {n} records: checkpoint {cp:.2} s, log alone {log:.2} s");
             return;
         }
-        let (ops, _) = round(&only, &keys, 1);
-        println!("{only}: {ops:.0} ops/s ({n} keys, 1 thread)");
-        return;
+        Some(system) => {
+            let (ops, _) = round(system, &keys, 1);
+            println!("{system}: {ops:.0} ops/s ({n} keys, 1 thread)");
+            return;
+        }
     }
-    let systems = ["idemkv", "bare-map", "dashmap-same", "dashmap", "moka"];
+    let memory_only = only.as_deref() == Some("memory");
+    let systems = [
+        "idemkv",
+        "bare-map",
+        "dashmap-same",
+        "dashmap-same-scoped",
+        "dashmap",
+        "moka",
+    ];
     let mut rows = Vec::new();
     let mut alive = Vec::new();
     for threads in [1, 2] {
@@ -367,15 +407,18 @@ fn main() {
     }
     println!("\n{n} distinct keys, median of {rounds} interleaved rounds");
     println!(
-        "{:<10} {:>7} {:>14} {:>14}",
+        "{:<19} {:>7} {:>14} {:>14}",
         "system", "threads", "ops/s", "vs bare-map"
     );
     let mut csv = String::from("system,threads,keys,ops_per_sec,ratio_to_bare_map\n");
     for (name, threads, ops, ratio) in &rows {
-        println!("{name:<10} {threads:>7} {ops:>14.0} {ratio:>14.2}");
+        println!("{name:<19} {threads:>7} {ops:>14.0} {ratio:>14.2}");
         csv.push_str(&format!("{name},{threads},{n},{ops:.0},{ratio:.3}\n"));
     }
     drop(alive);
+    if memory_only {
+        return;
+    }
     let (idem, bare) = memory_per_record(&keys);
     println!(
         "\nmemory beyond key and value, per record ({n} records): idemkv {idem:.1} B (target <= 64), bare-map {bare:.1} B"

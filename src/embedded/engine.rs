@@ -8,6 +8,9 @@
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
+
 use crate::checkpoint::Checkpoints;
 use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, RecordKind};
@@ -15,7 +18,7 @@ use crate::key::Key;
 use crate::limits::Limits;
 use crate::model::{Begin, CasOp, Completed, Lease, Snapshot, Stats, Versioned};
 use crate::record::{Kind, Record};
-use crate::shard::{Counters, Shard};
+use crate::shard::{Counters, Shard, eq_key, make_room};
 use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering};
 use crate::wait::Signal;
 use crate::wal::format::{Op, RecordWriter};
@@ -212,6 +215,19 @@ impl Inner {
         h.write(key.scope());
         h.write(key.id());
         h.finish()
+    }
+    /// The slot of `key` (hashed `hash`) in a shard's `table`, occupied or vacant. A full table
+    /// is made larger first (see [`make_room`]), so a vacant slot can be filled at once.
+    #[inline]
+    pub(super) fn entry<'t>(
+        &self,
+        table: &'t mut HashTable<Record>,
+        hash: u64,
+        key: Key<'_>,
+    ) -> Entry<'t, Record> {
+        let hash_of = |r: &Record| self.hash(r.key());
+        make_room(table, hash_of);
+        table.entry(hash, eq_key(key), hash_of)
     }
     /// The hash of a lease's key: cached by the store that granted it.
     #[inline]

@@ -54,7 +54,7 @@ impl Inner {
             })
         };
         let (table, mut book) = shard.parts();
-        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        let slot = self.entry(table, hash, key);
         // Decide first (from what the key holds), then make the one change through `commit`.
         let verdict = judge(held(&slot), now, fingerprint)?;
         let c = &mut *book.counters;

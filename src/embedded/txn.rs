@@ -143,7 +143,7 @@ impl Inner {
         change: &Change<'_>,
     ) -> Option<Entry<'t, Record>> {
         match change {
-            Change::Put { .. } => Some(table.entry(hash, eq_key(key), |r| self.hash(r.key()))),
+            Change::Put { .. } => Some(self.entry(table, hash, key)),
             Change::Restamp { .. } | Change::Delete => table
                 .find_entry(hash, eq_key(key))
                 .ok()

@@ -82,7 +82,7 @@ impl Inner {
         let hash = self.hash(key);
         let mut guard = self.lock(hash, settle);
         let (table, mut book) = guard.parts();
-        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        let slot = self.entry(table, hash, key);
         let (found, live) = match &slot {
             Entry::Occupied(e) => (true, Some(e.get()).filter(|r| !is_dead(r, now))),
             Entry::Vacant(_) => (false, None),
@@ -159,7 +159,7 @@ impl Inner {
         let now = self.now();
         let mut guard = self.lock(hash, settle);
         let (table, mut book) = guard.parts();
-        let slot = table.entry(hash, eq_key(key), |r| self.hash(r.key()));
+        let slot = self.entry(table, hash, key);
         let stored = Change::Put {
             kind: Kind::Pending,
             a: now,
