@@ -181,12 +181,15 @@ impl Contender for DashSame {
         }
     }
     fn run(&self, id: &[u8]) -> bool {
-        let mut buf = [0u8; 64];
+        // Filled only for the scoped row, so that the unscoped one does no work for it.
+        let buf: [u8; 64];
         let key = if self.scoped {
             let (scope, end) = (SCOPE.as_bytes(), 1 + SCOPE.len() + id.len());
-            buf[0] = scope.len() as u8;
-            buf[1..1 + scope.len()].copy_from_slice(scope);
-            buf[1 + scope.len()..end].copy_from_slice(id);
+            let mut whole = [0u8; 64];
+            whole[0] = scope.len() as u8;
+            whole[1..1 + scope.len()].copy_from_slice(scope);
+            whole[1 + scope.len()..end].copy_from_slice(id);
+            buf = whole;
             &buf[..end]
         } else {
             id

@@ -153,6 +153,7 @@ pub(crate) fn make_room(table: &mut HashTable<Record>, hash_of: impl Fn(&Record)
     grow(table, (table.len() * 2).max(3), hash_of);
 }
 
+/// Rebuilds `table` with room for `capacity` records (at least its own).
 #[cold]
 #[inline(never)]
 fn grow(table: &mut HashTable<Record>, capacity: usize, hash_of: impl Fn(&Record) -> u64) {
@@ -168,7 +169,7 @@ fn grow(table: &mut HashTable<Record>, capacity: usize, hash_of: impl Fn(&Record
             hash_of(&records[i])
         })
         .collect();
-    let mut bigger = HashTable::with_capacity(capacity.max(records.len()));
+    let mut bigger = HashTable::with_capacity(capacity);
     for (record, hash) in records.into_iter().zip(hashes) {
         // Sized above: the hasher is never called.
         bigger.insert_unique(hash, record, &hash_of);
